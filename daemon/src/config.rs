@@ -1,0 +1,432 @@
+//! Typed configuration: one TOML file, `HMS_EDGE_<SECTION>_<KEY>` environment overrides, and a
+//! documented default for every setting.
+//!
+//! Parsing is a pure function ([`parse`]) of the file text and the environment, so it is unit-tested
+//! without touching the disk. Unknown keys and invalid values are refused with the key's name and the
+//! reason. `config/edge.toml` is the documented example and must equal [`Config::default`]; a test
+//! in this module proves it.
+//!
+//! No secret is ever held in this structure: secrets are *paths* to 0600 files or systemd credentials
+//! and are read by [`crate::keys`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where the packaged daemon looks for its configuration.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/hms-edge/edge.toml";
+/// Environment variable naming another config file (used by `hms-edge` and tests).
+pub const CONFIG_PATH_ENV: &str = "HMS_EDGE_CONFIG";
+/// Prefix of the environment overrides: `HMS_EDGE_ADMIN_LISTEN=0.0.0.0:9464`.
+pub const ENV_PREFIX: &str = "HMS_EDGE_";
+
+/// Development state folder used when neither the config nor systemd (`$STATE_DIRECTORY`) names one.
+pub const DEFAULT_DEV_STATE_DIR: &str = "hms-edge-data";
+/// Tenant of a development box. A packaged box must set its real tenant.
+pub const DEFAULT_TENANT_ID: &str = "dev-tenant";
+/// Site name of a development box.
+pub const DEFAULT_SITE_ID: &str = "dev-site";
+/// Default log filter (tracing `EnvFilter` syntax).
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Admin listener: health, readiness, metrics. Loopback only by default.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
+/// `/readyz` fails when the state filesystem has less free space than this.
+pub const DEFAULT_MIN_FREE_DISK_MB: u64 = 1024;
+/// At most this many writes share one commit + fsync.
+pub const DEFAULT_GROUP_COMMIT_MAX_BATCH: u32 = 512;
+/// SQLCipher page cache per connection, KiB.
+pub const DEFAULT_DB_CACHE_KIB: u32 = 16 * 1024;
+/// Read-only connections kept open for concurrent readers.
+pub const DEFAULT_DB_READERS: u32 = 4;
+/// Graceful drain deadline after SIGTERM; systemd's `TimeoutStopSec` must be longer.
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 20;
+
+/// The whole daemon configuration. Field docs are the reference; `config/edge.toml` repeats them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub site: SiteConfig,
+    pub paths: PathsConfig,
+    pub keys: KeysConfig,
+    pub log: LogConfig,
+    pub admin: AdminConfig,
+    pub store: StoreConfig,
+    pub tls: TlsConfig,
+    pub lifecycle: LifecycleConfig,
+}
+
+/// Who this box is in the multi-tenant cloud.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SiteConfig {
+    /// Tenant id of this hospital; every upstream call carries it and foreign tenants are refused.
+    pub tenant_id: String,
+    /// Name of this site (used in `meta.source` and logs).
+    pub site_id: String,
+}
+
+impl Default for SiteConfig {
+    fn default() -> Self {
+        Self { tenant_id: DEFAULT_TENANT_ID.into(), site_id: DEFAULT_SITE_ID.into() }
+    }
+}
+
+/// Filesystem locations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PathsConfig {
+    /// State folder (database, blobs, development keys). Empty: `$STATE_DIRECTORY` when run by
+    /// systemd, otherwise `./hms-edge-data`.
+    pub state_dir: PathBuf,
+}
+
+/// Where the master key comes from. The key itself never appears in the config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// Master key file (32 raw bytes or 64 hex digits, mode 0600 or stricter). Empty:
+    /// `$CREDENTIALS_DIRECTORY/master-key` when systemd passes credentials, otherwise
+    /// `<state_dir>/master.key`.
+    pub master_key_file: PathBuf,
+    /// Create a random master key (0600) on first run when none exists. Development convenience;
+    /// packages create the key at install time and set this to false.
+    pub generate_if_missing: bool,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        Self { master_key_file: PathBuf::new(), generate_if_missing: true }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Filter in tracing `EnvFilter` syntax, e.g. `info` or `info,hms_edge::store=debug`.
+    /// Reloaded on SIGHUP.
+    pub level: String,
+    /// `auto` (journald when `$JOURNAL_STREAM` is set, else stderr), `journald` or `stderr`.
+    pub target: LogTarget,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: DEFAULT_LOG_LEVEL.into(), target: LogTarget::Auto }
+    }
+}
+
+/// Log destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogTarget {
+    Auto,
+    Journald,
+    Stderr,
+}
+
+/// Admin listener (health, readiness, Prometheus metrics).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin HTTP listener. Keep it on loopback: it is not authenticated.
+    pub listen: SocketAddr,
+    /// `/readyz` reports not ready below this much free space on the state filesystem (MiB).
+    pub min_free_disk_mb: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default address"),
+            min_free_disk_mb: DEFAULT_MIN_FREE_DISK_MB,
+        }
+    }
+}
+
+/// Encrypted store tuning.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Most writes folded into one transaction and one fsync by the group committer.
+    pub group_commit_max_batch: u32,
+    /// SQLCipher page cache per connection, KiB.
+    pub db_cache_kib: u32,
+    /// Read-only database connections for concurrent readers.
+    pub db_readers: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            group_commit_max_batch: DEFAULT_GROUP_COMMIT_MAX_BATCH,
+            db_cache_kib: DEFAULT_DB_CACHE_KIB,
+            db_readers: DEFAULT_DB_READERS,
+        }
+    }
+}
+
+/// TLS certificate for the LAN listeners (FHIR HTTPS, DICOM TLS).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain. Empty: `<state_dir>/tls/cert.pem`. Reloaded on SIGHUP.
+    pub cert_file: PathBuf,
+    /// PEM private key (0600). Empty: `<state_dir>/tls/key.pem`. Reloaded on SIGHUP.
+    pub key_file: PathBuf,
+    /// Generate a self-signed certificate for localhost on first run when none exists.
+    pub generate_self_signed: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self { cert_file: PathBuf::new(), key_file: PathBuf::new(), generate_self_signed: true }
+    }
+}
+
+/// Start and stop behaviour.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleConfig {
+    /// Seconds in-flight work gets to finish after SIGTERM before it is rolled back.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self { shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS }
+    }
+}
+
+/// Why a configuration was refused. The message always names the key (or variable) and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("environment variable {var}: {reason}")]
+    Env { var: String, reason: String },
+    #[error("invalid config value for `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+/// Parses a config text plus environment overrides into a validated [`Config`].
+///
+/// `origin` names the file in error messages. `env` is the process environment (pass
+/// `std::env::vars()`); only `HMS_EDGE_*` variables are looked at, and `HMS_EDGE_CONFIG` is skipped.
+pub fn parse(
+    text: &str,
+    origin: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let origin_note = if origin.is_empty() { String::new() } else { format!(" in {origin}") };
+    let mut table: toml::Table = toml::from_str(text)
+        .map_err(|e| ConfigError::Parse { origin: origin_note.clone(), message: e.to_string() })?;
+    apply_env_overrides(&mut table, env)?;
+    let config: Config = Config::deserialize(toml::Value::Table(table))
+        .map_err(|e| ConfigError::Parse { origin: origin_note, message: e.to_string() })?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// Loads the config file at `path` (or the embedded defaults when `path` is `None`) with the
+/// process environment applied.
+pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
+            parse(&text, &p.display().to_string(), std::env::vars())
+        }
+        None => parse("", "", std::env::vars()),
+    }
+}
+
+/// The config file to use: the explicit one, else `$HMS_EDGE_CONFIG`, else the packaged path when it
+/// exists, else none (embedded defaults).
+pub fn resolve_path(explicit: Option<PathBuf>) -> Option<PathBuf> {
+    explicit
+        .or_else(|| std::env::var_os(CONFIG_PATH_ENV).map(PathBuf::from))
+        .or_else(|| Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()))
+}
+
+/// Applies `HMS_EDGE_<SECTION>_<KEY>=value`. The value is typed after the setting's default: a
+/// string setting takes the text as is, numbers and booleans must parse.
+fn apply_env_overrides(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let defaults = match toml::Value::try_from(Config::default()) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => unreachable!("Config serializes to a table"),
+    };
+    let mut vars: Vec<(String, String)> =
+        env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != CONFIG_PATH_ENV).collect();
+    vars.sort();
+    for (var, raw) in vars {
+        let rest = var[ENV_PREFIX.len()..].to_ascii_lowercase();
+        let found = defaults.iter().find_map(|(section, keys)| {
+            let key = rest.strip_prefix(section.as_str())?.strip_prefix('_')?;
+            let default = keys.as_table()?.get(key)?;
+            Some((section.clone(), key.to_owned(), default.clone()))
+        });
+        let Some((section, key, default)) = found else {
+            return Err(ConfigError::Env { var, reason: "no such setting".into() });
+        };
+        let value = typed_like(&default, &raw)
+            .map_err(|reason| ConfigError::Env { var: var.clone(), reason })?;
+        let entry = table
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(section_table) = entry.as_table_mut() else {
+            return Err(ConfigError::Invalid { key: section, reason: "must be a table".into() });
+        };
+        section_table.insert(key, value);
+    }
+    Ok(())
+}
+
+fn typed_like(default: &toml::Value, raw: &str) -> Result<toml::Value, String> {
+    Ok(match default {
+        toml::Value::String(_) => toml::Value::String(raw.to_owned()),
+        toml::Value::Integer(_) => toml::Value::Integer(
+            raw.trim().parse().map_err(|_| format!("expected an integer, got {raw:?}"))?,
+        ),
+        toml::Value::Boolean(_) => toml::Value::Boolean(
+            raw.trim().parse().map_err(|_| format!("expected true or false, got {raw:?}"))?,
+        ),
+        _ => {
+            let doc: toml::Table = toml::from_str(&format!("v = {raw}"))
+                .map_err(|_| format!("expected a TOML value, got {raw:?}"))?;
+            doc["v"].clone()
+        }
+    })
+}
+
+impl Config {
+    /// Checks what serde's types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: &str| {
+            Err(ConfigError::Invalid { key: key.into(), reason: reason.into() })
+        };
+        if !valid_id(&self.site.tenant_id) {
+            return invalid("site.tenant_id", "1-64 characters of A-Z a-z 0-9 . _ - required");
+        }
+        if !valid_id(&self.site.site_id) {
+            return invalid("site.site_id", "1-64 characters of A-Z a-z 0-9 . _ - required");
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+            return invalid("log.level", &e.to_string());
+        }
+        if self.store.group_commit_max_batch == 0 {
+            return invalid("store.group_commit_max_batch", "must be at least 1");
+        }
+        if self.store.db_readers == 0 || self.store.db_readers > 64 {
+            return invalid("store.db_readers", "must be between 1 and 64");
+        }
+        if self.tls.cert_file.as_os_str().is_empty() != self.tls.key_file.as_os_str().is_empty() {
+            return invalid("tls.cert_file", "set both tls.cert_file and tls.key_file, or neither");
+        }
+        Ok(())
+    }
+
+    /// The state folder after applying the systemd and development fallbacks.
+    pub fn state_dir(&self) -> PathBuf {
+        if !self.paths.state_dir.as_os_str().is_empty() {
+            return self.paths.state_dir.clone();
+        }
+        match std::env::var_os("STATE_DIRECTORY") {
+            // systemd may pass several colon-separated folders; the first is ours.
+            Some(dirs) => PathBuf::from(dirs.to_string_lossy().split(':').next().unwrap_or("")),
+            None => PathBuf::from(DEFAULT_DEV_STATE_DIR),
+        }
+    }
+
+    /// Renders the effective configuration as TOML for `hms-edge check-config`.
+    /// Nothing in it is secret (keys are referenced by path only).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+}
+
+fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    #[test]
+    fn empty_text_gives_defaults() {
+        assert_eq!(parse("", "", no_env()).unwrap(), Config::default());
+    }
+
+    /// The example file must spell out every setting with its default value.
+    #[test]
+    fn example_config_equals_defaults() {
+        let text = include_str!("../../config/edge.toml");
+        let example: toml::Table = toml::from_str(text).unwrap();
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        assert_eq!(toml::Value::Table(example), defaults, "config/edge.toml differs from defaults");
+        assert_eq!(parse(text, "config/edge.toml", no_env()).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_refused_by_name() {
+        let err = parse("[admin]\nlisten_adress = \"127.0.0.1:1\"\n", "x.toml", no_env())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen_adress"), "{err}");
+        assert!(err.contains("unknown field"), "{err}");
+        let err = parse("[nosuch]\n", "x.toml", no_env()).unwrap_err().to_string();
+        assert!(err.contains("nosuch"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_refused_with_key() {
+        let err = parse("[admin]\nlisten = \"not an address\"\n", "", no_env()).unwrap_err();
+        assert!(err.to_string().contains("listen"), "{err}");
+        let err = parse("[site]\ntenant_id = \"a b\"\n", "", no_env()).unwrap_err();
+        assert!(err.to_string().contains("site.tenant_id"), "{err}");
+        let err = parse("[store]\ngroup_commit_max_batch = 0\n", "", no_env()).unwrap_err();
+        assert!(err.to_string().contains("group_commit_max_batch"), "{err}");
+        let err = parse("[log]\ntarget = \"syslog\"\n", "", no_env()).unwrap_err();
+        assert!(err.to_string().contains("syslog"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_apply_with_types() {
+        let env = vec![
+            ("HMS_EDGE_ADMIN_LISTEN".to_string(), "127.0.0.1:19464".to_string()),
+            ("HMS_EDGE_SITE_TENANT_ID".to_string(), "12345".to_string()),
+            ("HMS_EDGE_KEYS_GENERATE_IF_MISSING".to_string(), "false".to_string()),
+            ("HMS_EDGE_STORE_DB_READERS".to_string(), "2".to_string()),
+            ("HMS_EDGE_CONFIG".to_string(), "/ignored".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ];
+        let c = parse("[admin]\nlisten = \"127.0.0.1:1\"\n", "", env).unwrap();
+        assert_eq!(c.admin.listen, "127.0.0.1:19464".parse().unwrap());
+        assert_eq!(c.site.tenant_id, "12345");
+        assert!(!c.keys.generate_if_missing);
+        assert_eq!(c.store.db_readers, 2);
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        let env = vec![("HMS_EDGE_ADMIN_LISTN".to_string(), "x".to_string())];
+        let err = parse("", "", env).unwrap_err().to_string();
+        assert!(err.contains("HMS_EDGE_ADMIN_LISTN") && err.contains("no such setting"), "{err}");
+        let env = vec![("HMS_EDGE_STORE_DB_READERS".to_string(), "many".to_string())];
+        let err = parse("", "", env).unwrap_err().to_string();
+        assert!(err.contains("HMS_EDGE_STORE_DB_READERS") && err.contains("integer"), "{err}");
+    }
+}

@@ -1,0 +1,128 @@
+//! SQLCipher connections and versioned migrations.
+//!
+//! The database key is a raw 256-bit key (`x'…'` form: no passphrase stretching, since the key is
+//! already random), derived from the master key. A wrong key is detected by a read *before* any
+//! pragma that could write (WAL switch, migrations), so a wrong key never modifies the file.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+use zeroize::Zeroizing;
+
+use super::StoreError;
+use crate::keys::Key;
+
+/// Ordered schema migrations; `PRAGMA user_version` records how many have run.
+/// Never edit a released entry: append a new one.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: foundation — store identity, blobs, change log (outbox), small key/value state.
+    r#"
+    CREATE TABLE hms_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
+    CREATE TABLE blobs (
+        id         TEXT PRIMARY KEY,
+        size       INTEGER NOT NULL,
+        sha256     TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE outbox (
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_at  INTEGER NOT NULL,
+        kind        TEXT NOT NULL,
+        entity      TEXT NOT NULL,
+        op          TEXT NOT NULL,
+        version     TEXT,
+        detail      TEXT,
+        state       TEXT NOT NULL DEFAULT 'pending',
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        lease_until INTEGER,
+        last_error  TEXT
+    ) STRICT;
+    CREATE INDEX outbox_by_state ON outbox (state, seq);
+    CREATE TABLE kv (
+        ns    TEXT NOT NULL,
+        key   TEXT NOT NULL,
+        value BLOB NOT NULL,
+        blob  TEXT REFERENCES blobs (id),
+        PRIMARY KEY (ns, key)
+    ) STRICT;
+    "#,
+];
+
+/// Marker row proving a database is an hms-edge store.
+pub const STORE_MARKER: (&str, &str) = ("format", "hms-edge-store-v1");
+
+/// Opens one connection and checks the key. `read_only` connections never write.
+pub fn open(
+    path: &Path,
+    key: &Key,
+    read_only: bool,
+    cache_kib: u32,
+) -> Result<Connection, StoreError> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags)?;
+    // SQLCipher logs decryption failures to stderr by default; we report them ourselves.
+    let _ = conn.execute_batch("PRAGMA cipher_log_level = NONE;");
+    let pragma = Zeroizing::new(format!("PRAGMA key = \"x'{}'\";", hex::encode(key.expose())));
+    conn.execute_batch(&pragma)?;
+    drop(pragma);
+    // The first read decrypts page 1: a wrong key or a foreign file fails here, before any write.
+    let probe: Result<i64, _> =
+        conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0));
+    let tables = match probe {
+        Ok(n) => n,
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::NotADatabase =>
+        {
+            return Err(StoreError::WrongKey);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if tables > 0 {
+        let marker: Option<String> = conn
+            .query_row("SELECT value FROM hms_meta WHERE key = ?1", [STORE_MARKER.0], |r| r.get(0))
+            .ok();
+        if marker.as_deref() != Some(STORE_MARKER.1) {
+            return Err(StoreError::WrongKey);
+        }
+    }
+    conn.busy_timeout(Duration::from_secs(30))?;
+    conn.execute_batch(&format!(
+        "PRAGMA foreign_keys = ON; PRAGMA cache_size = -{cache_kib}; PRAGMA temp_store = MEMORY;"
+    ))?;
+    if !read_only {
+        // WAL + synchronous=FULL: a commit returns only after the WAL is fsynced.
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+             PRAGMA wal_autocheckpoint = 4000;",
+        )?;
+    }
+    Ok(conn)
+}
+
+/// Runs the pending migrations, each in its own transaction. Returns the schema version.
+pub fn migrate(conn: &mut Connection) -> Result<usize, StoreError> {
+    let current: usize = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    if current > MIGRATIONS.len() {
+        return Err(StoreError::TooNew { found: current, supported: MIGRATIONS.len() });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        if i == 0 {
+            tx.execute(
+                "INSERT INTO hms_meta (key, value) VALUES (?1, ?2)",
+                [STORE_MARKER.0, STORE_MARKER.1],
+            )?;
+        }
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
+        tx.commit()?;
+    }
+    Ok(MIGRATIONS.len())
+}

@@ -1,0 +1,514 @@
+//! The encrypted store owned by `hms-edged`: a SQLCipher index, encrypted blob files, and the
+//! change log (outbox) — behind one durability API.
+//!
+//! # The durability API
+//! [`Store::write`] runs a closure inside a database transaction on the single writer thread and
+//! resolves only after that transaction is committed **and fsynced**. Concurrent writers are
+//! folded into one transaction and one fsync (group commit): while one batch is being synced, the
+//! next batch queues up. Each write runs in its own savepoint, so one failing write rolls back
+//! alone and never half-applies. This is how invariant 1 ("acknowledged means durable") is kept
+//! without paying one fsync per write.
+//!
+//! Blobs are written and fsynced by the caller *before* the transaction that references them
+//! ([`blob::BlobWriter::finish`]); a crash in between leaves an unreferenced blob file, which
+//! [`Store::open`] removes. So after any crash: every committed row has its blob, and no blob
+//! lingers without a row.
+
+pub mod blob;
+pub mod db;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::keys::{Key, KeyPurpose};
+pub use blob::{BlobId, BlobMeta, BlobReader, BlobStore, BlobWriter};
+
+/// Database file name inside the state folder.
+pub const DB_FILE: &str = "index.db";
+/// Blob folder name inside the state folder.
+pub const BLOB_DIR: &str = "blobs";
+
+/// Errors of the store. Messages never contain key material or record content.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("wrong key or not an hms-edge store")]
+    WrongKey,
+    #[error("store schema version {found} is newer than this build supports ({supported})")]
+    TooNew { found: usize, supported: usize },
+    #[error("database error: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("commit failed: {0}")]
+    Commit(String),
+    #[error("the store is shutting down")]
+    Closed,
+    #[error("{0}")]
+    Rejected(String),
+}
+
+impl StoreError {
+    /// True when the failure is the disk being full (callers map it to "out of resources").
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Io(e) => e.raw_os_error() == Some(libc::ENOSPC),
+            StoreError::Db(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == rusqlite::ErrorCode::DiskFull
+            }
+            StoreError::Commit(m) => m.contains("full"),
+            _ => false,
+        }
+    }
+}
+
+/// One entry for the change log: what changed, for the sync agent to push upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Subsystem: `fhir`, `dicom`, …
+    pub kind: String,
+    /// What changed: `Patient/123`, a SOP Instance UID, …
+    pub entity: String,
+    /// `create`, `update`, `delete`, `store`, …
+    pub op: String,
+    /// Version of the entity after the change, when it has one.
+    pub version: Option<String>,
+    /// Small JSON detail for the consumer (never PHI beyond what the entity id already is).
+    pub detail: Option<String>,
+}
+
+/// A change-log row as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    pub seq: i64,
+    pub created_at_ms: i64,
+    pub change: Change,
+    pub state: String,
+}
+
+/// The transaction handed to a write closure: plain SQL plus the store's shared tables.
+pub struct WriteTx<'a> {
+    tx: &'a Transaction<'a>,
+}
+
+impl<'a> WriteTx<'a> {
+    /// The underlying transaction, for module-specific tables.
+    pub fn sql(&self) -> &Transaction<'a> {
+        self.tx
+    }
+
+    /// Appends a change to the outbox in this transaction; returns its sequence number.
+    /// Sequence numbers only grow (AUTOINCREMENT never reuses one, even after deletes).
+    pub fn append_change(&self, change: &Change) -> Result<i64, StoreError> {
+        self.tx.execute(
+            "INSERT INTO outbox (created_at, kind, entity, op, version, detail)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                now_ms(),
+                change.kind,
+                change.entity,
+                change.op,
+                change.version,
+                change.detail
+            ],
+        )?;
+        Ok(self.tx.last_insert_rowid())
+    }
+
+    /// Records a finished (already fsynced) blob so rows may reference it.
+    pub fn insert_blob(&self, meta: &BlobMeta) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT INTO blobs (id, size, sha256, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![meta.id.as_str(), meta.size as i64, meta.sha256, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// Sets a small key/value record, optionally owning a blob.
+    pub fn kv_put(
+        &self,
+        ns: &str,
+        key: &str,
+        value: &[u8],
+        blob: Option<&BlobId>,
+    ) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT INTO kv (ns, key, value, blob) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, blob = excluded.blob",
+            params![ns, key, value, blob.map(|b| b.as_str())],
+        )?;
+        Ok(())
+    }
+}
+
+type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// A queued write. `run` executes it in the batch transaction, says whether it succeeded and hands
+/// back what to do once the commit outcome is known; `abort` fails it without running.
+trait PendingWrite: Send {
+    fn run(self: Box<Self>, tx: &WriteTx<'_>) -> (bool, Completion);
+    fn abort(self: Box<Self>, reason: String);
+}
+
+struct WriteJob<T, F> {
+    f: F,
+    done: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> PendingWrite for WriteJob<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&WriteTx<'_>) -> Result<T, StoreError> + Send + 'static,
+{
+    fn run(self: Box<Self>, tx: &WriteTx<'_>) -> (bool, Completion) {
+        let WriteJob { f, done } = *self;
+        match f(tx) {
+            Ok(v) => (
+                true,
+                Box::new(move |commit: Result<(), String>| {
+                    let _ = done.send(commit.map(|()| v).map_err(StoreError::Commit));
+                }),
+            ),
+            Err(e) => (
+                false,
+                Box::new(move |_| {
+                    let _ = done.send(Err(e));
+                }),
+            ),
+        }
+    }
+
+    fn abort(self: Box<Self>, reason: String) {
+        let _ = self.done.send(Err(StoreError::Commit(reason)));
+    }
+}
+
+type Job = Box<dyn PendingWrite>;
+
+/// Counters exported on `/metrics`.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Writes acknowledged (committed and synced).
+    pub writes: AtomicU64,
+    /// Writes rolled back (their closure failed).
+    pub write_errors: AtomicU64,
+    /// Commits (= fsync batches) performed.
+    pub commits: AtomicU64,
+}
+
+/// The store: open once per process and share (`Arc`).
+pub struct Store {
+    root: PathBuf,
+    blobs: BlobStore,
+    writer: Mutex<Option<mpsc::UnboundedSender<Job>>>,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    readers: Mutex<Vec<Connection>>,
+    reader_permits: Semaphore,
+    stats: Arc<StoreStats>,
+    audit_key: Key,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("root", &self.root).finish_non_exhaustive()
+    }
+}
+
+/// Tuning for [`Store::open`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub group_commit_max_batch: usize,
+    pub db_cache_kib: u32,
+    pub db_readers: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            group_commit_max_batch: crate::config::DEFAULT_GROUP_COMMIT_MAX_BATCH as usize,
+            db_cache_kib: crate::config::DEFAULT_DB_CACHE_KIB,
+            db_readers: crate::config::DEFAULT_DB_READERS as usize,
+        }
+    }
+}
+
+impl Store {
+    /// Opens (creating on first use) the store in `root` with the master key: checks the key,
+    /// migrates, removes blob files no row references, and starts the group-commit writer.
+    pub fn open(root: &Path, master: &Key, opts: &StoreOptions) -> Result<Arc<Store>, StoreError> {
+        std::fs::create_dir_all(root)?;
+        let db_key = master.derive(KeyPurpose::Database);
+        let db_path = root.join(DB_FILE);
+        let mut conn = db::open(&db_path, &db_key, false, opts.db_cache_kib)?;
+        db::migrate(&mut conn)?;
+        let blobs = BlobStore::open(&root.join(BLOB_DIR), master.derive(KeyPurpose::Blobs))?;
+        sweep_orphans(&conn, &blobs)?;
+        let mut readers = Vec::with_capacity(opts.db_readers);
+        for _ in 0..opts.db_readers.max(1) {
+            readers.push(db::open(&db_path, &db_key, true, opts.db_cache_kib)?);
+        }
+        let stats = Arc::new(StoreStats::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let max_batch = opts.group_commit_max_batch.max(1);
+        let thread_stats = stats.clone();
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(conn, rx, max_batch, &thread_stats))?;
+        Ok(Arc::new(Store {
+            root: root.to_owned(),
+            blobs,
+            writer: Mutex::new(Some(tx)),
+            writer_thread: Mutex::new(Some(handle)),
+            reader_permits: Semaphore::new(readers.len()),
+            readers: Mutex::new(readers),
+            stats,
+            audit_key: master.derive(KeyPurpose::AuditHmac),
+        }))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn blobs(&self) -> &BlobStore {
+        &self.blobs
+    }
+
+    pub fn stats(&self) -> &StoreStats {
+        &self.stats
+    }
+
+    /// The HMAC key for audit events and record commitments (ledger).
+    pub fn audit_key(&self) -> &Key {
+        &self.audit_key
+    }
+
+    /// The durability API: runs `f` in a transaction and resolves once it is committed and
+    /// fsynced (shared with concurrent writes). If `f` fails, its effects are rolled back and the
+    /// error returned; other writes in the same batch are unaffected.
+    pub async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTx<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (done_tx, done_rx) = oneshot::channel::<Result<T, StoreError>>();
+        let job: Job = Box::new(WriteJob { f, done: done_tx });
+        let sender = self.writer.lock().expect("writer lock").clone().ok_or(StoreError::Closed)?;
+        sender.send(job).map_err(|_| StoreError::Closed)?;
+        done_rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on a read-only connection (a snapshot of committed data) off the async runtime.
+    pub async fn read<T, F>(self: &Arc<Self>, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let _permit = self.reader_permits.acquire().await.map_err(|_| StoreError::Closed)?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = this.readers.lock().expect("readers lock").pop().ok_or(StoreError::Closed)?;
+            let out = f(&conn);
+            this.readers.lock().expect("readers lock").push(conn);
+            out
+        })
+        .await
+        .map_err(|e| StoreError::Commit(format!("reader task failed: {e}")))?
+    }
+
+    /// Blocking variant of [`Store::read`] for non-async callers (CLI, tests).
+    pub fn read_blocking<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let conn = self.readers.lock().expect("readers lock").pop().ok_or(StoreError::Closed)?;
+        let out = f(&conn);
+        self.readers.lock().expect("readers lock").push(conn);
+        out
+    }
+
+    /// Reads a key/value record.
+    pub fn kv_get(
+        conn: &Connection,
+        ns: &str,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, Option<BlobId>)>, StoreError> {
+        Ok(conn
+            .query_row("SELECT value, blob FROM kv WHERE ns = ?1 AND key = ?2", [ns, key], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Option<String>>(1)?))
+            })
+            .optional()?
+            .map(|(v, b)| (v, b.as_deref().and_then(BlobId::parse))))
+    }
+
+    /// Change-log entries after `after_seq`, oldest first.
+    pub fn outbox_since(
+        conn: &Connection,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, created_at, kind, entity, op, version, detail, state FROM outbox
+             WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after_seq, limit as i64], |r| {
+            Ok(OutboxEntry {
+                seq: r.get(0)?,
+                created_at_ms: r.get(1)?,
+                change: Change {
+                    kind: r.get(2)?,
+                    entity: r.get(3)?,
+                    op: r.get(4)?,
+                    version: r.get(5)?,
+                    detail: r.get(6)?,
+                },
+                state: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Sizes for `/metrics`: (database + WAL bytes, blob count, blob plaintext bytes).
+    pub fn sizes(conn: &Connection, root: &Path) -> Result<(u64, u64, u64), StoreError> {
+        let file_len = |name: &str| std::fs::metadata(root.join(name)).map(|m| m.len()).unwrap_or(0);
+        let db_bytes = file_len(DB_FILE) + file_len(&format!("{DB_FILE}-wal"));
+        let (count, bytes): (i64, i64) =
+            conn.query_row("SELECT count(*), coalesce(sum(size), 0) FROM blobs", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        Ok((db_bytes, count as u64, bytes as u64))
+    }
+
+    /// Stops accepting writes, lets the queued ones commit, and waits for the writer to finish.
+    /// Writes submitted afterwards fail with [`StoreError::Closed`].
+    pub fn close(&self) {
+        self.writer.lock().expect("writer lock").take();
+        if let Some(h) = self.writer_thread.lock().expect("writer lock").take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The group committer: take every queued write (up to `max_batch`), run each in a savepoint of
+/// one transaction, commit once (one WAL fsync), then complete them all. If the transaction itself
+/// fails (disk full, I/O error), the writes that ran in it get the error; queued writes that had
+/// not run yet fail with it too.
+fn writer_loop(
+    mut conn: Connection,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    max_batch: usize,
+    stats: &StoreStats,
+) {
+    let mut queue: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
+    loop {
+        if queue.is_empty() {
+            match rx.blocking_recv() {
+                Some(job) => queue.push_back(job),
+                None => return,
+            }
+        }
+        while queue.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) => queue.push_back(job),
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        let mut completions: Vec<Completion> = Vec::with_capacity(queue.len());
+        let mut failed = 0usize;
+        let outcome = (|| -> Result<(), rusqlite::Error> {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            while completions.len() < max_batch {
+                let Some(job) = queue.pop_front() else { break };
+                tx.execute_batch("SAVEPOINT w")?;
+                let (ok, completion) = job.run(&WriteTx { tx: &tx });
+                completions.push(completion);
+                if !ok {
+                    // A failed write leaves no trace; the others in the batch go on.
+                    failed += 1;
+                    tx.execute_batch("ROLLBACK TO w")?;
+                }
+                tx.execute_batch("RELEASE w")?;
+            }
+            tx.commit()
+        })();
+        outcome_metrics(stats, &outcome, completions.len() - failed, failed, started);
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, writes = completions.len(), "store commit failed");
+            // Fail the whole round, including writes not yet run: never spin on a broken disk.
+            for job in queue.drain(..) {
+                job.abort(e.to_string());
+            }
+        }
+        let result = outcome.map_err(|e| e.to_string());
+        for completion in completions.drain(..) {
+            completion(result.clone());
+        }
+    }
+}
+
+fn outcome_metrics(
+    stats: &StoreStats,
+    outcome: &Result<(), rusqlite::Error>,
+    n: usize,
+    failed: usize,
+    started: Instant,
+) -> Duration {
+    let took = started.elapsed();
+    stats.write_errors.fetch_add(failed as u64, Ordering::Relaxed);
+    if outcome.is_ok() {
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        stats.writes.fetch_add(n as u64, Ordering::Relaxed);
+        metrics::counter!("hms_store_commits_total").increment(1);
+        metrics::counter!("hms_store_writes_total").increment(n as u64);
+        metrics::histogram!("hms_store_commit_batch_size").record(n as f64);
+        metrics::histogram!("hms_store_commit_seconds").record(took.as_secs_f64());
+    } else {
+        stats.write_errors.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    took
+}
+
+/// Removes blob files that no `blobs` row references (written before a crash, never committed).
+fn sweep_orphans(conn: &Connection, blobs: &BlobStore) -> Result<usize, StoreError> {
+    let mut removed = 0;
+    let mut stmt = conn.prepare("SELECT 1 FROM blobs WHERE id = ?1")?;
+    for id in blobs.list_and_clean_tmp()? {
+        if !stmt.exists([id.as_str()])? {
+            blobs.remove(&id)?;
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        tracing::info!(removed, "removed blob files left by an interrupted write");
+    }
+    Ok(removed)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// fsyncs a directory so that a rename or create inside it survives power loss.
+pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// fsyncs the folder holding `path`.
+pub fn fsync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => fsync_dir(p),
+        _ => fsync_dir(Path::new(".")),
+    }
+}
