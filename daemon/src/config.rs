@@ -68,7 +68,10 @@ pub struct SiteConfig {
 
 impl Default for SiteConfig {
     fn default() -> Self {
-        Self { tenant_id: DEFAULT_TENANT_ID.into(), site_id: DEFAULT_SITE_ID.into() }
+        Self {
+            tenant_id: DEFAULT_TENANT_ID.into(),
+            site_id: DEFAULT_SITE_ID.into(),
+        }
     }
 }
 
@@ -96,7 +99,10 @@ pub struct KeysConfig {
 
 impl Default for KeysConfig {
     fn default() -> Self {
-        Self { master_key_file: PathBuf::new(), generate_if_missing: true }
+        Self {
+            master_key_file: PathBuf::new(),
+            generate_if_missing: true,
+        }
     }
 }
 
@@ -113,7 +119,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: DEFAULT_LOG_LEVEL.into(), target: LogTarget::Auto }
+        Self {
+            level: DEFAULT_LOG_LEVEL.into(),
+            target: LogTarget::Auto,
+        }
     }
 }
 
@@ -181,7 +190,11 @@ pub struct TlsConfig {
 
 impl Default for TlsConfig {
     fn default() -> Self {
-        Self { cert_file: PathBuf::new(), key_file: PathBuf::new(), generate_self_signed: true }
+        Self {
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            generate_self_signed: true,
+        }
     }
 }
 
@@ -195,7 +208,9 @@ pub struct LifecycleConfig {
 
 impl Default for LifecycleConfig {
     fn default() -> Self {
-        Self { shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS }
+        Self {
+            shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+        }
     }
 }
 
@@ -203,7 +218,10 @@ impl Default for LifecycleConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config{origin}: {message}")]
     Parse { origin: String, message: String },
     #[error("environment variable {var}: {reason}")]
@@ -221,12 +239,21 @@ pub fn parse(
     origin: &str,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, ConfigError> {
-    let origin_note = if origin.is_empty() { String::new() } else { format!(" in {origin}") };
-    let mut table: toml::Table = toml::from_str(text)
-        .map_err(|e| ConfigError::Parse { origin: origin_note.clone(), message: e.to_string() })?;
+    let origin_note = if origin.is_empty() {
+        String::new()
+    } else {
+        format!(" in {origin}")
+    };
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        origin: origin_note.clone(),
+        message: e.to_string(),
+    })?;
     apply_env_overrides(&mut table, env)?;
-    let config: Config = Config::deserialize(toml::Value::Table(table))
-        .map_err(|e| ConfigError::Parse { origin: origin_note, message: e.to_string() })?;
+    let config: Config =
+        Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
+            origin: origin_note,
+            message: e.to_string(),
+        })?;
     config.validate()?;
     Ok(config)
 }
@@ -236,8 +263,10 @@ pub fn parse(
 pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
     match path {
         Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
+            let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_owned(),
+                source,
+            })?;
             parse(&text, &p.display().to_string(), std::env::vars())
         }
         None => parse("", "", std::env::vars()),
@@ -262,8 +291,10 @@ fn apply_env_overrides(
         Ok(toml::Value::Table(t)) => t,
         _ => unreachable!("Config serializes to a table"),
     };
-    let mut vars: Vec<(String, String)> =
-        env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != CONFIG_PATH_ENV).collect();
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != CONFIG_PATH_ENV)
+        .collect();
     vars.sort();
     for (var, raw) in vars {
         let rest = var[ENV_PREFIX.len()..].to_ascii_lowercase();
@@ -273,15 +304,23 @@ fn apply_env_overrides(
             Some((section.clone(), key.to_owned(), default.clone()))
         });
         let Some((section, key, default)) = found else {
-            return Err(ConfigError::Env { var, reason: "no such setting".into() });
+            return Err(ConfigError::Env {
+                var,
+                reason: "no such setting".into(),
+            });
         };
-        let value = typed_like(&default, &raw)
-            .map_err(|reason| ConfigError::Env { var: var.clone(), reason })?;
+        let value = typed_like(&default, &raw).map_err(|reason| ConfigError::Env {
+            var: var.clone(),
+            reason,
+        })?;
         let entry = table
             .entry(section.clone())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         let Some(section_table) = entry.as_table_mut() else {
-            return Err(ConfigError::Invalid { key: section, reason: "must be a table".into() });
+            return Err(ConfigError::Invalid {
+                key: section,
+                reason: "must be a table".into(),
+            });
         };
         section_table.insert(key, value);
     }
@@ -292,10 +331,14 @@ fn typed_like(default: &toml::Value, raw: &str) -> Result<toml::Value, String> {
     Ok(match default {
         toml::Value::String(_) => toml::Value::String(raw.to_owned()),
         toml::Value::Integer(_) => toml::Value::Integer(
-            raw.trim().parse().map_err(|_| format!("expected an integer, got {raw:?}"))?,
+            raw.trim()
+                .parse()
+                .map_err(|_| format!("expected an integer, got {raw:?}"))?,
         ),
         toml::Value::Boolean(_) => toml::Value::Boolean(
-            raw.trim().parse().map_err(|_| format!("expected true or false, got {raw:?}"))?,
+            raw.trim()
+                .parse()
+                .map_err(|_| format!("expected true or false, got {raw:?}"))?,
         ),
         _ => {
             let doc: toml::Table = toml::from_str(&format!("v = {raw}"))
@@ -309,13 +352,22 @@ impl Config {
     /// Checks what serde's types cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key: &str, reason: &str| {
-            Err(ConfigError::Invalid { key: key.into(), reason: reason.into() })
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                reason: reason.into(),
+            })
         };
         if !valid_id(&self.site.tenant_id) {
-            return invalid("site.tenant_id", "1-64 characters of A-Z a-z 0-9 . _ - required");
+            return invalid(
+                "site.tenant_id",
+                "1-64 characters of A-Z a-z 0-9 . _ - required",
+            );
         }
         if !valid_id(&self.site.site_id) {
-            return invalid("site.site_id", "1-64 characters of A-Z a-z 0-9 . _ - required");
+            return invalid(
+                "site.site_id",
+                "1-64 characters of A-Z a-z 0-9 . _ - required",
+            );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
             return invalid("log.level", &e.to_string());
@@ -327,7 +379,10 @@ impl Config {
             return invalid("store.db_readers", "must be between 1 and 64");
         }
         if self.tls.cert_file.as_os_str().is_empty() != self.tls.key_file.as_os_str().is_empty() {
-            return invalid("tls.cert_file", "set both tls.cert_file and tls.key_file, or neither");
+            return invalid(
+                "tls.cert_file",
+                "set both tls.cert_file and tls.key_file, or neither",
+            );
         }
         Ok(())
     }
@@ -354,7 +409,8 @@ impl Config {
 fn valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 #[cfg(test)]
@@ -376,18 +432,31 @@ mod tests {
         let text = include_str!("../../config/edge.toml");
         let example: toml::Table = toml::from_str(text).unwrap();
         let defaults = toml::Value::try_from(Config::default()).unwrap();
-        assert_eq!(toml::Value::Table(example), defaults, "config/edge.toml differs from defaults");
-        assert_eq!(parse(text, "config/edge.toml", no_env()).unwrap(), Config::default());
+        assert_eq!(
+            toml::Value::Table(example),
+            defaults,
+            "config/edge.toml differs from defaults"
+        );
+        assert_eq!(
+            parse(text, "config/edge.toml", no_env()).unwrap(),
+            Config::default()
+        );
     }
 
     #[test]
     fn unknown_key_is_refused_by_name() {
-        let err = parse("[admin]\nlisten_adress = \"127.0.0.1:1\"\n", "x.toml", no_env())
-            .unwrap_err()
-            .to_string();
+        let err = parse(
+            "[admin]\nlisten_adress = \"127.0.0.1:1\"\n",
+            "x.toml",
+            no_env(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("listen_adress"), "{err}");
         assert!(err.contains("unknown field"), "{err}");
-        let err = parse("[nosuch]\n", "x.toml", no_env()).unwrap_err().to_string();
+        let err = parse("[nosuch]\n", "x.toml", no_env())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("nosuch"), "{err}");
     }
 
@@ -406,9 +475,15 @@ mod tests {
     #[test]
     fn env_overrides_apply_with_types() {
         let env = vec![
-            ("HMS_EDGE_ADMIN_LISTEN".to_string(), "127.0.0.1:19464".to_string()),
+            (
+                "HMS_EDGE_ADMIN_LISTEN".to_string(),
+                "127.0.0.1:19464".to_string(),
+            ),
             ("HMS_EDGE_SITE_TENANT_ID".to_string(), "12345".to_string()),
-            ("HMS_EDGE_KEYS_GENERATE_IF_MISSING".to_string(), "false".to_string()),
+            (
+                "HMS_EDGE_KEYS_GENERATE_IF_MISSING".to_string(),
+                "false".to_string(),
+            ),
             ("HMS_EDGE_STORE_DB_READERS".to_string(), "2".to_string()),
             ("HMS_EDGE_CONFIG".to_string(), "/ignored".to_string()),
             ("PATH".to_string(), "/bin".to_string()),
@@ -424,9 +499,15 @@ mod tests {
     fn env_errors_name_the_variable() {
         let env = vec![("HMS_EDGE_ADMIN_LISTN".to_string(), "x".to_string())];
         let err = parse("", "", env).unwrap_err().to_string();
-        assert!(err.contains("HMS_EDGE_ADMIN_LISTN") && err.contains("no such setting"), "{err}");
+        assert!(
+            err.contains("HMS_EDGE_ADMIN_LISTN") && err.contains("no such setting"),
+            "{err}"
+        );
         let env = vec![("HMS_EDGE_STORE_DB_READERS".to_string(), "many".to_string())];
         let err = parse("", "", env).unwrap_err().to_string();
-        assert!(err.contains("HMS_EDGE_STORE_DB_READERS") && err.contains("integer"), "{err}");
+        assert!(
+            err.contains("HMS_EDGE_STORE_DB_READERS") && err.contains("integer"),
+            "{err}"
+        );
     }
 }

@@ -74,7 +74,8 @@ impl Key {
     pub fn derive_with(&self, label: &[u8], salt: &[u8]) -> Key {
         let hk = Hkdf::<Sha256>::new(Some(salt), &self.0[..]);
         let mut out = Zeroizing::new([0u8; KEY_LEN]);
-        hk.expand(label, &mut out[..]).expect("32 bytes is a valid HKDF-SHA256 output length");
+        hk.expand(label, &mut out[..])
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
         Key(out)
     }
 }
@@ -97,10 +98,15 @@ pub enum KeyError {
     NotAFile { path: PathBuf },
     #[error("master key file {path} must hold 32 raw bytes or 64 hex digits")]
     BadFormat { path: PathBuf },
-    #[error("no master key at {path} and generation is disabled (keys.generate_if_missing = false)")]
+    #[error(
+        "no master key at {path} and generation is disabled (keys.generate_if_missing = false)"
+    )]
     Missing { path: PathBuf },
     #[error("cannot read master key {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Where the master key is taken from, after the fallbacks.
@@ -142,24 +148,36 @@ pub fn load_or_generate(source: &KeySource, generate: bool) -> Result<(Key, bool
         if generate && matches!(source, KeySource::File(_)) {
             return generate_key_file(path).map(|k| (k, true));
         }
-        return Err(KeyError::Missing { path: path.to_owned() });
+        return Err(KeyError::Missing {
+            path: path.to_owned(),
+        });
     }
     load_key_file(path).map(|k| (k, false))
 }
 
 /// Reads a key file after checking that only its owner can read it.
 pub fn load_key_file(path: &Path) -> Result<Key, KeyError> {
-    let io = |source| KeyError::Io { path: path.to_owned(), source };
+    let io = |source| KeyError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let meta = std::fs::metadata(path).map_err(io)?;
     if !meta.is_file() {
-        return Err(KeyError::NotAFile { path: path.to_owned() });
+        return Err(KeyError::NotAFile {
+            path: path.to_owned(),
+        });
     }
     let mode = meta.mode() & 0o7777;
     if mode & 0o077 != 0 {
-        return Err(KeyError::TooOpen { path: path.to_owned(), mode });
+        return Err(KeyError::TooOpen {
+            path: path.to_owned(),
+            mode,
+        });
     }
     let raw = Zeroizing::new(std::fs::read(path).map_err(io)?);
-    parse_key(&raw).ok_or_else(|| KeyError::BadFormat { path: path.to_owned() })
+    parse_key(&raw).ok_or_else(|| KeyError::BadFormat {
+        path: path.to_owned(),
+    })
 }
 
 fn parse_key(raw: &[u8]) -> Option<Key> {
@@ -177,7 +195,10 @@ fn parse_key(raw: &[u8]) -> Option<Key> {
 }
 
 fn generate_key_file(path: &Path) -> Result<Key, KeyError> {
-    let io = |source| KeyError::Io { path: path.to_owned(), source };
+    let io = |source| KeyError::Io {
+        path: path.to_owned(),
+        source,
+    };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(io)?;
         std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
@@ -198,9 +219,10 @@ fn generate_key_file(path: &Path) -> Result<Key, KeyError> {
     Ok(key)
 }
 
-/// Keeps key material out of core dumps: no core files, not dumpable (also blocks ptrace by
-/// other users' processes).
+/// Keeps key material out of core dumps (no core files, not dumpable, which also blocks ptrace
+/// by other users' processes) and makes every file we create private (umask 0077).
 pub fn harden_process() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
     let _ = nix::sys::prctl::set_dumpable(false);
 }
@@ -227,8 +249,14 @@ mod tests {
         std::fs::write(&p, hex::encode([1u8; 32])).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = load_key_file(&p).unwrap_err().to_string();
-        assert!(err.contains("readable by group or others") && err.contains("0644"), "{err}");
-        assert!(!err.contains(&hex::encode([1u8; 32])), "error must not contain the key");
+        assert!(
+            err.contains("readable by group or others") && err.contains("0644"),
+            "{err}"
+        );
+        assert!(
+            !err.contains(&hex::encode([1u8; 32])),
+            "error must not contain the key"
+        );
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
         assert!(matches!(load_key_file(&p), Err(KeyError::TooOpen { .. })));
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -257,6 +285,9 @@ mod tests {
         assert!(!created);
         assert_eq!(k1.expose(), k2.expose());
         let missing = KeySource::File(dir.path().join("none"));
-        assert!(matches!(load_or_generate(&missing, false), Err(KeyError::Missing { .. })));
+        assert!(matches!(
+            load_or_generate(&missing, false),
+            Err(KeyError::Missing { .. })
+        ));
     }
 }

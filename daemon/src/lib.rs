@@ -1,5 +1,9 @@
 //! hms-edged: the LAN side of the hms-edge appliance. See `ARCHITECTURE.md` for the map.
 
+pub mod admin;
 pub mod config;
 pub mod keys;
+pub mod logging;
+pub mod server;
 pub mod store;
+pub mod tls;

@@ -1,0 +1,372 @@
+//! Daemon lifecycle: start (keys → store → TLS → listeners), READY, watchdog, SIGHUP reload,
+//! SIGTERM drain.
+//!
+//! Ordering is the contract with systemd: `READY=1` is sent only after the store is open and every
+//! listener is bound, so `systemctl start` returning means the box accepts work. On SIGTERM we
+//! send `STOPPING=1`, stop accepting, give in-flight work `lifecycle.shutdown_grace_secs` to
+//! finish, then close the store (queued writes commit; anything unfinished rolls back, never
+//! half-written).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{self, Config};
+use crate::keys::{self, KeySource};
+use crate::logging::LogHandle;
+use crate::store::{Store, StoreOptions};
+use crate::tls::{self, TlsPaths, TlsReloader};
+
+/// Settings that SIGHUP applies to the running daemon. Any other change is logged as needing a
+/// restart and not applied.
+pub const RELOADABLE: &[&str] = &[
+    "log.level",
+    "tls.cert_file",
+    "tls.key_file",
+    "admin.min_free_disk_mb",
+];
+
+/// Why the daemon could not start. Each message says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Key(#[from] keys::KeyError),
+    #[error("cannot open the store in {dir}: {source}")]
+    Store {
+        dir: PathBuf,
+        source: crate::store::StoreError,
+    },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything the running daemon shares between its tasks.
+pub struct Daemon {
+    config: RwLock<Arc<Config>>,
+    config_path: Option<PathBuf>,
+    pub store: Arc<Store>,
+    pub tls: Arc<TlsReloader>,
+    pub started: Instant,
+    pub metrics: PrometheusHandle,
+    pub log: Option<LogHandle>,
+    /// Cancelled when shutdown begins; every listener and long task watches it.
+    pub shutdown: CancellationToken,
+    /// In-flight work that the drain waits for.
+    pub tasks: TaskTracker,
+    config_tx: tokio::sync::watch::Sender<Arc<Config>>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Daemon {
+    /// The effective configuration (after reloads).
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().expect("config lock").clone()
+    }
+
+    /// Subsystems that react to reloads (allow-lists, …) watch this.
+    pub fn subscribe_config(&self) -> tokio::sync::watch::Receiver<Arc<Config>> {
+        self.config_tx.subscribe()
+    }
+}
+
+/// The bound listeners, handed from [`start`] to [`run`].
+#[derive(Debug)]
+pub struct Listeners {
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+/// Opens keys, store and TLS material and binds the listeners. Logs where everything is.
+pub async fn start(
+    config: Config,
+    config_path: Option<PathBuf>,
+    log: Option<LogHandle>,
+) -> Result<(Arc<Daemon>, Listeners), StartError> {
+    let state_dir = config.state_dir();
+    std::fs::create_dir_all(&state_dir)?;
+    let key_source = KeySource::resolve(&config.keys.master_key_file, &state_dir);
+    let (master, generated) = keys::load_or_generate(&key_source, config.keys.generate_if_missing)?;
+    if generated {
+        tracing::warn!(
+            path = %key_source.path().display(),
+            "generated a new master key (development default); back it up: without it the store \
+             cannot be read"
+        );
+    }
+    let opts = StoreOptions {
+        group_commit_max_batch: config.store.group_commit_max_batch as usize,
+        db_cache_kib: config.store.db_cache_kib,
+        db_readers: config.store.db_readers as usize,
+    };
+    let store_dir = state_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&store_dir, &master, &opts))
+        .await
+        .map_err(std::io::Error::other)?
+        .map_err(|source| StartError::Store {
+            dir: state_dir.clone(),
+            source,
+        })?;
+
+    let tls_paths = TlsPaths::resolve(&config.tls, &state_dir);
+    if tls::ensure_certificate(&tls_paths, config.tls.generate_self_signed)? {
+        tracing::warn!(cert = %tls_paths.cert.display(), "generated a self-signed TLS certificate");
+    }
+    let tls_cfg = tls::load_server_config(&tls_paths)?;
+
+    let admin = bind("admin", config.admin.listen).await?;
+    let listeners = Listeners { admin };
+
+    let metrics = crate::admin::metrics_handle();
+    for name in ["hms_store_writes_total", "hms_store_commits_total"] {
+        metrics::counter!(name).increment(0);
+    }
+    let config = Arc::new(config);
+    let (config_tx, _) = tokio::sync::watch::channel(config.clone());
+    let daemon = Arc::new(Daemon {
+        config: RwLock::new(config),
+        config_path,
+        store,
+        tls: Arc::new(TlsReloader::new(tls_paths.clone(), tls_cfg)),
+        started: Instant::now(),
+        metrics,
+        log,
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+        config_tx,
+    });
+    tracing::info!(
+        state_dir = %state_dir.display(),
+        database = %state_dir.join(crate::store::DB_FILE).display(),
+        blobs = %state_dir.join(crate::store::BLOB_DIR).display(),
+        master_key = %key_source_label(&key_source),
+        tls_cert = %tls_paths.cert.display(),
+        admin = %format!("http://{}", listeners.admin_addr()),
+        config = %daemon.config_path.as_ref().map_or("embedded defaults".into(), |p| p.display().to_string()),
+        "hms-edged started"
+    );
+    Ok((daemon, listeners))
+}
+
+fn key_source_label(src: &KeySource) -> String {
+    match src {
+        KeySource::Credential(p) => format!("systemd credential {}", p.display()),
+        KeySource::File(p) => format!("file {}", p.display()),
+    }
+}
+
+/// Serves until `shutdown` resolves or SIGTERM/SIGINT arrives, then drains. Sends READY=1 once
+/// serving, handles SIGHUP reloads and keeps the systemd watchdog fed while the store answers.
+pub async fn run(
+    daemon: Arc<Daemon>,
+    listeners: Listeners,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    // Handlers first: a SIGHUP right after READY must reload, not kill us (its default action).
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let token = daemon.shutdown.clone();
+    let admin_app = crate::admin::router(daemon.clone());
+    let admin_token = token.clone();
+    let admin_task = tokio::spawn(async move {
+        axum::serve(listeners.admin, admin_app)
+            .with_graceful_shutdown(admin_token.cancelled_owned())
+            .await
+    });
+
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("serving"),
+    ]);
+    tracing::info!("ready");
+    if let Some(period) = sd_notify::watchdog_enabled() {
+        tokio::spawn(watchdog(daemon.clone(), period / 2));
+    }
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = hup.recv() => reload(&daemon),
+            _ = term.recv() => { tracing::info!("SIGTERM received"); break }
+            _ = int.recv() => { tracing::info!("SIGINT received"); break }
+            () = &mut shutdown => break,
+        }
+    }
+
+    notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("draining"),
+    ]);
+    let grace = Duration::from_secs(daemon.config().lifecycle.shutdown_grace_secs);
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        in_flight = daemon.tasks.len(),
+        "draining"
+    );
+    token.cancel();
+    daemon.tasks.close();
+    if tokio::time::timeout(grace, daemon.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            unfinished = daemon.tasks.len(),
+            "drain deadline passed; unfinished work is rolled back"
+        );
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), admin_task).await;
+    let store = daemon.store.clone();
+    tokio::task::spawn_blocking(move || store.close())
+        .await
+        .map_err(std::io::Error::other)?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// Feeds the systemd watchdog, but only while the store still answers a read: a wedged store
+/// stops the pings and systemd restarts us.
+async fn watchdog(daemon: Arc<Daemon>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        if daemon.shutdown.is_cancelled() {
+            return;
+        }
+        let probe = daemon
+            .store
+            .read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?));
+        match tokio::time::timeout(every, probe).await {
+            Ok(Ok(_)) => notify(&[sd_notify::NotifyState::Watchdog]),
+            _ => tracing::error!("store did not answer; withholding watchdog ping"),
+        }
+    }
+}
+
+/// SIGHUP: re-read the config file, apply what can be applied live, log every change.
+fn reload(daemon: &Daemon) {
+    let mono = sd_notify::NotifyState::monotonic_usec_now();
+    match mono {
+        Ok(m) => notify(&[sd_notify::NotifyState::Reloading, m]),
+        Err(_) => notify(&[sd_notify::NotifyState::Reloading]),
+    }
+    let old = daemon.config();
+    match config::load(daemon.config_path.as_deref()) {
+        Err(e) => tracing::error!(error = %e, "reload refused; keeping the running configuration"),
+        Ok(new) => {
+            let effective = apply_reloadable(&old, &new);
+            if effective.log.level != old.log.level
+                && let Some(log) = &daemon.log
+                && let Err(e) = log.set_level(&effective.log.level)
+            {
+                tracing::error!(error = %e, "cannot apply log.level");
+            }
+            let state_dir = effective.state_dir();
+            let tls_paths = TlsPaths::resolve(&effective.tls, &state_dir);
+            match daemon.tls.reload(tls_paths) {
+                Ok(()) => tracing::info!("TLS certificate reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS reload failed; keeping the old certificate")
+                }
+            }
+            let effective = Arc::new(effective);
+            *daemon.config.write().expect("config lock") = effective.clone();
+            daemon.config_tx.send_replace(effective);
+            tracing::info!("configuration reloaded");
+        }
+    }
+    notify(&[sd_notify::NotifyState::Ready]);
+}
+
+/// Returns `new` with every non-reloadable setting kept at its `old` value, logging each change.
+pub fn apply_reloadable(old: &Config, new: &Config) -> Config {
+    let as_table = |c: &Config| match toml::Value::try_from(c) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => unreachable!("config serializes to a table"),
+    };
+    let old_t = as_table(old);
+    let mut new_t = as_table(new);
+    for (section, new_keys) in new_t.iter_mut() {
+        let (Some(new_keys), Some(old_keys)) = (
+            new_keys.as_table_mut(),
+            old_t.get(section).and_then(|v| v.as_table()),
+        ) else {
+            continue;
+        };
+        for (key, value) in new_keys.iter_mut() {
+            let old_value = &old_keys[key.as_str()];
+            if value == old_value {
+                continue;
+            }
+            let name = format!("{section}.{key}");
+            if RELOADABLE.contains(&name.as_str()) {
+                tracing::info!(setting = %name, old = %old_value, new = %value, "setting changed");
+            } else {
+                tracing::warn!(setting = %name, old = %old_value, new = %value,
+                    "setting changed but needs a restart; keeping the running value");
+                *value = old_value.clone();
+            }
+        }
+    }
+    use serde::Deserialize;
+    Config::deserialize(toml::Value::Table(new_t)).expect("merged config is valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reload_applies_only_reloadable_settings() {
+        let old = Config::default();
+        let mut new = Config::default();
+        new.log.level = "debug".into();
+        new.admin.listen = "127.0.0.1:1".parse().unwrap();
+        new.admin.min_free_disk_mb = 5;
+        let eff = apply_reloadable(&old, &new);
+        assert_eq!(eff.log.level, "debug");
+        assert_eq!(eff.admin.min_free_disk_mb, 5);
+        assert_eq!(eff.admin.listen, old.admin.listen);
+    }
+}
