@@ -197,6 +197,18 @@ pub async fn run(
             .await
     });
 
+    let cfg = daemon.config();
+    let fhir_ctx =
+        crate::fhir::api::FhirContext::new(daemon.store.clone(), cfg.fhir.max_body_bytes as usize);
+    tokio::spawn(crate::https::serve(
+        listeners.fhir,
+        daemon.tls.clone(),
+        crate::fhir::api::router(fhir_ctx),
+        cfg.fhir.max_connections as usize,
+        token.clone(),
+        daemon.tasks.clone(),
+    ));
+
     notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("serving")]);
     tracing::info!("ready");
     if let Some(period) = sd_notify::watchdog_enabled() {

@@ -281,3 +281,33 @@ pub fn write_key_file(dir: &Path, name: &str, mode: u32) -> PathBuf {
 pub fn hex_encode(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// An HTTPS client for the daemon's FHIR listener that trusts exactly the daemon's (generated)
+/// certificate: real TLS, no verification switched off.
+pub fn fhir_client(cert_pem: &Path) -> reqwest::blocking::Client {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(cert_pem).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    reqwest::blocking::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+impl DaemonProc {
+    /// Base URL of the FHIR API (`https://localhost:<port>/fhir`).
+    pub fn fhir_base(&self) -> String {
+        format!("https://localhost:{}/fhir", self.fhir.port())
+    }
+
+    /// The state folder when started with `explicit_state_dir`.
+    pub fn state_dir(&self) -> PathBuf {
+        self.workdir.join("state")
+    }
+}

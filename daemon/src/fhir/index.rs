@@ -186,10 +186,8 @@ fn tokens(node: Node<'_>, push: &mut impl FnMut(IndexValue)) {
 
 fn strings(v: &Value, push: &mut impl FnMut(IndexValue)) {
     match v {
-        Value::String(s) => {
-            if !s.is_empty() {
-                push(IndexValue::String { norm: normalize(s), exact: s.clone() })
-            }
+        Value::String(s) if !s.is_empty() => {
+            push(IndexValue::String { norm: normalize(s), exact: s.clone() })
         }
         Value::Array(items) => items.iter().for_each(|i| strings(i, push)),
         Value::Object(map) => {

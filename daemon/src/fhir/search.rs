@@ -135,6 +135,11 @@ pub fn parse(
     strict: bool,
 ) -> Result<SearchRequest, FhirError> {
     let indexed = params::params_for(rtype).is_some();
+    if !indexed {
+        return Err(FhirError::BadRequest(format!(
+            "searching {rtype} is not supported (stored and read by id only)"
+        )));
+    }
     let mut req = SearchRequest {
         rtype: rtype.to_owned(),
         clauses: Vec::new(),
@@ -154,7 +159,9 @@ pub fn parse(
                 req.count = match value.parse::<usize>() {
                     Ok(n) => n.min(MAX_COUNT),
                     Err(_) => {
-                        return bad(format!("_count must be a non-negative integer, got {value:?}"));
+                        return bad(format!(
+                            "_count must be a non-negative integer, got {value:?}"
+                        ));
                     }
                 }
             }
@@ -215,7 +222,9 @@ pub fn parse(
                 "count" => req.summary_count = true,
                 "false" => {}
                 _ => {
-                    return bad(format!("_summary={value} is not supported (only count and false)"));
+                    return bad(format!(
+                        "_summary={value} is not supported (only count and false)"
+                    ));
                 }
             },
             "_elements" => {
