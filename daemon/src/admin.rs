@@ -44,11 +44,7 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
 
 async fn readyz(State(d): State<Arc<Daemon>>) -> impl IntoResponse {
     let mut problems = Vec::new();
-    if d.store
-        .read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
-        .await
-        .is_err()
-    {
+    if d.store.read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?)).await.is_err() {
         problems.push("store not readable".to_string());
     }
     let min = d.config().admin.min_free_disk_mb * 1024 * 1024;
@@ -67,10 +63,7 @@ async fn readyz(State(d): State<Arc<Daemon>>) -> impl IntoResponse {
     if problems.is_empty() {
         (StatusCode::OK, "ready\n".to_string())
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", problems.join("; ")),
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", problems.join("; ")))
     }
 }
 
@@ -85,8 +78,5 @@ async fn metrics_text(State(d): State<Arc<Daemon>>) -> impl IntoResponse {
     if let Some(free) = free_bytes(d.store.root()) {
         metrics::gauge!("hms_disk_free_bytes").set(free as f64);
     }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        d.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], d.metrics.render())
 }

@@ -39,6 +39,12 @@ pub const DEFAULT_GROUP_COMMIT_MAX_BATCH: u32 = 512;
 pub const DEFAULT_DB_CACHE_KIB: u32 = 16 * 1024;
 /// Read-only connections kept open for concurrent readers.
 pub const DEFAULT_DB_READERS: u32 = 4;
+/// FHIR HTTPS listener. Loopback only by default; a packaged box opens it to the LAN.
+pub const DEFAULT_FHIR_LISTEN: &str = "127.0.0.1:8443";
+/// Largest FHIR request body (a transaction Bundle of a whole patient is a few MiB).
+pub const DEFAULT_FHIR_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+/// Concurrent FHIR connections; more wait in the accept queue.
+pub const DEFAULT_FHIR_MAX_CONNECTIONS: u32 = 512;
 /// Graceful drain deadline after SIGTERM; systemd's `TimeoutStopSec` must be longer.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 20;
 
@@ -53,6 +59,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub store: StoreConfig,
     pub tls: TlsConfig,
+    pub fhir: FhirConfig,
     pub lifecycle: LifecycleConfig,
 }
 
@@ -68,10 +75,7 @@ pub struct SiteConfig {
 
 impl Default for SiteConfig {
     fn default() -> Self {
-        Self {
-            tenant_id: DEFAULT_TENANT_ID.into(),
-            site_id: DEFAULT_SITE_ID.into(),
-        }
+        Self { tenant_id: DEFAULT_TENANT_ID.into(), site_id: DEFAULT_SITE_ID.into() }
     }
 }
 
@@ -99,10 +103,7 @@ pub struct KeysConfig {
 
 impl Default for KeysConfig {
     fn default() -> Self {
-        Self {
-            master_key_file: PathBuf::new(),
-            generate_if_missing: true,
-        }
+        Self { master_key_file: PathBuf::new(), generate_if_missing: true }
     }
 }
 
@@ -119,10 +120,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            level: DEFAULT_LOG_LEVEL.into(),
-            target: LogTarget::Auto,
-        }
+        Self { level: DEFAULT_LOG_LEVEL.into(), target: LogTarget::Auto }
     }
 }
 
@@ -190,10 +188,28 @@ pub struct TlsConfig {
 
 impl Default for TlsConfig {
     fn default() -> Self {
+        Self { cert_file: PathBuf::new(), key_file: PathBuf::new(), generate_self_signed: true }
+    }
+}
+
+/// The FHIR R4 API for ward workstations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FhirConfig {
+    /// Address of the FHIR HTTPS listener (base URL `https://<host>:<port>/fhir`).
+    pub listen: SocketAddr,
+    /// Largest request body in bytes; larger requests get 413 and change nothing.
+    pub max_body_bytes: u64,
+    /// Concurrent connections served.
+    pub max_connections: u32,
+}
+
+impl Default for FhirConfig {
+    fn default() -> Self {
         Self {
-            cert_file: PathBuf::new(),
-            key_file: PathBuf::new(),
-            generate_self_signed: true,
+            listen: DEFAULT_FHIR_LISTEN.parse().expect("valid default address"),
+            max_body_bytes: DEFAULT_FHIR_MAX_BODY_BYTES,
+            max_connections: DEFAULT_FHIR_MAX_CONNECTIONS,
         }
     }
 }
@@ -208,9 +224,7 @@ pub struct LifecycleConfig {
 
 impl Default for LifecycleConfig {
     fn default() -> Self {
-        Self {
-            shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
-        }
+        Self { shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS }
     }
 }
 
@@ -218,10 +232,7 @@ impl Default for LifecycleConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("invalid config{origin}: {message}")]
     Parse { origin: String, message: String },
     #[error("environment variable {var}: {reason}")]
@@ -239,21 +250,12 @@ pub fn parse(
     origin: &str,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, ConfigError> {
-    let origin_note = if origin.is_empty() {
-        String::new()
-    } else {
-        format!(" in {origin}")
-    };
-    let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
-        origin: origin_note.clone(),
-        message: e.to_string(),
-    })?;
+    let origin_note = if origin.is_empty() { String::new() } else { format!(" in {origin}") };
+    let mut table: toml::Table = toml::from_str(text)
+        .map_err(|e| ConfigError::Parse { origin: origin_note.clone(), message: e.to_string() })?;
     apply_env_overrides(&mut table, env)?;
-    let config: Config =
-        Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
-            origin: origin_note,
-            message: e.to_string(),
-        })?;
+    let config: Config = Config::deserialize(toml::Value::Table(table))
+        .map_err(|e| ConfigError::Parse { origin: origin_note, message: e.to_string() })?;
     config.validate()?;
     Ok(config)
 }
@@ -263,10 +265,8 @@ pub fn parse(
 pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
     match path {
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                path: p.to_owned(),
-                source,
-            })?;
+            let text = std::fs::read_to_string(p)
+                .map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
             parse(&text, &p.display().to_string(), std::env::vars())
         }
         None => parse("", "", std::env::vars()),
@@ -304,23 +304,14 @@ fn apply_env_overrides(
             Some((section.clone(), key.to_owned(), default.clone()))
         });
         let Some((section, key, default)) = found else {
-            return Err(ConfigError::Env {
-                var,
-                reason: "no such setting".into(),
-            });
+            return Err(ConfigError::Env { var, reason: "no such setting".into() });
         };
-        let value = typed_like(&default, &raw).map_err(|reason| ConfigError::Env {
-            var: var.clone(),
-            reason,
-        })?;
-        let entry = table
-            .entry(section.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let value = typed_like(&default, &raw)
+            .map_err(|reason| ConfigError::Env { var: var.clone(), reason })?;
+        let entry =
+            table.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
         let Some(section_table) = entry.as_table_mut() else {
-            return Err(ConfigError::Invalid {
-                key: section,
-                reason: "must be a table".into(),
-            });
+            return Err(ConfigError::Invalid { key: section, reason: "must be a table".into() });
         };
         section_table.insert(key, value);
     }
@@ -331,14 +322,10 @@ fn typed_like(default: &toml::Value, raw: &str) -> Result<toml::Value, String> {
     Ok(match default {
         toml::Value::String(_) => toml::Value::String(raw.to_owned()),
         toml::Value::Integer(_) => toml::Value::Integer(
-            raw.trim()
-                .parse()
-                .map_err(|_| format!("expected an integer, got {raw:?}"))?,
+            raw.trim().parse().map_err(|_| format!("expected an integer, got {raw:?}"))?,
         ),
         toml::Value::Boolean(_) => toml::Value::Boolean(
-            raw.trim()
-                .parse()
-                .map_err(|_| format!("expected true or false, got {raw:?}"))?,
+            raw.trim().parse().map_err(|_| format!("expected true or false, got {raw:?}"))?,
         ),
         _ => {
             let doc: toml::Table = toml::from_str(&format!("v = {raw}"))
@@ -352,22 +339,13 @@ impl Config {
     /// Checks what serde's types cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key: &str, reason: &str| {
-            Err(ConfigError::Invalid {
-                key: key.into(),
-                reason: reason.into(),
-            })
+            Err(ConfigError::Invalid { key: key.into(), reason: reason.into() })
         };
         if !valid_id(&self.site.tenant_id) {
-            return invalid(
-                "site.tenant_id",
-                "1-64 characters of A-Z a-z 0-9 . _ - required",
-            );
+            return invalid("site.tenant_id", "1-64 characters of A-Z a-z 0-9 . _ - required");
         }
         if !valid_id(&self.site.site_id) {
-            return invalid(
-                "site.site_id",
-                "1-64 characters of A-Z a-z 0-9 . _ - required",
-            );
+            return invalid("site.site_id", "1-64 characters of A-Z a-z 0-9 . _ - required");
         }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
             return invalid("log.level", &e.to_string());
@@ -378,11 +356,14 @@ impl Config {
         if self.store.db_readers == 0 || self.store.db_readers > 64 {
             return invalid("store.db_readers", "must be between 1 and 64");
         }
+        if self.fhir.max_body_bytes < 1024 {
+            return invalid("fhir.max_body_bytes", "must be at least 1024");
+        }
+        if self.fhir.max_connections == 0 {
+            return invalid("fhir.max_connections", "must be at least 1");
+        }
         if self.tls.cert_file.as_os_str().is_empty() != self.tls.key_file.as_os_str().is_empty() {
-            return invalid(
-                "tls.cert_file",
-                "set both tls.cert_file and tls.key_file, or neither",
-            );
+            return invalid("tls.cert_file", "set both tls.cert_file and tls.key_file, or neither");
         }
         Ok(())
     }
@@ -409,8 +390,7 @@ impl Config {
 fn valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 #[cfg(test)]
@@ -432,31 +412,18 @@ mod tests {
         let text = include_str!("../../config/edge.toml");
         let example: toml::Table = toml::from_str(text).unwrap();
         let defaults = toml::Value::try_from(Config::default()).unwrap();
-        assert_eq!(
-            toml::Value::Table(example),
-            defaults,
-            "config/edge.toml differs from defaults"
-        );
-        assert_eq!(
-            parse(text, "config/edge.toml", no_env()).unwrap(),
-            Config::default()
-        );
+        assert_eq!(toml::Value::Table(example), defaults, "config/edge.toml differs from defaults");
+        assert_eq!(parse(text, "config/edge.toml", no_env()).unwrap(), Config::default());
     }
 
     #[test]
     fn unknown_key_is_refused_by_name() {
-        let err = parse(
-            "[admin]\nlisten_adress = \"127.0.0.1:1\"\n",
-            "x.toml",
-            no_env(),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("listen_adress"), "{err}");
-        assert!(err.contains("unknown field"), "{err}");
-        let err = parse("[nosuch]\n", "x.toml", no_env())
+        let err = parse("[admin]\nlisten_adress = \"127.0.0.1:1\"\n", "x.toml", no_env())
             .unwrap_err()
             .to_string();
+        assert!(err.contains("listen_adress"), "{err}");
+        assert!(err.contains("unknown field"), "{err}");
+        let err = parse("[nosuch]\n", "x.toml", no_env()).unwrap_err().to_string();
         assert!(err.contains("nosuch"), "{err}");
     }
 
@@ -475,15 +442,9 @@ mod tests {
     #[test]
     fn env_overrides_apply_with_types() {
         let env = vec![
-            (
-                "HMS_EDGE_ADMIN_LISTEN".to_string(),
-                "127.0.0.1:19464".to_string(),
-            ),
+            ("HMS_EDGE_ADMIN_LISTEN".to_string(), "127.0.0.1:19464".to_string()),
             ("HMS_EDGE_SITE_TENANT_ID".to_string(), "12345".to_string()),
-            (
-                "HMS_EDGE_KEYS_GENERATE_IF_MISSING".to_string(),
-                "false".to_string(),
-            ),
+            ("HMS_EDGE_KEYS_GENERATE_IF_MISSING".to_string(), "false".to_string()),
             ("HMS_EDGE_STORE_DB_READERS".to_string(), "2".to_string()),
             ("HMS_EDGE_CONFIG".to_string(), "/ignored".to_string()),
             ("PATH".to_string(), "/bin".to_string()),
@@ -499,15 +460,9 @@ mod tests {
     fn env_errors_name_the_variable() {
         let env = vec![("HMS_EDGE_ADMIN_LISTN".to_string(), "x".to_string())];
         let err = parse("", "", env).unwrap_err().to_string();
-        assert!(
-            err.contains("HMS_EDGE_ADMIN_LISTN") && err.contains("no such setting"),
-            "{err}"
-        );
+        assert!(err.contains("HMS_EDGE_ADMIN_LISTN") && err.contains("no such setting"), "{err}");
         let env = vec![("HMS_EDGE_STORE_DB_READERS".to_string(), "many".to_string())];
         let err = parse("", "", env).unwrap_err().to_string();
-        assert!(
-            err.contains("HMS_EDGE_STORE_DB_READERS") && err.contains("integer"),
-            "{err}"
-        );
+        assert!(err.contains("HMS_EDGE_STORE_DB_READERS") && err.contains("integer"), "{err}");
     }
 }

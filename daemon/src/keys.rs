@@ -74,8 +74,7 @@ impl Key {
     pub fn derive_with(&self, label: &[u8], salt: &[u8]) -> Key {
         let hk = Hkdf::<Sha256>::new(Some(salt), &self.0[..]);
         let mut out = Zeroizing::new([0u8; KEY_LEN]);
-        hk.expand(label, &mut out[..])
-            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        hk.expand(label, &mut out[..]).expect("32 bytes is a valid HKDF-SHA256 output length");
         Key(out)
     }
 }
@@ -103,10 +102,7 @@ pub enum KeyError {
     )]
     Missing { path: PathBuf },
     #[error("cannot read master key {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 /// Where the master key is taken from, after the fallbacks.
@@ -148,36 +144,24 @@ pub fn load_or_generate(source: &KeySource, generate: bool) -> Result<(Key, bool
         if generate && matches!(source, KeySource::File(_)) {
             return generate_key_file(path).map(|k| (k, true));
         }
-        return Err(KeyError::Missing {
-            path: path.to_owned(),
-        });
+        return Err(KeyError::Missing { path: path.to_owned() });
     }
     load_key_file(path).map(|k| (k, false))
 }
 
 /// Reads a key file after checking that only its owner can read it.
 pub fn load_key_file(path: &Path) -> Result<Key, KeyError> {
-    let io = |source| KeyError::Io {
-        path: path.to_owned(),
-        source,
-    };
+    let io = |source| KeyError::Io { path: path.to_owned(), source };
     let meta = std::fs::metadata(path).map_err(io)?;
     if !meta.is_file() {
-        return Err(KeyError::NotAFile {
-            path: path.to_owned(),
-        });
+        return Err(KeyError::NotAFile { path: path.to_owned() });
     }
     let mode = meta.mode() & 0o7777;
     if mode & 0o077 != 0 {
-        return Err(KeyError::TooOpen {
-            path: path.to_owned(),
-            mode,
-        });
+        return Err(KeyError::TooOpen { path: path.to_owned(), mode });
     }
     let raw = Zeroizing::new(std::fs::read(path).map_err(io)?);
-    parse_key(&raw).ok_or_else(|| KeyError::BadFormat {
-        path: path.to_owned(),
-    })
+    parse_key(&raw).ok_or_else(|| KeyError::BadFormat { path: path.to_owned() })
 }
 
 fn parse_key(raw: &[u8]) -> Option<Key> {
@@ -195,10 +179,7 @@ fn parse_key(raw: &[u8]) -> Option<Key> {
 }
 
 fn generate_key_file(path: &Path) -> Result<Key, KeyError> {
-    let io = |source| KeyError::Io {
-        path: path.to_owned(),
-        source,
-    };
+    let io = |source| KeyError::Io { path: path.to_owned(), source };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(io)?;
         std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
@@ -249,14 +230,8 @@ mod tests {
         std::fs::write(&p, hex::encode([1u8; 32])).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = load_key_file(&p).unwrap_err().to_string();
-        assert!(
-            err.contains("readable by group or others") && err.contains("0644"),
-            "{err}"
-        );
-        assert!(
-            !err.contains(&hex::encode([1u8; 32])),
-            "error must not contain the key"
-        );
+        assert!(err.contains("readable by group or others") && err.contains("0644"), "{err}");
+        assert!(!err.contains(&hex::encode([1u8; 32])), "error must not contain the key");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
         assert!(matches!(load_key_file(&p), Err(KeyError::TooOpen { .. })));
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -285,9 +260,6 @@ mod tests {
         assert!(!created);
         assert_eq!(k1.expose(), k2.expose());
         let missing = KeySource::File(dir.path().join("none"));
-        assert!(matches!(
-            load_or_generate(&missing, false),
-            Err(KeyError::Missing { .. })
-        ));
+        assert!(matches!(load_or_generate(&missing, false), Err(KeyError::Missing { .. })));
     }
 }

@@ -2,6 +2,8 @@
 
 pub mod admin;
 pub mod config;
+pub mod fhir;
+pub mod https;
 pub mod keys;
 pub mod logging;
 pub mod server;

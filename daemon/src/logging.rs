@@ -20,9 +20,7 @@ impl std::fmt::Debug for LogHandle {
 impl LogHandle {
     /// Applies a new filter (already validated by config parsing).
     pub fn set_level(&self, level: &str) -> Result<(), String> {
-        let filter = EnvFilter::builder()
-            .parse(level)
-            .map_err(|e| e.to_string())?;
+        let filter = EnvFilter::builder().parse(level).map_err(|e| e.to_string())?;
         self.0.reload(filter).map_err(|e| e.to_string())
     }
 }
@@ -39,26 +37,14 @@ pub fn wants_journald(target: LogTarget) -> bool {
 
 /// Installs the global subscriber. Call once, early in `main`.
 pub fn init(cfg: &LogConfig) -> LogHandle {
-    let filter = EnvFilter::builder()
-        .parse(&cfg.level)
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::builder().parse(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter_layer, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter_layer);
-    let journald = if wants_journald(cfg.target) {
-        tracing_journald::layer().ok()
-    } else {
-        None
-    };
+    let journald = if wants_journald(cfg.target) { tracing_journald::layer().ok() } else { None };
     match journald {
-        Some(layer) => registry
-            .with(layer.with_syslog_identifier("hms-edged".into()))
-            .init(),
+        Some(layer) => registry.with(layer.with_syslog_identifier("hms-edged".into())).init(),
         None => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
-                    .with_target(false),
-            )
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false))
             .init(),
     }
     LogHandle(handle)

@@ -25,12 +25,8 @@ use crate::tls::{self, TlsPaths, TlsReloader};
 
 /// Settings that SIGHUP applies to the running daemon. Any other change is logged as needing a
 /// restart and not applied.
-pub const RELOADABLE: &[&str] = &[
-    "log.level",
-    "tls.cert_file",
-    "tls.key_file",
-    "admin.min_free_disk_mb",
-];
+pub const RELOADABLE: &[&str] =
+    &["log.level", "tls.cert_file", "tls.key_file", "admin.min_free_disk_mb"];
 
 /// Why the daemon could not start. Each message says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -40,18 +36,11 @@ pub enum StartError {
     #[error(transparent)]
     Key(#[from] keys::KeyError),
     #[error("cannot open the store in {dir}: {source}")]
-    Store {
-        dir: PathBuf,
-        source: crate::store::StoreError,
-    },
+    Store { dir: PathBuf, source: crate::store::StoreError },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("cannot listen on {addr} ({what}): {source}")]
-    Bind {
-        what: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -74,9 +63,7 @@ pub struct Daemon {
 
 impl std::fmt::Debug for Daemon {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Daemon")
-            .field("store", &self.store)
-            .finish_non_exhaustive()
+        f.debug_struct("Daemon").field("store", &self.store).finish_non_exhaustive()
     }
 }
 
@@ -96,20 +83,21 @@ impl Daemon {
 #[derive(Debug)]
 pub struct Listeners {
     pub admin: TcpListener,
+    pub fhir: TcpListener,
 }
 
 impl Listeners {
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin
-            .local_addr()
-            .expect("bound listener has an address")
+        self.admin.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn fhir_addr(&self) -> SocketAddr {
+        self.fhir.local_addr().expect("bound listener has an address")
     }
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { what, addr, source })
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source })
 }
 
 /// Opens keys, store and TLS material and binds the listeners. Logs where everything is.
@@ -138,10 +126,7 @@ pub async fn start(
     let store = tokio::task::spawn_blocking(move || Store::open(&store_dir, &master, &opts))
         .await
         .map_err(std::io::Error::other)?
-        .map_err(|source| StartError::Store {
-            dir: state_dir.clone(),
-            source,
-        })?;
+        .map_err(|source| StartError::Store { dir: state_dir.clone(), source })?;
 
     let tls_paths = TlsPaths::resolve(&config.tls, &state_dir);
     if tls::ensure_certificate(&tls_paths, config.tls.generate_self_signed)? {
@@ -150,7 +135,8 @@ pub async fn start(
     let tls_cfg = tls::load_server_config(&tls_paths)?;
 
     let admin = bind("admin", config.admin.listen).await?;
-    let listeners = Listeners { admin };
+    let fhir = bind("fhir", config.fhir.listen).await?;
+    let listeners = Listeners { admin, fhir };
 
     let metrics = crate::admin::metrics_handle();
     for name in ["hms_store_writes_total", "hms_store_commits_total"] {
@@ -177,6 +163,7 @@ pub async fn start(
         master_key = %key_source_label(&key_source),
         tls_cert = %tls_paths.cert.display(),
         admin = %format!("http://{}", listeners.admin_addr()),
+        fhir = %format!("https://{}/fhir", listeners.fhir_addr()),
         config = %daemon.config_path.as_ref().map_or("embedded defaults".into(), |p| p.display().to_string()),
         "hms-edged started"
     );
@@ -210,10 +197,19 @@ pub async fn run(
             .await
     });
 
-    notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status("serving"),
-    ]);
+    let cfg = daemon.config();
+    let fhir_ctx =
+        crate::fhir::api::FhirContext::new(daemon.store.clone(), cfg.fhir.max_body_bytes as usize);
+    tokio::spawn(crate::https::serve(
+        listeners.fhir,
+        daemon.tls.clone(),
+        crate::fhir::api::router(fhir_ctx),
+        cfg.fhir.max_connections as usize,
+        token.clone(),
+        daemon.tasks.clone(),
+    ));
+
+    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("serving")]);
     tracing::info!("ready");
     if let Some(period) = sd_notify::watchdog_enabled() {
         tokio::spawn(watchdog(daemon.clone(), period / 2));
@@ -229,22 +225,12 @@ pub async fn run(
         }
     }
 
-    notify(&[
-        sd_notify::NotifyState::Stopping,
-        sd_notify::NotifyState::Status("draining"),
-    ]);
+    notify(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Status("draining")]);
     let grace = Duration::from_secs(daemon.config().lifecycle.shutdown_grace_secs);
-    tracing::info!(
-        grace_secs = grace.as_secs(),
-        in_flight = daemon.tasks.len(),
-        "draining"
-    );
+    tracing::info!(grace_secs = grace.as_secs(), in_flight = daemon.tasks.len(), "draining");
     token.cancel();
     daemon.tasks.close();
-    if tokio::time::timeout(grace, daemon.tasks.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, daemon.tasks.wait()).await.is_err() {
         tracing::warn!(
             unfinished = daemon.tasks.len(),
             "drain deadline passed; unfinished work is rolled back"
@@ -252,9 +238,7 @@ pub async fn run(
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), admin_task).await;
     let store = daemon.store.clone();
-    tokio::task::spawn_blocking(move || store.close())
-        .await
-        .map_err(std::io::Error::other)?;
+    tokio::task::spawn_blocking(move || store.close()).await.map_err(std::io::Error::other)?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -274,9 +258,7 @@ async fn watchdog(daemon: Arc<Daemon>, every: Duration) {
         if daemon.shutdown.is_cancelled() {
             return;
         }
-        let probe = daemon
-            .store
-            .read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?));
+        let probe = daemon.store.read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?));
         match tokio::time::timeout(every, probe).await {
             Ok(Ok(_)) => notify(&[sd_notify::NotifyState::Watchdog]),
             _ => tracing::error!("store did not answer; withholding watchdog ping"),
@@ -328,10 +310,9 @@ pub fn apply_reloadable(old: &Config, new: &Config) -> Config {
     let old_t = as_table(old);
     let mut new_t = as_table(new);
     for (section, new_keys) in new_t.iter_mut() {
-        let (Some(new_keys), Some(old_keys)) = (
-            new_keys.as_table_mut(),
-            old_t.get(section).and_then(|v| v.as_table()),
-        ) else {
+        let (Some(new_keys), Some(old_keys)) =
+            (new_keys.as_table_mut(), old_t.get(section).and_then(|v| v.as_table()))
+        else {
             continue;
         };
         for (key, value) in new_keys.iter_mut() {

@@ -28,10 +28,7 @@ pub enum TlsError {
     #[error("invalid TLS certificate or key: {0}")]
     Invalid(String),
     #[error("cannot write {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
 }
 
 /// Installs `ring` as the process-wide rustls provider (both ring and aws-lc-rs get compiled in
@@ -50,15 +47,9 @@ pub struct TlsPaths {
 impl TlsPaths {
     pub fn resolve(cfg: &TlsConfig, state_dir: &Path) -> TlsPaths {
         if cfg.cert_file.as_os_str().is_empty() {
-            TlsPaths {
-                cert: state_dir.join("tls/cert.pem"),
-                key: state_dir.join("tls/key.pem"),
-            }
+            TlsPaths { cert: state_dir.join("tls/cert.pem"), key: state_dir.join("tls/key.pem") }
         } else {
-            TlsPaths {
-                cert: cfg.cert_file.clone(),
-                key: cfg.key_file.clone(),
-            }
+            TlsPaths { cert: cfg.cert_file.clone(), key: cfg.key_file.clone() }
         }
     }
 }
@@ -70,15 +61,9 @@ pub fn ensure_certificate(paths: &TlsPaths, generate: bool) -> Result<bool, TlsE
         return Ok(false);
     }
     if !generate {
-        return Err(TlsError::Missing {
-            path: paths.cert.clone(),
-        });
+        return Err(TlsError::Missing { path: paths.cert.clone() });
     }
-    let names = vec![
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-        "::1".to_string(),
-    ];
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
     let cert =
         rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Invalid(e.to_string()))?;
     write_private(&paths.key, cert.signing_key.serialize_pem().as_bytes())?;
@@ -87,10 +72,7 @@ pub fn ensure_certificate(paths: &TlsPaths, generate: bool) -> Result<bool, TlsE
 }
 
 fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
-    let err = |source| TlsError::Write {
-        path: path.to_owned(),
-        source,
-    };
+    let err = |source| TlsError::Write { path: path.to_owned(), source };
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(err)?;
     }
@@ -115,20 +97,14 @@ pub fn load_server_config(paths: &TlsPaths) -> Result<Arc<ServerConfig>, TlsErro
     let meta = std::fs::metadata(&paths.key).map_err(|e| read_err(&paths.key, &e))?;
     let mode = meta.mode() & 0o7777;
     if mode & 0o077 != 0 {
-        return Err(TlsError::TooOpen {
-            path: paths.key.clone(),
-            mode,
-        });
+        return Err(TlsError::TooOpen { path: paths.key.clone(), mode });
     }
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&paths.cert)
         .map_err(|e| read_err(&paths.cert, &e))?
         .collect::<Result<_, _>>()
         .map_err(|e| read_err(&paths.cert, &e))?;
     if certs.is_empty() {
-        return Err(TlsError::Invalid(format!(
-            "no certificate in {}",
-            paths.cert.display()
-        )));
+        return Err(TlsError::Invalid(format!("no certificate in {}", paths.cert.display())));
     }
     let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|e| read_err(&paths.key, &e))?;
     let cfg = ServerConfig::builder()
@@ -148,10 +124,7 @@ pub struct TlsReloader {
 
 impl TlsReloader {
     pub fn new(paths: TlsPaths, cfg: Arc<ServerConfig>) -> Self {
-        TlsReloader {
-            paths: RwLock::new(paths),
-            current: RwLock::new(cfg),
-        }
+        TlsReloader { paths: RwLock::new(paths), current: RwLock::new(cfg) }
     }
 
     pub fn current(&self) -> Arc<ServerConfig> {
@@ -186,17 +159,8 @@ mod tests {
         assert_eq!(std::fs::metadata(&paths.key).unwrap().mode() & 0o777, 0o600);
         assert!(load_server_config(&paths).is_ok());
         std::fs::set_permissions(&paths.key, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(
-            load_server_config(&paths),
-            Err(TlsError::TooOpen { .. })
-        ));
-        let missing = TlsPaths {
-            cert: dir.path().join("c"),
-            key: dir.path().join("k"),
-        };
-        assert!(matches!(
-            ensure_certificate(&missing, false),
-            Err(TlsError::Missing { .. })
-        ));
+        assert!(matches!(load_server_config(&paths), Err(TlsError::TooOpen { .. })));
+        let missing = TlsPaths { cert: dir.path().join("c"), key: dir.path().join("k") };
+        assert!(matches!(ensure_certificate(&missing, false), Err(TlsError::Missing { .. })));
     }
 }

@@ -15,10 +15,7 @@ use std::time::{Duration, Instant};
 pub fn bin(name: &str) -> PathBuf {
     // current_exe: <target>/<profile>/deps/<test-binary>
     let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
     let p = profile_dir.join(name);
     assert!(
         p.exists(),
@@ -31,11 +28,7 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A real `NOTIFY_SOCKET`: a Unix datagram socket that records what the daemon sends.
@@ -49,13 +42,8 @@ impl NotifySocket {
     pub fn new(dir: &Path) -> Self {
         let path = dir.join("notify.sock");
         let sock = UnixDatagram::bind(&path).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        NotifySocket {
-            path,
-            sock,
-            seen: Vec::new(),
-        }
+        sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        NotifySocket { path, sock, seen: Vec::new() }
     }
 
     /// Waits until a received datagram contains `line` (e.g. `READY=1`); returns all messages
@@ -67,14 +55,9 @@ impl NotifySocket {
             if self.seen.iter().any(|m| m.lines().any(|l| l == line)) {
                 return &self.seen;
             }
-            assert!(
-                Instant::now() < deadline,
-                "no {line} within {timeout:?}; got {:?}",
-                self.seen
-            );
+            assert!(Instant::now() < deadline, "no {line} within {timeout:?}; got {:?}", self.seen);
             if let Ok(n) = self.sock.recv(&mut buf) {
-                self.seen
-                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                self.seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
             }
         }
     }
@@ -105,6 +88,7 @@ pub struct DaemonProc {
     pub child: Child,
     pub workdir: PathBuf,
     pub admin: SocketAddr,
+    pub fhir: SocketAddr,
     pub notify: NotifySocket,
     log: Arc<Mutex<Vec<String>>>,
 }
@@ -115,6 +99,7 @@ impl DaemonProc {
         let notify_dir = tempfile::tempdir_in(workdir).unwrap().keep();
         let notify = NotifySocket::new(&notify_dir);
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let fhir: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = Command::new(bin("hms-edged"));
         cmd.current_dir(workdir)
             .env_clear()
@@ -122,6 +107,7 @@ impl DaemonProc {
             .env("NOTIFY_SOCKET", &notify.path)
             .env("HMS_EDGE_LOG_TARGET", "stderr")
             .env("HMS_EDGE_ADMIN_LISTEN", admin.to_string())
+            .env("HMS_EDGE_FHIR_LISTEN", fhir.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -143,13 +129,7 @@ impl DaemonProc {
                 sink.lock().unwrap().push(strip_ansi(&line));
             }
         });
-        DaemonProc {
-            child,
-            workdir: workdir.to_owned(),
-            admin,
-            notify,
-            log,
-        }
+        DaemonProc { child, workdir: workdir.to_owned(), admin, fhir, notify, log }
     }
 
     /// Starts and waits for `READY=1`.
@@ -158,28 +138,15 @@ impl DaemonProc {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut buf = [0u8; 4096];
         loop {
-            if d.notify
-                .seen
-                .iter()
-                .any(|m| m.lines().any(|l| l == "READY=1"))
-            {
+            if d.notify.seen.iter().any(|m| m.lines().any(|l| l == "READY=1")) {
                 return d;
             }
             if let Some(status) = d.child.try_wait().unwrap() {
-                panic!(
-                    "hms-edged exited before READY ({status}); log:\n{}",
-                    d.log_text()
-                );
+                panic!("hms-edged exited before READY ({status}); log:\n{}", d.log_text());
             }
-            assert!(
-                Instant::now() < deadline,
-                "no READY=1 in 30 s; log:\n{}",
-                d.log_text()
-            );
+            assert!(Instant::now() < deadline, "no READY=1 in 30 s; log:\n{}", d.log_text());
             if let Ok(n) = d.notify.sock.recv(&mut buf) {
-                d.notify
-                    .seen
-                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                d.notify.seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
             }
         }
     }
@@ -192,12 +159,8 @@ impl DaemonProc {
     pub fn wait_log(&self, needles: &[&str], timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(l) = self
-                .log
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
+            if let Some(l) =
+                self.log.lock().unwrap().iter().find(|l| needles.iter().all(|n| l.contains(n)))
             {
                 return l.clone();
             }
@@ -221,9 +184,7 @@ impl DaemonProc {
         std::thread::sleep(Duration::from_millis(50));
         let mut buf = [0u8; 4096];
         while let Ok(n) = self.notify.sock.recv(&mut buf) {
-            self.notify
-                .seen
-                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            self.notify.seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
         }
         (status, self.notify.seen.clone(), self.log_text())
     }
@@ -249,10 +210,7 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
         if let Some(s) = child.try_wait().unwrap() {
             return s;
         }
-        assert!(
-            Instant::now() < deadline,
-            "process did not exit within {timeout:?}"
-        );
+        assert!(Instant::now() < deadline, "process did not exit within {timeout:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -278,23 +236,12 @@ fn strip_ansi(s: &str) -> String {
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, dechunk(&body))
 }
 
@@ -333,4 +280,34 @@ pub fn write_key_file(dir: &Path, name: &str, mode: u32) -> PathBuf {
 
 pub fn hex_encode(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// An HTTPS client for the daemon's FHIR listener that trusts exactly the daemon's (generated)
+/// certificate: real TLS, no verification switched off.
+pub fn fhir_client(cert_pem: &Path) -> reqwest::blocking::Client {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(cert_pem).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    reqwest::blocking::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+impl DaemonProc {
+    /// Base URL of the FHIR API (`https://localhost:<port>/fhir`).
+    pub fn fhir_base(&self) -> String {
+        format!("https://localhost:{}/fhir", self.fhir.port())
+    }
+
+    /// The state folder when started with `explicit_state_dir`.
+    pub fn state_dir(&self) -> PathBuf {
+        self.workdir.join("state")
+    }
 }

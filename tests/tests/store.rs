@@ -29,18 +29,11 @@ fn torture_writer_child() {
         return;
     };
     let round: u32 = std::env::var(TORTURE_ROUND_ENV).unwrap().parse().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
     rt.block_on(async move {
-        let store = Store::open(
-            Path::new(&dir),
-            &Key::from_bytes(KEY),
-            &StoreOptions::default(),
-        )
-        .unwrap();
+        let store =
+            Store::open(Path::new(&dir), &Key::from_bytes(KEY), &StoreOptions::default()).unwrap();
         let out = Arc::new(std::sync::Mutex::new(std::io::stdout()));
         let mut tasks = Vec::new();
         for t in 0..8u32 {
@@ -95,12 +88,7 @@ fn acknowledged_writes_survive_sigkill_and_nothing_is_half_present() {
     let rounds = 20;
     for round in 0..rounds {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "torture_writer_child",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(["torture_writer_child", "--exact", "--nocapture", "--test-threads=1"])
             .env(TORTURE_DIR_ENV, dir.path())
             .env(TORTURE_ROUND_ENV, round.to_string())
             .stdout(Stdio::piped())
@@ -162,51 +150,27 @@ fn verify_consistent(
                 .collect::<Result<_, _>>()?;
             let keys: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
             for (k, sha) in acked {
-                assert!(
-                    keys.contains(k.as_str()),
-                    "round {round}: acknowledged {k} lost"
-                );
+                assert!(keys.contains(k.as_str()), "round {round}: acknowledged {k} lost");
                 let row = rows.iter().find(|r| &r.0 == k).unwrap();
-                assert_eq!(
-                    String::from_utf8_lossy(&row.1),
-                    *sha,
-                    "round {round}: {k} altered"
-                );
+                assert_eq!(String::from_utf8_lossy(&row.1), *sha, "round {round}: {k} altered");
             }
             for (k, sha, blob) in &rows {
                 let id = hms_edge::store::BlobId::parse(blob).unwrap();
-                assert!(
-                    store.blobs().path_of(&id).exists(),
-                    "round {round}: {k} lost its blob"
-                );
+                assert!(store.blobs().path_of(&id).exists(), "round {round}: {k} lost its blob");
                 if !verified.insert(k.clone()) {
                     continue;
                 }
-                let data = store
-                    .blobs()
-                    .get(&id)
-                    .unwrap_or_else(|e| panic!("round {round}: {k}: {e}"));
-                assert_eq!(
-                    sha256_hex(&data),
-                    String::from_utf8_lossy(sha),
-                    "round {round}: {k}"
-                );
+                let data =
+                    store.blobs().get(&id).unwrap_or_else(|e| panic!("round {round}: {k}: {e}"));
+                assert_eq!(sha256_hex(&data), String::from_utf8_lossy(sha), "round {round}: {k}");
             }
             // The change log entry exists for exactly the rows that exist.
             let mut stmt = c.prepare("SELECT entity FROM outbox WHERE kind = 'test'")?;
-            let entities: HashSet<String> = stmt
-                .query_map([], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            assert_eq!(
-                entities.len(),
-                rows.len(),
-                "round {round}: outbox and rows differ"
-            );
+            let entities: HashSet<String> =
+                stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            assert_eq!(entities.len(), rows.len(), "round {round}: outbox and rows differ");
             for (k, _, _) in &rows {
-                assert!(
-                    entities.contains(k),
-                    "round {round}: {k} has no outbox entry"
-                );
+                assert!(entities.contains(k), "round {round}: {k} has no outbox entry");
             }
             // Sequence numbers are unique and increasing (AUTOINCREMENT).
             let seqs: Vec<i64> = c
@@ -217,10 +181,7 @@ fn verify_consistent(
             // No orphan blob files after open's sweep: files on disk == blob rows.
             let count: i64 = c.query_row("SELECT count(*) FROM blobs", [], |r| r.get(0))?;
             let files = count_files(store.blobs().root());
-            assert_eq!(
-                files as i64, count,
-                "round {round}: orphan or missing blob files"
-            );
+            assert_eq!(files as i64, count, "round {round}: orphan or missing blob files");
             Ok(())
         })
         .unwrap();
@@ -246,10 +207,8 @@ async fn nothing_in_clear_at_rest() {
     let store = Store::open(dir.path(), &Key::random(), &StoreOptions::default()).unwrap();
     let s2 = store.clone();
     let blob_data = format!("{marker} in a blob ").repeat(5000).into_bytes();
-    let meta = tokio::task::spawn_blocking(move || s2.blobs().put(&blob_data))
-        .await
-        .unwrap()
-        .unwrap();
+    let meta =
+        tokio::task::spawn_blocking(move || s2.blobs().put(&blob_data)).await.unwrap().unwrap();
     store
         .write(move |tx| {
             tx.insert_blob(&meta)?;
@@ -272,13 +231,8 @@ async fn nothing_in_clear_at_rest() {
     assert_no_marker(dir.path(), marker.as_bytes());
     // Plain SQLite cannot read the file.
     let plain = rusqlite::Connection::open(dir.path().join("index.db")).unwrap();
-    let err = plain.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
-        r.get::<_, i64>(0)
-    });
-    assert!(
-        err.is_err(),
-        "the database must not be readable without the key"
-    );
+    let err = plain.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0));
+    assert!(err.is_err(), "the database must not be readable without the key");
 }
 
 fn assert_no_marker(dir: &Path, marker: &[u8]) {
@@ -306,12 +260,8 @@ fn assert_no_marker(dir: &Path, marker: &[u8]) {
 #[tokio::test]
 async fn wrong_key_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(
-        dir.path(),
-        &Key::from_bytes([1; 32]),
-        &StoreOptions::default(),
-    )
-    .unwrap();
+    let store =
+        Store::open(dir.path(), &Key::from_bytes([1; 32]), &StoreOptions::default()).unwrap();
     store
         .write(|tx| {
             tx.kv_put("x", "y", b"z", None)?;
@@ -330,26 +280,15 @@ async fn wrong_key_is_refused_and_changes_nothing() {
     store.close();
     drop(store);
     let before = read_all();
-    let err = Store::open(
-        dir.path(),
-        &Key::from_bytes([2; 32]),
-        &StoreOptions::default(),
-    )
-    .unwrap_err();
+    let err =
+        Store::open(dir.path(), &Key::from_bytes([2; 32]), &StoreOptions::default()).unwrap_err();
     assert!(matches!(err, StoreError::WrongKey));
     assert_eq!(err.to_string(), "wrong key or not an hms-edge store");
     assert_eq!(before, read_all(), "a wrong key must not modify the store");
     // The right key still opens it with the data intact.
-    let store = Store::open(
-        dir.path(),
-        &Key::from_bytes([1; 32]),
-        &StoreOptions::default(),
-    )
-    .unwrap();
-    let v = store
-        .read_blocking(|c| Store::kv_get(c, "x", "y"))
-        .unwrap()
-        .unwrap();
+    let store =
+        Store::open(dir.path(), &Key::from_bytes([1; 32]), &StoreOptions::default()).unwrap();
+    let v = store.read_blocking(|c| Store::kv_get(c, "x", "y")).unwrap().unwrap();
     assert_eq!(v.0, b"z");
 }
 
@@ -357,9 +296,7 @@ async fn wrong_key_is_refused_and_changes_nothing() {
 async fn a_foreign_sqlite_file_is_not_an_hms_edge_store() {
     let dir = tempfile::tempdir().unwrap();
     let plain = rusqlite::Connection::open(dir.path().join("index.db")).unwrap();
-    plain
-        .execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
-        .unwrap();
+    plain.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);").unwrap();
     drop(plain);
     let err = Store::open(dir.path(), &Key::random(), &StoreOptions::default()).unwrap_err();
     assert_eq!(err.to_string(), "wrong key or not an hms-edge store");
@@ -423,18 +360,8 @@ async fn a_failing_write_rolls_back_alone_and_others_in_the_batch_commit() {
             ))
         })
         .unwrap();
-    assert_eq!(
-        (rows, changes),
-        (56, 56),
-        "failed writes must leave no row and no change"
-    );
+    assert_eq!((rows, changes), (56, 56), "failed writes must leave no row and no change");
     // Concurrent writers shared fsyncs: fewer commits than writes.
-    let commits = store
-        .stats()
-        .commits
-        .load(std::sync::atomic::Ordering::Relaxed);
-    assert!(
-        commits < 64,
-        "group commit did not group: {commits} commits for 64 writes"
-    );
+    let commits = store.stats().commits.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(commits < 64, "group commit did not group: {commits} commits for 64 writes");
 }

@@ -88,10 +88,7 @@ impl BlobStore {
             create_private_dir(&root.join(format!("{i:02x}")))?;
         }
         super::fsync_dir(root)?;
-        Ok(BlobStore {
-            root: root.to_owned(),
-            key,
-        })
+        Ok(BlobStore { root: root.to_owned(), key })
     }
 
     pub fn root(&self) -> &Path {
@@ -107,11 +104,8 @@ impl BlobStore {
     pub fn create(&self) -> io::Result<BlobWriter> {
         let id = BlobId::new_random();
         let tmp_path = self.root.join("tmp").join(format!("{}.tmp", id.0));
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp_path)?;
+        let mut file =
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp_path)?;
         let mut salt = [0u8; SALT_LEN];
         rand::fill(&mut salt);
         let mut header = Vec::with_capacity(HEADER_LEN);
@@ -145,8 +139,7 @@ impl BlobStore {
         let mut file =
             BufReader::with_capacity(CHUNK_SIZE + TAG_LEN, File::open(self.path_of(id))?);
         let mut header = [0u8; HEADER_LEN];
-        file.read_exact(&mut header)
-            .map_err(|_| integrity_error(id))?;
+        file.read_exact(&mut header).map_err(|_| integrity_error(id))?;
         if &header[..4] != MAGIC || header[4] != FORMAT_VERSION || header[5] != CHUNK_LOG2 {
             return Err(integrity_error(id));
         }
@@ -197,11 +190,7 @@ impl BlobStore {
 
 fn create_private_dir(p: &Path) -> io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    match std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(p)
-    {
+    match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(p) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(e),
@@ -223,10 +212,7 @@ fn chunk_nonce(index: u64, last: bool) -> Nonce<aes_gcm::aead::consts::U12> {
 fn integrity_error(id: &BlobId) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
-        format!(
-            "blob {} failed its integrity check (tampered, truncated or wrong key)",
-            id.0
-        ),
+        format!("blob {} failed its integrity check (tampered, truncated or wrong key)", id.0),
     )
 }
 
@@ -263,16 +249,10 @@ impl BlobWriter {
             .cipher
             .encrypt(
                 &chunk_nonce(self.chunk_index, last),
-                Payload {
-                    msg: &self.buf[..len],
-                    aad: self.id.0.as_bytes(),
-                },
+                Payload { msg: &self.buf[..len], aad: self.id.0.as_bytes() },
             )
             .map_err(|_| io::Error::other("blob encryption failed"))?;
-        self.file
-            .as_mut()
-            .expect("open until finish")
-            .write_all(&ct)?;
+        self.file.as_mut().expect("open until finish").write_all(&ct)?;
         self.buf.drain(..len);
         self.chunk_index += 1;
         Ok(())
@@ -289,11 +269,7 @@ impl BlobWriter {
         std::fs::rename(&self.tmp_path, &self.final_path)?;
         super::fsync_parent(&self.final_path)?;
         let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
-        Ok(BlobMeta {
-            id: self.id.clone(),
-            size: self.size,
-            sha256,
-        })
+        Ok(BlobMeta { id: self.id.clone(), size: self.size, sha256 })
     }
 }
 
@@ -350,10 +326,7 @@ impl BlobReader {
             .cipher
             .decrypt(
                 &chunk_nonce(self.chunk_index, last),
-                Payload {
-                    msg: &ct,
-                    aad: self.id.0.as_bytes(),
-                },
+                Payload { msg: &ct, aad: self.id.0.as_bytes() },
             )
             .map_err(|_| integrity_error(&self.id))?;
         self.chunk_index += 1;
@@ -392,15 +365,7 @@ mod tests {
     #[test]
     fn round_trips_at_chunk_boundaries() {
         let (_d, s) = store();
-        for len in [
-            0,
-            1,
-            CHUNK_SIZE - 1,
-            CHUNK_SIZE,
-            CHUNK_SIZE + 1,
-            3 * CHUNK_SIZE,
-            200_001,
-        ] {
+        for len in [0, 1, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, 3 * CHUNK_SIZE, 200_001] {
             let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
             let meta = s.put(&data).unwrap();
             assert_eq!(meta.size, len as u64);
@@ -435,18 +400,12 @@ mod tests {
 
         // Truncated exactly at a chunk boundary.
         std::fs::write(&path, &orig[..HEADER_LEN + 2 * (CHUNK_SIZE + TAG_LEN)]).unwrap();
-        assert_eq!(
-            s.get(&meta.id).unwrap_err().kind(),
-            io::ErrorKind::InvalidData
-        );
+        assert_eq!(s.get(&meta.id).unwrap_err().kind(), io::ErrorKind::InvalidData);
 
         // Another blob's file under this id (wrong associated data).
         let other = s.put(&data).unwrap();
         std::fs::copy(s.path_of(&other.id), &path).unwrap();
-        assert_eq!(
-            s.get(&meta.id).unwrap_err().kind(),
-            io::ErrorKind::InvalidData
-        );
+        assert_eq!(s.get(&meta.id).unwrap_err().kind(), io::ErrorKind::InvalidData);
 
         std::fs::write(&path, &orig).unwrap();
         assert_eq!(s.get(&meta.id).unwrap(), data);
@@ -457,10 +416,7 @@ mod tests {
         let (d, s) = store();
         let meta = s.put(b"hello").unwrap();
         let other = BlobStore::open(&d.path().join("blobs"), Key::from_bytes([4; 32])).unwrap();
-        assert_eq!(
-            other.get(&meta.id).unwrap_err().kind(),
-            io::ErrorKind::InvalidData
-        );
+        assert_eq!(other.get(&meta.id).unwrap_err().kind(), io::ErrorKind::InvalidData);
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (ns, key)
     ) STRICT;
     "#,
+    // 2: FHIR cache — versions, current pointers, search index, audit events.
+    crate::fhir::storage::MIGRATION,
 ];
 
 /// Marker row proving a database is an hms-edge store.
@@ -68,16 +70,10 @@ pub fn open(
     };
     let conn = Connection::open_with_flags(path, flags)?;
     // Until the key is proven right, closing must not checkpoint a leftover WAL into the file.
-    conn.set_db_config(
-        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
-        true,
-    )?;
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
     // SQLCipher logs decryption failures to stderr by default; we report them ourselves.
     let _ = conn.execute_batch("PRAGMA cipher_log_level = NONE;");
-    let pragma = Zeroizing::new(format!(
-        "PRAGMA key = \"x'{}'\";",
-        hex::encode(key.expose())
-    ));
+    let pragma = Zeroizing::new(format!("PRAGMA key = \"x'{}'\";", hex::encode(key.expose())));
     conn.execute_batch(&pragma)?;
     drop(pragma);
     // The first read decrypts page 1: a wrong key or a foreign file fails here, before any write.
@@ -94,20 +90,13 @@ pub fn open(
     };
     if tables > 0 {
         let marker: Option<String> = conn
-            .query_row(
-                "SELECT value FROM hms_meta WHERE key = ?1",
-                [STORE_MARKER.0],
-                |r| r.get(0),
-            )
+            .query_row("SELECT value FROM hms_meta WHERE key = ?1", [STORE_MARKER.0], |r| r.get(0))
             .ok();
         if marker.as_deref() != Some(STORE_MARKER.1) {
             return Err(StoreError::WrongKey);
         }
     }
-    conn.set_db_config(
-        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
-        false,
-    )?;
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)?;
     conn.busy_timeout(Duration::from_secs(30))?;
     conn.execute_batch(&format!(
         "PRAGMA foreign_keys = ON; PRAGMA cache_size = -{cache_kib}; PRAGMA temp_store = MEMORY;"
@@ -127,10 +116,7 @@ pub fn migrate(conn: &mut Connection) -> Result<usize, StoreError> {
     let current: usize =
         conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
     if current > MIGRATIONS.len() {
-        return Err(StoreError::TooNew {
-            found: current,
-            supported: MIGRATIONS.len(),
-        });
+        return Err(StoreError::TooNew { found: current, supported: MIGRATIONS.len() });
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
         let tx = conn.transaction()?;

@@ -50,6 +50,9 @@ pub enum StoreError {
     Closed,
     #[error("{0}")]
     Rejected(String),
+    /// An error of the caller's own layer, carried through a write closure unchanged.
+    #[error("{0}")]
+    Caller(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl StoreError {
@@ -107,14 +110,7 @@ impl<'a> WriteTx<'a> {
         self.tx.execute(
             "INSERT INTO outbox (created_at, kind, entity, op, version, detail)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                now_ms(),
-                change.kind,
-                change.entity,
-                change.op,
-                change.version,
-                change.detail
-            ],
+            params![now_ms(), change.kind, change.entity, change.op, change.version, change.detail],
         )?;
         Ok(self.tx.last_insert_rowid())
     }
@@ -217,9 +213,7 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("root", &self.root)
-            .finish_non_exhaustive()
+        f.debug_struct("Store").field("root", &self.root).finish_non_exhaustive()
     }
 }
 
@@ -302,12 +296,7 @@ impl Store {
     {
         let (done_tx, done_rx) = oneshot::channel::<Result<T, StoreError>>();
         let job: Job = Box::new(WriteJob { f, done: done_tx });
-        let sender = self
-            .writer
-            .lock()
-            .expect("writer lock")
-            .clone()
-            .ok_or(StoreError::Closed)?;
+        let sender = self.writer.lock().expect("writer lock").clone().ok_or(StoreError::Closed)?;
         sender.send(job).map_err(|_| StoreError::Closed)?;
         done_rx.await.map_err(|_| StoreError::Closed)?
     }
@@ -318,19 +307,11 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let _permit = self
-            .reader_permits
-            .acquire()
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        let _permit = self.reader_permits.acquire().await.map_err(|_| StoreError::Closed)?;
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = this
-                .readers
-                .lock()
-                .expect("readers lock")
-                .pop()
-                .ok_or(StoreError::Closed)?;
+            let conn =
+                this.readers.lock().expect("readers lock").pop().ok_or(StoreError::Closed)?;
             let out = f(&conn);
             this.readers.lock().expect("readers lock").push(conn);
             out
@@ -344,12 +325,7 @@ impl Store {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let conn = self
-            .readers
-            .lock()
-            .expect("readers lock")
-            .pop()
-            .ok_or(StoreError::Closed)?;
+        let conn = self.readers.lock().expect("readers lock").pop().ok_or(StoreError::Closed)?;
         let out = f(&conn);
         self.readers.lock().expect("readers lock").push(conn);
         out
@@ -358,11 +334,9 @@ impl Store {
     /// Reads a key/value record.
     pub fn kv_get(conn: &Connection, ns: &str, key: &str) -> Result<Option<KvRecord>, StoreError> {
         Ok(conn
-            .query_row(
-                "SELECT value, blob FROM kv WHERE ns = ?1 AND key = ?2",
-                [ns, key],
-                |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Option<String>>(1)?)),
-            )
+            .query_row("SELECT value, blob FROM kv WHERE ns = ?1 AND key = ?2", [ns, key], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Option<String>>(1)?))
+            })
             .optional()?
             .map(|(v, b)| (v, b.as_deref().and_then(BlobId::parse))))
     }
@@ -396,17 +370,13 @@ impl Store {
 
     /// Sizes for `/metrics`: (database + WAL bytes, blob count, blob plaintext bytes).
     pub fn sizes(conn: &Connection, root: &Path) -> Result<(u64, u64, u64), StoreError> {
-        let file_len = |name: &str| {
-            std::fs::metadata(root.join(name))
-                .map(|m| m.len())
-                .unwrap_or(0)
-        };
+        let file_len =
+            |name: &str| std::fs::metadata(root.join(name)).map(|m| m.len()).unwrap_or(0);
         let db_bytes = file_len(DB_FILE) + file_len(&format!("{DB_FILE}-wal"));
-        let (count, bytes): (i64, i64) = conn.query_row(
-            "SELECT count(*), coalesce(sum(size), 0) FROM blobs",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
+        let (count, bytes): (i64, i64) =
+            conn.query_row("SELECT count(*), coalesce(sum(size), 0) FROM blobs", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
         Ok((db_bytes, count as u64, bytes as u64))
     }
 
@@ -501,9 +471,7 @@ fn outcome_metrics(
     started: Instant,
 ) -> Duration {
     let took = started.elapsed();
-    stats
-        .write_errors
-        .fetch_add(failed as u64, Ordering::Relaxed);
+    stats.write_errors.fetch_add(failed as u64, Ordering::Relaxed);
     if outcome.is_ok() {
         stats.commits.fetch_add(1, Ordering::Relaxed);
         stats.writes.fetch_add(n as u64, Ordering::Relaxed);
@@ -535,10 +503,7 @@ fn sweep_orphans(conn: &Connection, blobs: &BlobStore) -> Result<usize, StoreErr
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// fsyncs a directory so that a rename or create inside it survives power loss.

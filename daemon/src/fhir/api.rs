@@ -1,0 +1,1090 @@
+//! The FHIR R4 REST API (axum), base `/fhir`. Every request either answers with a resource or
+//! Bundle, or with an OperationOutcome and the right 4xx/5xx status; every access to patient data
+//! is audited in the store.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use super::search::{self, SearchRequest, Total};
+use super::storage::{self, AuditRecord, Written};
+use super::{FhirError, date, params};
+use crate::store::Store;
+
+/// FHIR JSON media type.
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+/// Search result snapshots kept for paging.
+const PAGE_CACHE_ENTRIES: usize = 512;
+/// How long a search snapshot stays pageable.
+const PAGE_TTL: Duration = Duration::from_secs(30 * 60);
+
+/// What the API needs from the daemon.
+pub struct FhirContext {
+    pub store: Arc<Store>,
+    /// Largest request body accepted (bytes); larger gets 413.
+    pub max_body_bytes: usize,
+    pages: Mutex<HashMap<String, Arc<Snapshot>>>,
+}
+
+impl std::fmt::Debug for FhirContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FhirContext").finish_non_exhaustive()
+    }
+}
+
+impl FhirContext {
+    pub fn new(store: Arc<Store>, max_body_bytes: usize) -> Arc<Self> {
+        Arc::new(FhirContext { store, max_body_bytes, pages: Mutex::new(HashMap::new()) })
+    }
+}
+
+/// A search's complete, ordered result at the time of the first page: later pages slice it, so
+/// concurrent writes never shift entries between pages.
+struct Snapshot {
+    req: SearchRequest,
+    ids: Vec<String>,
+    created: Instant,
+}
+
+/// The client's address, set per connection by the listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// Who is calling (from auth), for audit and access decisions.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub actor: String,
+    pub source: String,
+}
+
+type ApiResult = Result<Response, FhirError>;
+
+pub fn router(ctx: Arc<FhirContext>) -> Router {
+    Router::new()
+        .route("/fhir", post(system_bundle).get(system_get))
+        .route("/fhir/", post(system_bundle).get(system_get))
+        .route("/fhir/metadata", get(metadata))
+        .route("/fhir/_history", get(system_history))
+        .route("/fhir/{rtype}", get(search_get).post(create))
+        .route("/fhir/{rtype}/_search", post(search_post))
+        .route("/fhir/{rtype}/_history", get(type_history))
+        .route("/fhir/{rtype}/{id}", get(read).put(update).delete(delete))
+        .route("/fhir/{rtype}/{id}/_history", get(instance_history))
+        .route("/fhir/{rtype}/{id}/_history/{vid}", get(vread))
+        .route("/fhir/Patient/{id}/$everything", get(everything))
+        .fallback(|| async { FhirError::NotFound("no such FHIR endpoint".into()) })
+        .with_state(ctx)
+}
+
+impl IntoResponse for FhirError {
+    fn into_response(self) -> Response {
+        if let FhirError::Internal(m) = &self {
+            tracing::error!(error = %m, "FHIR request failed");
+        }
+        let status =
+            StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut r = (status, self.outcome().to_string()).into_response();
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+        r
+    }
+}
+
+fn caller(headers: &HeaderMap, addr: Option<&ClientAddr>) -> Caller {
+    let _ = headers;
+    Caller {
+        actor: "anonymous".into(),
+        source: addr.map_or("unknown".into(), |a| a.0.ip().to_string()),
+    }
+}
+
+/// Queues an audit record for a read-type access (reads do not wait for it to be durable).
+fn audit_read(ctx: &FhirContext, who: &Caller, action: &str, entity: String, outcome: &str) {
+    let rec = AuditRecord {
+        actor: who.actor.clone(),
+        source: who.source.clone(),
+        action: action.into(),
+        entity,
+        outcome: outcome.into(),
+        detail: None,
+    };
+    let store = ctx.store.clone();
+    tokio::spawn(async move {
+        if let Err(e) = store.write(move |tx| Ok(storage::audit(tx, &rec)?)).await {
+            tracing::error!(error = %e, "audit record could not be written");
+        }
+    });
+}
+
+fn base_url(headers: &HeaderMap) -> String {
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    format!("https://{host}/fhir")
+}
+
+fn query_flag<'a>(q: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    q.iter().find(|(a, _)| a == k).map(|(_, b)| b.as_str())
+}
+
+/// Checks `_format` / `Accept`: only JSON is served.
+fn check_format(q: &[(String, String)], headers: &HeaderMap) -> Result<(), FhirError> {
+    if let Some(f) = query_flag(q, "_format")
+        && !matches!(f, "json" | "application/json" | "application/fhir+json")
+    {
+        return Err(FhirError::NotAcceptable(format!("_format={f} is not supported; use json")));
+    }
+    if let Some(a) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) {
+        let ok = a.split(',').any(|t| {
+            let t = t.split(';').next().unwrap_or("").trim();
+            matches!(t, "*/*" | "application/*" | "application/json" | "application/fhir+json" | "")
+        });
+        if !ok {
+            return Err(FhirError::NotAcceptable(format!(
+                "cannot answer in {a}; use application/fhir+json"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn json_response(status: StatusCode, body: &Value, q: &[(String, String)]) -> Response {
+    let text = if query_flag(q, "_pretty") == Some("true") {
+        serde_json::to_string_pretty(body).unwrap_or_default()
+    } else {
+        body.to_string()
+    };
+    let mut r = (status, text).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    r
+}
+
+/// Formats ms since epoch as an HTTP date (IMF-fixdate).
+fn http_date(ms: i64) -> String {
+    let iso = date::format_instant(ms);
+    let days = ms.div_euclid(86_400_000);
+    let wd = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][days.rem_euclid(7) as usize];
+    let months =
+        ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let m: usize = iso[5..7].parse().unwrap_or(1);
+    format!("{wd}, {} {} {} {} GMT", &iso[8..10], months[m - 1], &iso[0..4], &iso[11..19])
+}
+
+fn version_headers(r: &mut Response, version: i64, last_updated: i64) {
+    if let Ok(v) = HeaderValue::from_str(&format!("W/\"{version}\"")) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&http_date(last_updated)) {
+        r.headers_mut().insert(header::LAST_MODIFIED, v);
+    }
+}
+
+fn check_type(rtype: &str) -> Result<(), FhirError> {
+    if super::is_resource_type(rtype) {
+        Ok(())
+    } else {
+        Err(FhirError::NotFound(format!("unknown resource type {rtype:?}")))
+    }
+}
+
+fn check_id(id: &str) -> Result<(), FhirError> {
+    if super::valid_id(id) {
+        Ok(())
+    } else {
+        Err(FhirError::BadRequest(format!("{id:?} is not a valid FHIR id")))
+    }
+}
+
+/// Applies `_elements` (top-level elements plus the mandatory ones) and marks the result.
+fn apply_elements(mut v: Value, elements: &Option<Vec<String>>) -> Value {
+    let Some(keep) = elements else { return v };
+    if let Value::Object(map) = &mut v {
+        map.retain(|k, _| matches!(k.as_str(), "resourceType" | "id" | "meta") || keep.contains(k));
+        let meta = map.entry("meta").or_insert_with(|| json!({}));
+        if let Value::Object(m) = meta {
+            let tags = m.entry("tag").or_insert_with(|| json!([]));
+            if let Value::Array(t) = tags {
+                t.push(json!({"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}));
+            }
+        }
+    }
+    v
+}
+
+// ---------------------------------------------------------------------------------------------
+// Read interactions
+
+async fn metadata(headers: HeaderMap, Query(q): Query<Vec<(String, String)>>) -> ApiResult {
+    check_format(&q, &headers)?;
+    Ok(json_response(StatusCode::OK, &capability_statement(&base_url(&headers)), &q))
+}
+
+/// The CapabilityStatement, generated from the same tables that drive indexing and search.
+pub fn capability_statement(base: &str) -> Value {
+    let mut resources = Vec::new();
+    for &t in super::R4_RESOURCE_TYPES {
+        let mut interactions = vec!["read", "vread", "history-instance", "history-type"];
+        if !super::READ_ONLY_TYPES.contains(&t) {
+            interactions.extend(["create", "update", "delete"]);
+        }
+        let mut r = json!({
+            "type": t,
+            "versioning": "versioned-update",
+            "readHistory": true,
+            "updateCreate": !super::READ_ONLY_TYPES.contains(&t),
+            "conditionalCreate": !super::READ_ONLY_TYPES.contains(&t),
+            "conditionalDelete": "not-supported",
+            "interaction": [],
+        });
+        if let Some(defs) = params::params_for(t) {
+            interactions.push("search-type");
+            let mut sp = vec![
+                json!({"name": "_id", "type": "token"}),
+                json!({"name": "_lastUpdated", "type": "date"}),
+            ];
+            for d in defs.iter().filter(|d| super::index::is_supported(t, d.code)) {
+                sp.push(json!({
+                    "name": d.code,
+                    "definition": format!("http://hl7.org/fhir/SearchParameter/{t}-{}", d.code),
+                    "type": d.kind.as_str(),
+                }));
+            }
+            r["searchParam"] = Value::Array(sp);
+            let refs: Vec<String> = defs
+                .iter()
+                .filter(|d| d.kind == params::ParamKind::Reference)
+                .map(|d| format!("{t}:{}", d.code))
+                .collect();
+            r["searchInclude"] = json!(refs);
+        }
+        r["interaction"] = Value::Array(interactions.iter().map(|i| json!({"code": i})).collect());
+        resources.push(r);
+    }
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": date::format_instant(crate::store::now_ms())[..10],
+        "kind": "instance",
+        "software": {"name": "hms-edge", "version": env!("CARGO_PKG_VERSION")},
+        "implementation": {"description": "hms-edge on-premise FHIR cache", "url": base},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "rest": [{
+            "mode": "server",
+            "resource": resources,
+            "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+            "operation": [{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}]
+        }]
+    })
+}
+
+async fn read(
+    State(ctx): State<Arc<FhirContext>>,
+    Path((rtype, id)): Path<(String, String)>,
+    Query(q): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    addr: Option<axum::Extension<ClientAddr>>,
+) -> ApiResult {
+    check_format(&q, &headers)?;
+    check_type(&rtype)?;
+    check_id(&id)?;
+    let who = caller(&headers, addr.as_deref());
+    let (rt, i) = (rtype.clone(), id.clone());
+    let current =
+        ctx.store.read(move |c| storage::read_current(c, &rt, &i).map_err(Into::into)).await?;
+    let entity = format!("{rtype}/{id}");
+    match current {
+        None => {
+            audit_read(&ctx, &who, "read", entity, "404");
+            Err(FhirError::NotFound(format!("{rtype}/{id} is not known")))
+        }
+        Some(c) if c.deleted => {
+            audit_read(&ctx, &who, "read", entity, "410");
+            Err(FhirError::Gone(format!("{rtype}/{id} was deleted (version {})", c.version)))
+        }
+        Some(c) => {
+            audit_read(&ctx, &who, "read", entity, "success");
+            let body: Value = serde_json::from_str(c.json.as_deref().unwrap_or("{}"))
+                .map_err(|e| FhirError::Internal(e.to_string()))?;
+            let elements = query_flag(&q, "_elements")
+                .map(|e| e.split(',').map(|s| s.trim().to_owned()).collect());
+            let mut r = json_response(StatusCode::OK, &apply_elements(body, &elements), &q);
+            version_headers(&mut r, c.version, c.last_updated);
+            Ok(r)
+        }
+    }
+}
+
+async fn vread(
+    State(ctx): State<Arc<FhirContext>>,
+    Path((rtype, id, vid)): Path<(String, String, String)>,
+    Query(q): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    addr: Option<axum::Extension<ClientAddr>>,
+) -> ApiResult {
+    check_format(&q, &headers)?;
+    check_type(&rtype)?;
+    check_id(&id)?;
+    let v: i64 = vid.parse().map_err(|_| FhirError::NotFound(format!("no version {vid:?}")))?;
+    let who = caller(&headers, addr.as_deref());
+    let (rt, i) = (rtype.clone(), id.clone());
+    let ver =
+        ctx.store.read(move |c| storage::read_version(c, &rt, &i, v).map_err(Into::into)).await?;
+    audit_read(
+        &ctx,
+        &who,
+        "vread",
+        format!("{rtype}/{id}/_history/{v}"),
+        if ver.is_some() { "success" } else { "404" },
+    );
+    match ver {
+        None => Err(FhirError::NotFound(format!("{rtype}/{id} has no version {v}"))),
+        Some(ver) if ver.json.is_none() => {
+            Err(FhirError::Gone(format!("{rtype}/{id} version {v} is a deletion")))
+        }
+        Some(ver) => {
+            let body: Value = serde_json::from_str(ver.json.as_deref().unwrap_or("{}"))
+                .map_err(|e| FhirError::Internal(e.to_string()))?;
+            let mut r = json_response(StatusCode::OK, &body, &q);
+            version_headers(&mut r, ver.version, ver.last_updated);
+            Ok(r)
+        }
+    }
+}
+
+fn history_bundle(base: &str, versions: Vec<storage::Version>) -> Value {
+    let entries: Vec<Value> = versions
+        .into_iter()
+        .map(|v| {
+            let full = format!("{base}/{}/{}", v.rtype, v.id);
+            let mut e = json!({
+                "fullUrl": full,
+                "request": {"method": v.method, "url": if v.method == "POST" { v.rtype.clone() } else { format!("{}/{}", v.rtype, v.id) }},
+                "response": {"status": if v.method == "DELETE" { "204" } else if v.method == "POST" { "201" } else { "200" },
+                             "etag": format!("W/\"{}\"", v.version), "lastModified": date::format_instant(v.last_updated)}
+            });
+            if let Some(j) = v.json
+                && let Ok(r) = serde_json::from_str::<Value>(&j)
+            {
+                e["resource"] = r;
+            }
+            e
+        })
+        .collect();
+    json!({"resourceType": "Bundle", "type": "history", "total": entries.len(), "entry": entries})
+}
+
+async fn history_common(
+    ctx: Arc<FhirContext>,
+    rtype: Option<String>,
+    id: Option<String>,
+    q: Vec<(String, String)>,
+    headers: HeaderMap,
+    addr: Option<ClientAddr>,
+) -> ApiResult {
+    check_format(&q, &headers)?;
+    if let Some(t) = &rtype {
+        check_type(t)?;
+    }
+    if let Some(i) = &id {
+        check_id(i)?;
+    }
+    let since = match query_flag(&q, "_since") {
+        Some(s) => Some(
+            date::parse_range(s)
+                .ok_or_else(|| FhirError::BadRequest(format!("_since={s:?} is not a date")))?
+                .0,
+        ),
+        None => None,
+    };
+    let count = match query_flag(&q, "_count") {
+        Some(c) => c
+            .parse::<usize>()
+            .map_err(|_| FhirError::BadRequest("_count must be an integer".into()))?
+            .min(search::MAX_COUNT),
+        None => 100,
+    };
+    let who = caller(&headers, addr.as_ref());
+    let (rt, i) = (rtype.clone(), id.clone());
+    let versions = ctx
+        .store
+        .read(move |c| {
+            storage::history(c, rt.as_deref(), i.as_deref(), since, count).map_err(Into::into)
+        })
+        .await?;
+    let entity = match (&rtype, &id) {
+        (Some(t), Some(i)) => format!("{t}/{i}/_history"),
+        (Some(t), None) => format!("{t}/_history"),
+        _ => "_history".into(),
+    };
+    if rtype.is_some() && id.is_some() && versions.is_empty() {
+        audit_read(&ctx, &who, "history", entity, "404");
+        return Err(FhirError::NotFound("no such resource".into()));
+    }
+    audit_read(&ctx, &who, "history", entity, "success");
+    Ok(json_response(StatusCode::OK, &history_bundle(&base_url(&headers), versions), &q))
+}
+
+async fn system_history(
+    State(ctx): State<Arc<FhirContext>>,
+    Query(q): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    addr: Option<axum::Extension<ClientAddr>>,
+) -> ApiResult {
+    history_common(ctx, None, None, q, headers, addr.map(|a| a.0)).await
+}
+
+async fn type_history(
+    State(ctx): State<Arc<FhirContext>>,
+    Path(rtype): Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    addr: Option<axum::Extension<ClientAddr>>,
+) -> ApiResult {
+    history_common(ctx, Some(rtype), None, q, headers, addr.map(|a| a.0)).await
+}
+
+async fn instance_history(
+    State(ctx): State<Arc<FhirContext>>,
+    Path((rtype, id)): Path<(String, String)>,
+    Query(q): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    addr: Option<axum::Extension<ClientAddr>>,
+) -> ApiResult {
+    history_common(ctx, Some(rtype), Some(id), q, headers, addr.map(|a| a.0)).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Search
+
+fn strict_handling(headers: &HeaderMap) -> bool {
+    prefer(headers, "handling").as_deref() == Some("strict")
+}
+
+fn prefer(headers: &HeaderMap, key: &str) -> Option<String> {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split([',', ';']))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k.trim() == key).then(|| v.trim().trim_matches('"').to_owned())
+        })
+}
+
+async fn search_get(
+    State(ctx): State<Arc<FhirContext>>,
+    Path(rtype): Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    addr: Option<axum::Extension<ClientAddr>>,
+) -> ApiResult {
+    run_search(ctx, rtype, q, headers, addr.map(|a| a.0)).await
+}
+
+async fn search_post(
+    State(ctx): State<Arc<FhirContext>>,
+    Path(rtype): Path<String>,
+    Query(mut q): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    addr: Option<axum::Extension<ClientAddr>>,
+    body: Body,
+) -> ApiResult {
+    let bytes = read_body(&ctx, body).await?;
+    let form: Vec<(String, String)> = serde_urlencoded::from_bytes(&bytes)
+        .map_err(|e| FhirError::BadRequest(format!("_search body must be form-encoded: {e}")))?;
+    q.extend(form);
+    run_search(ctx, rtype, q, headers, addr.map(|a| a.0)).await
+}
+
+async fn run_search(
+    ctx: Arc<FhirContext>,
+    rtype: String,
+    q: Vec<(String, String)>,
+    headers: HeaderMap,
+    addr: Option<ClientAddr>,
+) -> ApiResult {
+    check_format(&q, &headers)?;
+    check_type(&rtype)?;
+    let who = caller(&headers, addr.as_ref());
+    let req = search::parse(&rtype, &q, strict_handling(&headers))?;
+    let entity = format!("{rtype}?{}", serde_urlencoded::to_string(&q).unwrap_or_default());
+    let r2 = req.clone();
+    let ids = ctx.store.read(move |c| search::execute(c, &r2).map_err(Into::into)).await?;
+    audit_read(&ctx, &who, "search", entity, "success");
+    let base = base_url(&headers);
+    if req.summary_count {
+        let b = json!({"resourceType": "Bundle", "type": "searchset", "total": ids.len()});
+        return Ok(json_response(StatusCode::OK, &b, &q));
+    }
+    let snap = Arc::new(Snapshot { req, ids, created: Instant::now() });
+    let key = remember(&ctx, snap.clone());
+    page_bundle(&ctx, &base, &key, &snap, 0, &q).await
+}
+
+fn remember(ctx: &FhirContext, snap: Arc<Snapshot>) -> String {
+    let mut key = [0u8; 16];
+    rand::fill(&mut key);
+    let key = hex::encode(key);
+    let mut pages = ctx.pages.lock().expect("page cache");
+    pages.retain(|_, s| s.created.elapsed() < PAGE_TTL);
+    if pages.len() >= PAGE_CACHE_ENTRIES
+        && let Some(oldest) = pages.iter().min_by_key(|(_, s)| s.created).map(|(k, _)| k.clone())
+    {
+        pages.remove(&oldest);
+    }
+    pages.insert(key.clone(), snap);
+    key
+}
+
+async fn load_resources(
+    ctx: &FhirContext,
+    keys: Vec<(String, String)>,
+) -> Result<Vec<Value>, FhirError> {
+    ctx.store
+        .read(move |c| {
+            let mut out = Vec::new();
+            for (t, i) in keys {
+                if let Some(cur) =
+                    storage::read_current(c, &t, &i).map_err(crate::store::StoreError::from)?
+                    && let Some(j) = cur.json
+                    && !cur.deleted
+                    && let Ok(v) = serde_json::from_str::<Value>(&j)
+                {
+                    out.push(v);
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(Into::into)
+}
+
+async fn page_bundle(
+    ctx: &Arc<FhirContext>,
+    base: &str,
+    key: &str,
+    snap: &Arc<Snapshot>,
+    offset: usize,
+    q: &[(String, String)],
+) -> ApiResult {
+    let req = &snap.req;
+    let count = req.count;
+    let page_ids: Vec<String> = snap.ids.iter().skip(offset).take(count).cloned().collect();
+    let rtype = req.rtype.clone();
+    let matches =
+        load_resources(ctx, page_ids.iter().map(|i| (rtype.clone(), i.clone())).collect()).await?;
+    let mut entries: Vec<Value> = matches
+        .into_iter()
+        .map(|r| {
+            let id = r["id"].as_str().unwrap_or_default().to_owned();
+            json!({"fullUrl": format!("{base}/{rtype}/{id}"), "resource": apply_elements(r, &req.elements), "search": {"mode": "match"}})
+        })
+        .collect();
+    if !req.includes.is_empty() || !req.revincludes.is_empty() {
+        let (r2, ids2, rt2) = (req.clone(), page_ids.clone(), rtype.clone());
+        let extra = ctx
+            .store
+            .read(move |c| {
+                let mut keys = Vec::new();
+                for inc in &r2.includes {
+                    keys.extend(
+                        search::include_targets(c, &rt2, &ids2, inc)
+                            .map_err(crate::store::StoreError::from)?,
+                    );
+                }
+                for inc in &r2.revincludes {
+                    keys.extend(
+                        search::revinclude_sources(c, &rt2, &ids2, inc)
+                            .map_err(crate::store::StoreError::from)?,
+                    );
+                }
+                keys.sort();
+                keys.dedup();
+                Ok(keys)
+            })
+            .await?;
+        for r in load_resources(ctx, extra).await? {
+            let (t, id) = (
+                r["resourceType"].as_str().unwrap_or_default(),
+                r["id"].as_str().unwrap_or_default(),
+            );
+            entries.push(json!({"fullUrl": format!("{base}/{t}/{id}"), "resource": r, "search": {"mode": "include"}}));
+        }
+    }
+    let page_link =
+        |off: usize| format!("{base}?_getpages={key}&_getpagesoffset={off}&_count={count}");
+    let mut links = vec![json!({"relation": "self", "url": page_link(offset)})];
+    if offset + count < snap.ids.len() {
+        links.push(json!({"relation": "next", "url": page_link(offset + count)}));
+    }
+    if offset > 0 {
+        links.push(json!({"relation": "previous", "url": page_link(offset.saturating_sub(count))}));
+    }
+    let mut bundle =
+        json!({"resourceType": "Bundle", "type": "searchset", "link": links, "entry": entries});
+    if req.total != Total::None {
+        bundle["total"] = json!(snap.ids.len());
+    }
+    if !req.ignored.is_empty() {
+        let oo = super::operation_outcome(
+            "warning",
+            "not-supported",
+            &format!("ignored search parameters: {}", req.ignored.join(", ")),
+        );
+        bundle["entry"]
+            .as_array_mut()
+            .expect("array")
+            .push(json!({"resource": oo, "search": {"mode": "outcome"}}));
+    }
+    Ok(json_response(StatusCode::OK, &bundle, q))
+}
+
+/// `GET /fhir?_getpages=…` (paging) — anything else at the root is not supported.
+async fn system_get(
+    State(ctx): State<Arc<FhirContext>>,
+    Query(q): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    addr: Option<axum::Extension<ClientAddr>>,
+) -> ApiResult {
+    check_format(&q, &headers)?;
+    let Some(key) = query_flag(&q, "_getpages") else {
+        return Err(FhirError::BadRequest(
+            "system-level search is not supported; search a resource type".into(),
+        ));
+    };
+    let snap = ctx.pages.lock().expect("page cache").get(key).cloned().ok_or_else(|| {
+        FhirError::Gone("this search page has expired; run the search again".into())
+    })?;
+    let offset = query_flag(&q, "_getpagesoffset").and_then(|o| o.parse().ok()).unwrap_or(0);
+    let who = caller(&headers, addr.as_deref());
+    audit_read(&ctx, &who, "search-page", format!("{}?_getpages={key}", snap.req.rtype), "success");
+    page_bundle(&ctx, &base_url(&headers), key, &snap, offset, &q).await
+}
+
+async fn everything(
+    State(ctx): State<Arc<FhirContext>>,
+    Path(id): Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    addr: Option<axum::Extension<ClientAddr>>,
+) -> ApiResult {
+    check_format(&q, &headers)?;
+    check_id(&id)?;
+    let who = caller(&headers, addr.as_deref());
+    let count = query_flag(&q, "_count")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(100usize)
+        .min(search::MAX_COUNT);
+    let pid = id.clone();
+    let keys = ctx
+        .store
+        .read(move |c| {
+            let cur = storage::read_current(c, "Patient", &pid)
+                .map_err(crate::store::StoreError::from)?;
+            if cur.is_none_or(|c| c.deleted) {
+                return Ok(None);
+            }
+            let mut stmt = c.prepare_cached(
+                "SELECT DISTINCT r.rtype, r.id FROM fhir_idx_ref r JOIN fhir_current c
+                   ON c.rtype = r.rtype AND c.id = r.id AND c.deleted = 0
+                 WHERE r.target_type = 'Patient' AND r.target_id = ?1 ORDER BY r.rtype, r.id",
+            )?;
+            let mut keys = vec![("Patient".to_string(), pid.clone())];
+            for row in
+                stmt.query_map([&pid], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            {
+                let k = row?;
+                if k.0 != "Patient" || k.1 != pid {
+                    keys.push(k);
+                }
+            }
+            Ok(Some(keys))
+        })
+        .await?;
+    let Some(keys) = keys else {
+        audit_read(&ctx, &who, "everything", format!("Patient/{id}"), "404");
+        return Err(FhirError::NotFound(format!("Patient/{id} is not known")));
+    };
+    audit_read(&ctx, &who, "everything", format!("Patient/{id}"), "success");
+    // Paged like a search: the compartment is snapshotted as (type, id) pairs.
+    let ids: Vec<String> = keys.iter().map(|(t, i)| format!("{t}/{i}")).collect();
+    let req = SearchRequest {
+        rtype: "*".into(),
+        clauses: vec![],
+        sort: vec![],
+        count,
+        includes: vec![],
+        revincludes: vec![],
+        total: Total::Accurate,
+        summary_count: false,
+        elements: None,
+        ignored: vec![],
+    };
+    let snap = Arc::new(Snapshot { req, ids, created: Instant::now() });
+    let key = remember(&ctx, snap.clone());
+    everything_page(&ctx, &base_url(&headers), &key, &snap, 0, &q).await
+}
+
+async fn everything_page(
+    ctx: &Arc<FhirContext>,
+    base: &str,
+    key: &str,
+    snap: &Arc<Snapshot>,
+    offset: usize,
+    q: &[(String, String)],
+) -> ApiResult {
+    let count = snap.req.count;
+    let keys: Vec<(String, String)> = snap
+        .ids
+        .iter()
+        .skip(offset)
+        .take(count)
+        .filter_map(|k| k.split_once('/').map(|(a, b)| (a.to_owned(), b.to_owned())))
+        .collect();
+    let entries: Vec<Value> = load_resources(ctx, keys)
+        .await?
+        .into_iter()
+        .map(|r| {
+            let (t, id) = (r["resourceType"].as_str().unwrap_or_default().to_owned(), r["id"].as_str().unwrap_or_default().to_owned());
+            json!({"fullUrl": format!("{base}/{t}/{id}"), "resource": r, "search": {"mode": "match"}})
+        })
+        .collect();
+    let page_link =
+        |off: usize| format!("{base}?_getpages={key}&_getpagesoffset={off}&_count={count}");
+    let mut links = vec![json!({"relation": "self", "url": page_link(offset)})];
+    if offset + count < snap.ids.len() {
+        links.push(json!({"relation": "next", "url": page_link(offset + count)}));
+    }
+    let b = json!({"resourceType": "Bundle", "type": "searchset", "total": snap.ids.len(), "link": links, "entry": entries});
+    Ok(json_response(StatusCode::OK, &b, q))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writes
+
+async fn read_body(ctx: &FhirContext, body: Body) -> Result<Bytes, FhirError> {
+    axum::body::to_bytes(body, ctx.max_body_bytes).await.map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains("length limit")
+            || std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit"))
+        {
+            FhirError::PayloadTooLarge(format!("request body exceeds {} bytes", ctx.max_body_bytes))
+        } else {
+            FhirError::BadRequest(format!("cannot read request body: {msg}"))
+        }
+    })
+}
+
+fn check_content_type(headers: &HeaderMap) -> Result<(), FhirError> {
+    if let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+        let t = ct.split(';').next().unwrap_or("").trim();
+        if !matches!(t, "application/fhir+json" | "application/json" | "application/json+fhir") {
+            return Err(FhirError::UnsupportedMediaType(format!(
+                "Content-Type {ct} is not supported; send application/fhir+json"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Parses and checks a resource body for `rtype`.
+pub fn parse_resource(bytes: &[u8], rtype: &str) -> Result<Value, FhirError> {
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| FhirError::BadRequest(format!("invalid JSON: {e}")))?;
+    validate_resource(&v, rtype)?;
+    Ok(v)
+}
+
+pub(crate) fn validate_resource(v: &Value, rtype: &str) -> Result<(), FhirError> {
+    let Value::Object(map) = v else {
+        return Err(FhirError::BadRequest(
+            "the body must be a JSON object (a FHIR resource)".into(),
+        ));
+    };
+    match map.get("resourceType").and_then(Value::as_str) {
+        None => return Err(FhirError::BadRequest("resourceType is missing".into())),
+        Some(t) if t != rtype => {
+            return Err(FhirError::BadRequest(format!(
+                "resourceType {t} does not match the URL type {rtype}"
+            )));
+        }
+        Some(_) => {}
+    }
+    if let Some(id) = map.get("id") {
+        match id.as_str() {
+            Some(s) if super::valid_id(s) => {}
+            _ => return Err(FhirError::BadRequest(format!("invalid id {id}"))),
+        }
+    }
+    if let Some(m) = map.get("meta")
+        && !m.is_object()
+    {
+        return Err(FhirError::BadRequest("meta must be an object".into()));
+    }
+    Ok(())
+}
+
+fn parse_if_match(headers: &HeaderMap) -> Result<Option<i64>, FhirError> {
+    let Some(v) = headers.get(header::IF_MATCH) else { return Ok(None) };
+    let s = v.to_str().unwrap_or("").trim();
+    let inner = s.trim_start_matches("W/").trim_matches('"');
+    inner.parse().map(Some).map_err(|_| {
+        FhirError::BadRequest(format!("If-Match {s:?} is not a version ETag like W/\"3\""))
+    })
+}
+
+pub(crate) fn new_id() -> String {
+    let mut b = [0u8; 16];
+    rand::fill(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+fn check_writable(rtype: &str) -> Result<(), FhirError> {
+    if super::READ_ONLY_TYPES.contains(&rtype) {
+        return Err(FhirError::MethodNotAllowed(format!("{rtype} is written by the server only")));
+    }
+    Ok(())
+}
+
+/// Answers a write according to `Prefer: return=`.
+fn write_response(
+    headers: &HeaderMap,
+    base: &str,
+    w: &Written,
+    status: StatusCode,
+    q: &[(String, String)],
+) -> Response {
+    let mut r = match prefer(headers, "return").as_deref() {
+        Some("minimal") => status.into_response(),
+        Some("OperationOutcome") => {
+            let oo = super::operation_outcome(
+                "information",
+                "informational",
+                &format!("{}/{} stored as version {}", w.rtype, w.id, w.version),
+            );
+            json_response(status, &oo, q)
+        }
+        _ => {
+            let body: Value =
+                w.json.as_deref().and_then(|j| serde_json::from_str(j).ok()).unwrap_or(Value::Null);
+            json_response(status, &body, q)
+        }
+    };
+    version_headers(&mut r, w.version, w.last_updated);
+    if let Ok(loc) =
+        HeaderValue::from_str(&format!("{base}/{}/{}/_history/{}", w.rtype, w.id, w.version))
+    {
+        r.headers_mut().insert(header::LOCATION, loc.clone());
+        r.headers_mut().insert(header::CONTENT_LOCATION, loc);
+    }
+    r
+}
+
+pub(crate) fn write_audit(who: &Caller, action: &str, entity: String) -> AuditRecord {
+    AuditRecord {
+        actor: who.actor.clone(),
+        source: who.source.clone(),
+        action: action.into(),
+        entity,
+        outcome: "success".into(),
+        detail: None,
+    }
+}
+
+async fn create(
+    State(ctx): State<Arc<FhirContext>>,
+    Path(rtype): Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    addr: Option<axum::Extension<ClientAddr>>,
+    body: Body,
+) -> ApiResult {
+    check_type(&rtype)?;
+    check_writable(&rtype)?;
+    check_content_type(&headers)?;
+    let bytes = read_body(&ctx, body).await?;
+    let mut resource = parse_resource(&bytes, &rtype)?;
+    let who = caller(&headers, addr.as_deref());
+    let if_none_exist =
+        headers.get("if-none-exist").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let cond = match &if_none_exist {
+        Some(s) => {
+            let pairs: Vec<(String, String)> =
+                serde_urlencoded::from_str(s.trim_start_matches('?'))
+                    .map_err(|e| FhirError::BadRequest(format!("If-None-Exist: {e}")))?;
+            Some(search::parse(&rtype, &pairs, true)?)
+        }
+        None => None,
+    };
+    let id = new_id();
+    resource["id"] = Value::String(id.clone());
+    let rt = rtype.clone();
+    let outcome = ctx
+        .store
+        .write(move |tx| {
+            if let Some(req) = &cond {
+                let found = search::execute(tx.sql(), req)?;
+                match found.len() {
+                    0 => {}
+                    1 => {
+                        let cur = storage::read_current(tx.sql(), &rt, &found[0])?.expect("found");
+                        return Ok((
+                            false,
+                            Written {
+                                rtype: rt.clone(),
+                                id: found[0].clone(),
+                                version: cur.version,
+                                last_updated: cur.last_updated,
+                                json: cur.json,
+                                created: false,
+                            },
+                        ));
+                    }
+                    n => {
+                        return Err(FhirError::PreconditionFailed(format!(
+                            "If-None-Exist matched {n} resources"
+                        ))
+                        .into());
+                    }
+                }
+            }
+            let w = storage::put(tx, &rt, &id, resource, None, "local")?;
+            storage::audit(tx, &write_audit(&who, "create", format!("{rt}/{}", w.id)))?;
+            Ok((true, w))
+        })
+        .await?;
+    let (created, w) = outcome;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(write_response(&headers, &base_url(&headers), &w, status, &q))
+}
+
+async fn update(
+    State(ctx): State<Arc<FhirContext>>,
+    Path((rtype, id)): Path<(String, String)>,
+    Query(q): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    addr: Option<axum::Extension<ClientAddr>>,
+    body: Body,
+) -> ApiResult {
+    check_type(&rtype)?;
+    check_id(&id)?;
+    check_writable(&rtype)?;
+    check_content_type(&headers)?;
+    let bytes = read_body(&ctx, body).await?;
+    let resource = parse_resource(&bytes, &rtype)?;
+    match resource.get("id").and_then(Value::as_str) {
+        Some(body_id) if body_id == id => {}
+        Some(body_id) => {
+            return Err(FhirError::BadRequest(format!(
+                "body id {body_id} does not match the URL id {id}"
+            )));
+        }
+        None => return Err(FhirError::BadRequest("update needs the id in the body too".into())),
+    }
+    let if_match = parse_if_match(&headers)?;
+    let who = caller(&headers, addr.as_deref());
+    let rt = rtype.clone();
+    let w = ctx
+        .store
+        .write(move |tx| {
+            let w = storage::put(tx, &rt, &id, resource, if_match, "local")?;
+            storage::audit(
+                tx,
+                &write_audit(
+                    &who,
+                    if w.created { "create" } else { "update" },
+                    format!("{rt}/{}", w.id),
+                ),
+            )?;
+            Ok(w)
+        })
+        .await?;
+    let status = if w.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(write_response(&headers, &base_url(&headers), &w, status, &q))
+}
+
+async fn delete(
+    State(ctx): State<Arc<FhirContext>>,
+    Path((rtype, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    addr: Option<axum::Extension<ClientAddr>>,
+) -> ApiResult {
+    check_type(&rtype)?;
+    check_id(&id)?;
+    check_writable(&rtype)?;
+    let who = caller(&headers, addr.as_deref());
+    let rt = rtype.clone();
+    let w = ctx
+        .store
+        .write(move |tx| {
+            let w = storage::delete(tx, &rt, &id, "local")?;
+            storage::audit(tx, &write_audit(&who, "delete", format!("{rt}/{id}")))?;
+            Ok(w)
+        })
+        .await?;
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    if let Some(w) = w
+        && let Ok(v) = HeaderValue::from_str(&format!("W/\"{}\"", w.version))
+    {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+    Ok(r)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bundles: transaction and batch
+
+async fn system_bundle(
+    State(ctx): State<Arc<FhirContext>>,
+    Query(q): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    addr: Option<axum::Extension<ClientAddr>>,
+    body: Body,
+) -> ApiResult {
+    check_content_type(&headers)?;
+    let bytes = read_body(&ctx, body).await?;
+    let bundle = parse_resource(&bytes, "Bundle")?;
+    let who = caller(&headers, addr.as_deref());
+    let base = base_url(&headers);
+    match bundle.get("type").and_then(Value::as_str) {
+        Some("transaction") => {
+            let resp = super::bundle::transaction(&ctx.store, bundle, who).await?;
+            Ok(json_response(StatusCode::OK, &resp, &q))
+        }
+        Some("batch") => {
+            let resp = super::bundle::batch(&ctx.store, bundle, who, &base).await?;
+            Ok(json_response(StatusCode::OK, &resp, &q))
+        }
+        Some(t) => Err(FhirError::BadRequest(format!(
+            "Bundle.type {t} cannot be posted to the base; use transaction or batch"
+        ))),
+        None => Err(FhirError::BadRequest("Bundle.type is missing".into())),
+    }
+}
+
+/// Bridges a method from a bundle entry (kept for the bundle module).
+pub fn method_of(s: &str) -> Option<Method> {
+    match s {
+        "GET" => Some(Method::GET),
+        "POST" => Some(Method::POST),
+        "PUT" => Some(Method::PUT),
+        "DELETE" => Some(Method::DELETE),
+        _ => None,
+    }
+}
+
+/// Helpers shared with the bundle module.
+pub(crate) mod shared {
+    pub(crate) use super::{Caller, new_id, validate_resource, write_audit};
+}

@@ -1,0 +1,308 @@
+//! The FHIR R4 cache: the ward workstations' REST API on the LAN, backed by the encrypted store.
+//!
+//! Boundaries: `params`/`params_r4`, `fhirpath`, `index`, `date` and `search` (parsing) are pure
+//! protocol code; `storage` is the only module with SQL; `api` is the only one with HTTP.
+
+pub mod api;
+pub mod bundle;
+pub mod date;
+pub mod fhirpath;
+pub mod index;
+pub mod params;
+#[rustfmt::skip]
+pub mod params_r4;
+pub mod search;
+pub mod storage;
+
+use serde_json::{Value, json};
+
+/// Resource types this server stores and reads (R4). Types with a search index are those in
+/// [`params::indexed_types`]; others may be stored and read by id, and searching them is refused.
+pub const R4_RESOURCE_TYPES: &[&str] = &[
+    "Account",
+    "ActivityDefinition",
+    "AdverseEvent",
+    "AllergyIntolerance",
+    "Appointment",
+    "AppointmentResponse",
+    "AuditEvent",
+    "Basic",
+    "Binary",
+    "BiologicallyDerivedProduct",
+    "BodyStructure",
+    "Bundle",
+    "CapabilityStatement",
+    "CarePlan",
+    "CareTeam",
+    "CatalogEntry",
+    "ChargeItem",
+    "ChargeItemDefinition",
+    "Claim",
+    "ClaimResponse",
+    "ClinicalImpression",
+    "CodeSystem",
+    "Communication",
+    "CommunicationRequest",
+    "CompartmentDefinition",
+    "Composition",
+    "ConceptMap",
+    "Condition",
+    "Consent",
+    "Contract",
+    "Coverage",
+    "CoverageEligibilityRequest",
+    "CoverageEligibilityResponse",
+    "DetectedIssue",
+    "Device",
+    "DeviceDefinition",
+    "DeviceMetric",
+    "DeviceRequest",
+    "DeviceUseStatement",
+    "DiagnosticReport",
+    "DocumentManifest",
+    "DocumentReference",
+    "EffectEvidenceSynthesis",
+    "Encounter",
+    "Endpoint",
+    "EnrollmentRequest",
+    "EnrollmentResponse",
+    "EpisodeOfCare",
+    "EventDefinition",
+    "Evidence",
+    "EvidenceVariable",
+    "ExampleScenario",
+    "ExplanationOfBenefit",
+    "FamilyMemberHistory",
+    "Flag",
+    "Goal",
+    "GraphDefinition",
+    "Group",
+    "GuidanceResponse",
+    "HealthcareService",
+    "ImagingStudy",
+    "Immunization",
+    "ImmunizationEvaluation",
+    "ImmunizationRecommendation",
+    "ImplementationGuide",
+    "InsurancePlan",
+    "Invoice",
+    "Library",
+    "Linkage",
+    "List",
+    "Location",
+    "Measure",
+    "MeasureReport",
+    "Media",
+    "Medication",
+    "MedicationAdministration",
+    "MedicationDispense",
+    "MedicationKnowledge",
+    "MedicationRequest",
+    "MedicationStatement",
+    "MedicinalProduct",
+    "MedicinalProductAuthorization",
+    "MedicinalProductContraindication",
+    "MedicinalProductIndication",
+    "MedicinalProductIngredient",
+    "MedicinalProductInteraction",
+    "MedicinalProductManufactured",
+    "MedicinalProductPackaged",
+    "MedicinalProductPharmaceutical",
+    "MedicinalProductUndesirableEffect",
+    "MessageDefinition",
+    "MessageHeader",
+    "MolecularSequence",
+    "NamingSystem",
+    "NutritionOrder",
+    "Observation",
+    "ObservationDefinition",
+    "OperationDefinition",
+    "OperationOutcome",
+    "Organization",
+    "OrganizationAffiliation",
+    "Parameters",
+    "Patient",
+    "PaymentNotice",
+    "PaymentReconciliation",
+    "Person",
+    "PlanDefinition",
+    "Practitioner",
+    "PractitionerRole",
+    "Procedure",
+    "Provenance",
+    "Questionnaire",
+    "QuestionnaireResponse",
+    "RelatedPerson",
+    "RequestGroup",
+    "ResearchDefinition",
+    "ResearchElementDefinition",
+    "ResearchStudy",
+    "ResearchSubject",
+    "RiskAssessment",
+    "RiskEvidenceSynthesis",
+    "Schedule",
+    "SearchParameter",
+    "ServiceRequest",
+    "Slot",
+    "Specimen",
+    "SpecimenDefinition",
+    "StructureDefinition",
+    "StructureMap",
+    "Subscription",
+    "Substance",
+    "SubstanceNucleicAcid",
+    "SubstancePolymer",
+    "SubstanceProtein",
+    "SubstanceReferenceInformation",
+    "SubstanceSourceMaterial",
+    "SubstanceSpecification",
+    "SupplyDelivery",
+    "SupplyRequest",
+    "Task",
+    "TerminologyCapabilities",
+    "TestReport",
+    "TestScript",
+    "ValueSet",
+    "VerificationResult",
+    "VisionPrescription",
+];
+
+/// Types clients may not write (the server writes them).
+pub const READ_ONLY_TYPES: &[&str] = &["AuditEvent"];
+
+/// Whether `t` is an R4 resource type.
+pub fn is_resource_type(t: &str) -> bool {
+    R4_RESOURCE_TYPES.binary_search(&t).is_ok()
+}
+
+/// FHIR id syntax: 1-64 of `A-Z a-z 0-9 - .`.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// Every failure of the FHIR layer, each with its HTTP status and an OperationOutcome.
+#[derive(Debug, thiserror::Error)]
+pub enum FhirError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Gone(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    PreconditionFailed(String),
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    NotAcceptable(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("the store cannot take the write now: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<rusqlite::Error> for FhirError {
+    fn from(e: rusqlite::Error) -> Self {
+        FhirError::Internal(e.to_string())
+    }
+}
+
+impl From<crate::store::StoreError> for FhirError {
+    fn from(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match e {
+            StoreError::Caller(inner) => match inner.downcast::<FhirError>() {
+                Ok(f) => *f,
+                Err(other) => FhirError::Internal(other.to_string()),
+            },
+            StoreError::Rejected(m) => FhirError::BadRequest(m),
+            e if e.is_disk_full() => FhirError::Unavailable("disk full".into()),
+            StoreError::Closed => FhirError::Unavailable("shutting down".into()),
+            e => FhirError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// Carries a FHIR error through `Store::write` closures, which must return `StoreError`.
+impl From<FhirError> for crate::store::StoreError {
+    fn from(e: FhirError) -> Self {
+        crate::store::StoreError::Caller(Box::new(e))
+    }
+}
+
+impl FhirError {
+    pub fn status(&self) -> u16 {
+        match self {
+            FhirError::BadRequest(_) => 400,
+            FhirError::Unauthorized(_) => 401,
+            FhirError::Forbidden(_) => 403,
+            FhirError::NotFound(_) => 404,
+            FhirError::MethodNotAllowed(_) => 405,
+            FhirError::NotAcceptable(_) => 406,
+            FhirError::Conflict(_) => 409,
+            FhirError::Gone(_) => 410,
+            FhirError::PreconditionFailed(_) => 412,
+            FhirError::PayloadTooLarge(_) => 413,
+            FhirError::UnsupportedMediaType(_) => 415,
+            FhirError::Unprocessable(_) => 422,
+            FhirError::Unavailable(_) => 503,
+            FhirError::Internal(_) => 500,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            FhirError::BadRequest(_) | FhirError::Unprocessable(_) => "invalid",
+            FhirError::Unauthorized(_) => "login",
+            FhirError::Forbidden(_) => "forbidden",
+            FhirError::NotFound(_) | FhirError::Gone(_) => "not-found",
+            FhirError::Conflict(_) | FhirError::PreconditionFailed(_) => "conflict",
+            FhirError::PayloadTooLarge(_) => "too-costly",
+            FhirError::MethodNotAllowed(_)
+            | FhirError::UnsupportedMediaType(_)
+            | FhirError::NotAcceptable(_) => "not-supported",
+            FhirError::Unavailable(_) => "transient",
+            FhirError::Internal(_) => "exception",
+        }
+    }
+
+    /// The OperationOutcome body for this error.
+    pub fn outcome(&self) -> Value {
+        operation_outcome("error", self.code(), &self.to_string())
+    }
+}
+
+/// An OperationOutcome with one issue.
+pub fn operation_outcome(severity: &str, code: &str, text: &str) -> Value {
+    json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": severity, "code": code, "diagnostics": text}]
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn type_list_is_sorted_for_binary_search() {
+        let mut sorted = super::R4_RESOURCE_TYPES.to_vec();
+        sorted.sort_unstable();
+        assert_eq!(sorted, super::R4_RESOURCE_TYPES);
+        for t in super::params::indexed_types() {
+            assert!(super::is_resource_type(t), "{t}");
+        }
+    }
+}

@@ -1,0 +1,745 @@
+//! Search: parsing the FHIR query string into a typed request (pure), and turning it into SQL
+//! over the index tables (`execute`, read-only).
+
+use rusqlite::Connection;
+use rusqlite::types::Value as Sql;
+
+use super::FhirError;
+use super::date;
+use super::index::{normalize, split_reference};
+use super::params::{self, ParamKind, SearchParamDef};
+
+/// Default and maximum page size.
+pub const DEFAULT_COUNT: usize = 20;
+pub const MAX_COUNT: usize = 1000;
+/// Most matches one search materialises (for stable paging). Larger result sets are refused
+/// with a request to narrow the search.
+pub const MAX_RESULTS: usize = 200_000;
+
+/// `_total` handling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Total {
+    None,
+    Estimate,
+    Accurate,
+}
+
+/// A comparison prefix (`eq`, `lt`, …) of date, number and quantity searches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefix {
+    Eq,
+    Ne,
+    Lt,
+    Gt,
+    Le,
+    Ge,
+    Sa,
+    Eb,
+    Ap,
+}
+
+/// One search parameter occurrence: values are ORed; several clauses are ANDed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Clause {
+    pub code: String,
+    pub modifier: Option<String>,
+    /// Chained parameter: (target type, parameter on that type).
+    pub chain: Option<(Option<String>, String)>,
+    pub values: Vec<String>,
+}
+
+/// `_include` / `_revinclude`: `SourceType:param[:TargetType]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Include {
+    pub source: String,
+    pub param: String,
+    pub target: Option<String>,
+}
+
+/// A parsed search.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchRequest {
+    pub rtype: String,
+    pub clauses: Vec<Clause>,
+    /// (parameter, descending)
+    pub sort: Vec<(String, bool)>,
+    pub count: usize,
+    pub includes: Vec<Include>,
+    pub revincludes: Vec<Include>,
+    pub total: Total,
+    pub summary_count: bool,
+    pub elements: Option<Vec<String>>,
+    /// Parameters ignored under lenient handling (reported in the Bundle).
+    pub ignored: Vec<String>,
+}
+
+/// Parameters about the result, not the match.
+const RESULT_PARAMS: &[&str] = &[
+    "_count",
+    "_sort",
+    "_include",
+    "_revinclude",
+    "_total",
+    "_summary",
+    "_elements",
+    "_format",
+    "_pretty",
+    "_getpages",
+    "_offset",
+];
+
+fn split_values(v: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = v.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if matches!(chars.peek(), Some(',' | '|' | '$' | '\\')) => {
+                cur.push('\\');
+                cur.push(chars.next().expect("peeked"));
+            }
+            ',' => out.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("\\,", ",").replace("\\$", "$").replace("\\|", "|").replace("\\\\", "\\")
+}
+
+/// Splits `a|b` at the first unescaped `|`.
+fn split_pipe(s: &str) -> Option<(String, String)> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' {
+            i += 2;
+            continue;
+        }
+        if b[i] == b'|' {
+            return Some((unescape(&s[..i]), unescape(&s[i + 1..])));
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Parses the query of `GET [base]/{rtype}?…` (or a `_search` form body).
+/// `strict`: unknown or unsupported parameters are an error instead of being ignored.
+pub fn parse(
+    rtype: &str,
+    pairs: &[(String, String)],
+    strict: bool,
+) -> Result<SearchRequest, FhirError> {
+    let indexed = params::params_for(rtype).is_some();
+    if !indexed {
+        return Err(FhirError::BadRequest(format!(
+            "searching {rtype} is not supported (stored and read by id only)"
+        )));
+    }
+    let mut req = SearchRequest {
+        rtype: rtype.to_owned(),
+        clauses: Vec::new(),
+        sort: Vec::new(),
+        count: DEFAULT_COUNT,
+        includes: Vec::new(),
+        revincludes: Vec::new(),
+        total: Total::Accurate,
+        summary_count: false,
+        elements: None,
+        ignored: Vec::new(),
+    };
+    let bad = |m: String| Err(FhirError::BadRequest(m));
+    for (key, value) in pairs {
+        match key.as_str() {
+            "_count" => {
+                req.count = match value.parse::<usize>() {
+                    Ok(n) => n.min(MAX_COUNT),
+                    Err(_) => {
+                        return bad(format!(
+                            "_count must be a non-negative integer, got {value:?}"
+                        ));
+                    }
+                }
+            }
+            "_sort" => {
+                for s in value.split(',').filter(|s| !s.is_empty()) {
+                    let (name, desc) = match s.strip_prefix('-') {
+                        Some(n) => (n, true),
+                        None => (s, false),
+                    };
+                    if !matches!(name, "_id" | "_lastUpdated")
+                        && params::find(rtype, name).is_none()
+                    {
+                        return bad(format!("cannot sort {rtype} by unknown parameter {name:?}"));
+                    }
+                    req.sort.push((name.to_owned(), desc));
+                }
+            }
+            "_include" | "_revinclude" => {
+                let parts: Vec<&str> = value.split(':').collect();
+                let inc = match parts.as_slice() {
+                    [src, p] => Include { source: (*src).into(), param: (*p).into(), target: None },
+                    [src, p, t] => Include {
+                        source: (*src).into(),
+                        param: (*p).into(),
+                        target: Some((*t).into()),
+                    },
+                    _ => return bad(format!("{key} must be Type:param[:Target], got {value:?}")),
+                };
+                let def = params::find(&inc.source, &inc.param);
+                if inc.param != "*" && def.is_none_or(|d| d.kind != ParamKind::Reference) {
+                    return bad(format!(
+                        "{key}: {}:{} is not a reference search parameter",
+                        inc.source, inc.param
+                    ));
+                }
+                if key == "_include" {
+                    if inc.source != rtype {
+                        return bad(format!("_include source type must be {rtype}"));
+                    }
+                    req.includes.push(inc);
+                } else {
+                    req.revincludes.push(inc);
+                }
+            }
+            "_total" => {
+                req.total = match value.as_str() {
+                    "none" => Total::None,
+                    "estimate" => Total::Estimate,
+                    "accurate" => Total::Accurate,
+                    _ => {
+                        return bad(format!(
+                            "_total must be none, estimate or accurate, got {value:?}"
+                        ));
+                    }
+                }
+            }
+            "_summary" => match value.as_str() {
+                "count" => req.summary_count = true,
+                "false" => {}
+                _ => {
+                    return bad(format!(
+                        "_summary={value} is not supported (only count and false)"
+                    ));
+                }
+            },
+            "_elements" => {
+                req.elements = Some(
+                    value
+                        .split(',')
+                        .map(|s| s.trim().to_owned())
+                        .filter(|s| !s.is_empty())
+                        .collect(),
+                )
+            }
+            k if RESULT_PARAMS.contains(&k) => {}
+            _ => {
+                // `subject:Patient.identifier` = param `subject`, type `Patient`, chained `identifier`.
+                let (head, chained) = match key.split_once('.') {
+                    Some((h, c)) => (h, Some(c.to_owned())),
+                    None => (key.as_str(), None),
+                };
+                let (name, modifier) = match head.split_once(':') {
+                    Some((n, m)) => (n, Some(m.to_owned())),
+                    None => (head, None),
+                };
+                let chain = chained.map(|c| (modifier.clone(), c));
+                let known = matches!(name, "_id" | "_lastUpdated")
+                    || (indexed
+                        && params::find(rtype, name).is_some()
+                        && super::index::is_supported(rtype, name));
+                if !known {
+                    let why = if indexed {
+                        format!("unknown or unsupported search parameter {key:?} for {rtype}")
+                    } else {
+                        format!("searching {rtype} is not supported (stored and read by id only)")
+                    };
+                    if strict || !indexed {
+                        return bad(why);
+                    }
+                    req.ignored.push(key.clone());
+                    continue;
+                }
+                if let Some((t, p)) = &chain {
+                    let def = params::find(rtype, name).expect("known");
+                    if def.kind != ParamKind::Reference {
+                        return bad(format!("{name} is not a reference and cannot be chained"));
+                    }
+                    let targets = chain_targets(def, t.as_deref());
+                    if !targets.iter().any(|tt| params::find(tt, p).is_some()) {
+                        return bad(format!("chained parameter {p:?} is unknown on {targets:?}"));
+                    }
+                }
+                req.clauses.push(Clause {
+                    code: name.to_owned(),
+                    modifier: modifier.filter(|_| chain.is_none()),
+                    chain,
+                    values: split_values(value),
+                });
+            }
+        }
+    }
+    // Validate every clause's values now: bad syntax is a 400, never a 500 later.
+    for c in &req.clauses {
+        validate_clause(rtype, c)?;
+    }
+    Ok(req)
+}
+
+fn chain_targets(def: &SearchParamDef, explicit: Option<&str>) -> Vec<String> {
+    match explicit {
+        Some(t) => vec![t.to_owned()],
+        None => def.targets.iter().map(|t| (*t).to_owned()).collect(),
+    }
+}
+
+fn validate_clause(rtype: &str, c: &Clause) -> Result<(), FhirError> {
+    let kind = clause_kind(rtype, c);
+    for v in &c.values {
+        if v.is_empty() {
+            return Err(FhirError::BadRequest(format!(
+                "empty value for search parameter {}",
+                c.code
+            )));
+        }
+        match kind {
+            ParamKind::Date => {
+                let (_, d) = split_prefix(v);
+                if date::parse_range(d).is_none() {
+                    return Err(FhirError::BadRequest(format!(
+                        "{}: {v:?} is not a FHIR date",
+                        c.code
+                    )));
+                }
+            }
+            ParamKind::Quantity | ParamKind::Number => {
+                let (_, rest) = split_prefix(v);
+                let num = rest.split('|').next().unwrap_or("");
+                if num.parse::<f64>().map_or(true, |n| !n.is_finite()) {
+                    return Err(FhirError::BadRequest(format!(
+                        "{}: {v:?} is not a number",
+                        c.code
+                    )));
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(m) = &c.modifier {
+        let ok = match kind {
+            ParamKind::String => matches!(m.as_str(), "exact" | "contains" | "missing"),
+            ParamKind::Token | ParamKind::Uri => matches!(m.as_str(), "not" | "text" | "missing"),
+            ParamKind::Reference => m == "missing" || super::is_resource_type(m),
+            _ => m == "missing",
+        };
+        if !ok {
+            return Err(FhirError::BadRequest(format!(
+                "modifier :{m} is not supported on {}",
+                c.code
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn clause_kind(rtype: &str, c: &Clause) -> ParamKind {
+    match c.code.as_str() {
+        "_id" => ParamKind::Token,
+        "_lastUpdated" => ParamKind::Date,
+        code => match &c.chain {
+            Some((t, p)) => {
+                let def = params::find(rtype, code).expect("validated");
+                chain_targets(def, t.as_deref())
+                    .iter()
+                    .find_map(|tt| params::find(tt, p))
+                    .map_or(ParamKind::Token, |d| d.kind)
+            }
+            None => params::find(rtype, code).map_or(ParamKind::Token, |d| d.kind),
+        },
+    }
+}
+
+fn split_prefix(v: &str) -> (Prefix, &str) {
+    let p = match v.get(..2) {
+        Some("eq") => Prefix::Eq,
+        Some("ne") => Prefix::Ne,
+        Some("lt") => Prefix::Lt,
+        Some("gt") => Prefix::Gt,
+        Some("le") => Prefix::Le,
+        Some("ge") => Prefix::Ge,
+        Some("sa") => Prefix::Sa,
+        Some("eb") => Prefix::Eb,
+        Some("ap") => Prefix::Ap,
+        _ => return (Prefix::Eq, v),
+    };
+    (p, &v[2..])
+}
+
+/// SQL condition builder with positional parameters.
+struct Sql_ {
+    args: Vec<Sql>,
+}
+
+impl Sql_ {
+    fn arg(&mut self, v: impl Into<Sql>) -> String {
+        self.args.push(v.into());
+        format!("?{}", self.args.len())
+    }
+}
+
+/// Condition on a date range `[lo, hi)` in columns `lo_col`, `hi_col`.
+fn date_condition(
+    q: &mut Sql_,
+    prefix: Prefix,
+    plo: i64,
+    phi: i64,
+    lo_col: &str,
+    hi_col: &str,
+) -> String {
+    match prefix {
+        Prefix::Eq => format!("({lo_col} >= {} AND {hi_col} <= {})", q.arg(plo), q.arg(phi)),
+        Prefix::Ne => format!("NOT ({lo_col} >= {} AND {hi_col} <= {})", q.arg(plo), q.arg(phi)),
+        Prefix::Gt => format!("{hi_col} > {}", q.arg(phi)),
+        Prefix::Lt => format!("{lo_col} < {}", q.arg(plo)),
+        Prefix::Ge => format!("{hi_col} > {}", q.arg(plo)),
+        Prefix::Le => format!("{lo_col} < {}", q.arg(phi)),
+        Prefix::Sa => format!("{lo_col} >= {}", q.arg(phi)),
+        Prefix::Eb => format!("{hi_col} <= {}", q.arg(plo)),
+        Prefix::Ap => format!("({lo_col} < {} AND {hi_col} > {})", q.arg(phi), q.arg(plo)),
+    }
+}
+
+fn number_condition(q: &mut Sql_, prefix: Prefix, text: &str, col: &str) -> String {
+    let n: f64 = text.parse().unwrap_or(0.0);
+    // Precision from the written digits: 6.3 means [6.25, 6.35).
+    let decimals = text.split_once('.').map_or(0, |(_, f)| f.len()) as i32;
+    let half = 0.5 * 10f64.powi(-decimals);
+    match prefix {
+        Prefix::Eq | Prefix::Ap => {
+            format!("({col} >= {} AND {col} < {})", q.arg(n - half), q.arg(n + half))
+        }
+        Prefix::Ne => format!("NOT ({col} >= {} AND {col} < {})", q.arg(n - half), q.arg(n + half)),
+        Prefix::Gt | Prefix::Sa => format!("{col} > {}", q.arg(n)),
+        Prefix::Lt | Prefix::Eb => format!("{col} < {}", q.arg(n)),
+        Prefix::Ge => format!("{col} >= {}", q.arg(n)),
+        Prefix::Le => format!("{col} <= {}", q.arg(n)),
+    }
+}
+
+/// `(rtype, id)` selector for one parameter value of `kind` on `table`-rows of `rtype`/`param`.
+fn value_condition(q: &mut Sql_, kind: ParamKind, modifier: Option<&str>, value: &str) -> String {
+    match kind {
+        ParamKind::Token | ParamKind::Uri => {
+            if modifier == Some("text") {
+                let n = normalize(value);
+                return format!(
+                    "(text >= {} AND text < {})",
+                    q.arg(n.clone()),
+                    q.arg(format!("{n}\u{10FFFF}"))
+                );
+            }
+            match split_pipe(value) {
+                Some((s, c)) if s.is_empty() => format!("(system IS NULL AND code = {})", q.arg(c)),
+                Some((s, c)) if c.is_empty() => format!("system = {}", q.arg(s)),
+                Some((s, c)) => format!("(system = {} AND code = {})", q.arg(s), q.arg(c)),
+                None => format!("code = {}", q.arg(unescape(value))),
+            }
+        }
+        ParamKind::String => {
+            let v = unescape(value);
+            match modifier {
+                Some("exact") => format!("exact = {}", q.arg(v)),
+                Some("contains") => format!("instr(norm, {}) > 0", q.arg(normalize(&v))),
+                _ => {
+                    let n = normalize(&v);
+                    format!(
+                        "(norm >= {} AND norm < {})",
+                        q.arg(n.clone()),
+                        q.arg(format!("{n}\u{10FFFF}"))
+                    )
+                }
+            }
+        }
+        ParamKind::Date => {
+            let (p, d) = split_prefix(value);
+            let (lo, hi) = date::parse_range(d).unwrap_or((0, 0));
+            date_condition(q, p, lo, hi, "lo", "hi")
+        }
+        ParamKind::Quantity | ParamKind::Number => {
+            let (p, rest) = split_prefix(value);
+            let mut parts = rest.splitn(3, '|');
+            let num = parts.next().unwrap_or("0");
+            let mut cond = number_condition(q, p, num, "value");
+            if let Some(system) = parts.next().filter(|s| !s.is_empty()) {
+                cond = format!("{cond} AND system = {}", q.arg(system.to_owned()));
+            }
+            if let Some(code) = parts.next().filter(|s| !s.is_empty()) {
+                cond = format!("{cond} AND code = {}", q.arg(code.to_owned()));
+            }
+            format!("({cond})")
+        }
+        ParamKind::Reference => {
+            let target_type = modifier.filter(|m| *m != "missing");
+            let (t, id) = match split_reference(value) {
+                Some((t, id)) => (Some(t.to_owned()), id.to_owned()),
+                None => (target_type.map(str::to_owned), value.to_owned()),
+            };
+            match t {
+                Some(t) => format!("(target_id = {} AND target_type = {})", q.arg(id), q.arg(t)),
+                None => format!("target_id = {}", q.arg(id)),
+            }
+        }
+    }
+}
+
+fn table_of(kind: ParamKind) -> &'static str {
+    match kind {
+        ParamKind::Token | ParamKind::Uri => "fhir_idx_token",
+        ParamKind::String => "fhir_idx_string",
+        ParamKind::Date => "fhir_idx_date",
+        ParamKind::Reference => "fhir_idx_ref",
+        ParamKind::Quantity | ParamKind::Number => "fhir_idx_number",
+    }
+}
+
+/// `c.id IN (…)`-style condition for one clause.
+fn clause_sql(q: &mut Sql_, rtype: &str, c: &Clause) -> String {
+    let modifier = c.modifier.as_deref();
+    match c.code.as_str() {
+        "_id" => {
+            let list: Vec<String> = c.values.iter().map(|v| q.arg(v.clone())).collect();
+            let op = if modifier == Some("not") { "NOT IN" } else { "IN" };
+            return format!("c.id {op} ({})", list.join(","));
+        }
+        "_lastUpdated" => {
+            let conds: Vec<String> = c
+                .values
+                .iter()
+                .map(|v| {
+                    let (p, d) = split_prefix(v);
+                    let (lo, hi) = date::parse_range(d).unwrap_or((0, 0));
+                    date_condition(q, p, lo, hi, "c.last_updated", "(c.last_updated + 1)")
+                })
+                .collect();
+            return format!("({})", conds.join(" OR "));
+        }
+        _ => {}
+    }
+    let def = params::find(rtype, &c.code).expect("validated");
+    if modifier == Some("missing") {
+        let present = format!(
+            "c.id IN (SELECT id FROM {} WHERE rtype = {} AND param = {})",
+            table_of(def.kind),
+            q.arg(rtype.to_owned()),
+            q.arg(def.code.to_owned())
+        );
+        let want_missing = c.values.first().map(String::as_str) == Some("true");
+        return if want_missing { format!("NOT {present}") } else { present };
+    }
+    if let Some((t, p)) = &c.chain {
+        // target ids whose chained parameter matches
+        let mut alts = Vec::new();
+        for tt in chain_targets(def, t.as_deref()) {
+            let Some(cdef) = params::find(&tt, p) else { continue };
+            let conds: Vec<String> =
+                c.values.iter().map(|v| value_condition(q, cdef.kind, None, v)).collect();
+            alts.push(format!(
+                "(target_type = {} AND target_id IN (SELECT id FROM {} WHERE rtype = {} AND param = {} AND ({})))",
+                q.arg(tt.clone()),
+                table_of(cdef.kind),
+                q.arg(tt.clone()),
+                q.arg(cdef.code.to_owned()),
+                conds.join(" OR ")
+            ));
+        }
+        return format!(
+            "c.id IN (SELECT id FROM fhir_idx_ref WHERE rtype = {} AND param = {} AND ({}))",
+            q.arg(rtype.to_owned()),
+            q.arg(def.code.to_owned()),
+            alts.join(" OR ")
+        );
+    }
+    let negate = modifier == Some("not");
+    let value_mod = if negate { None } else { modifier };
+    let conds: Vec<String> =
+        c.values.iter().map(|v| value_condition(q, def.kind, value_mod, v)).collect();
+    format!(
+        "c.id {} (SELECT id FROM {} WHERE rtype = {} AND param = {} AND ({}))",
+        if negate { "NOT IN" } else { "IN" },
+        table_of(def.kind),
+        q.arg(rtype.to_owned()),
+        q.arg(def.code.to_owned()),
+        conds.join(" OR ")
+    )
+}
+
+fn sort_sql(q: &mut Sql_, rtype: &str, name: &str, desc: bool) -> String {
+    let dir = if desc { "DESC" } else { "ASC" };
+    match name {
+        "_id" => format!("c.id {dir}"),
+        "_lastUpdated" => format!("c.last_updated {dir}"),
+        code => {
+            let def = params::find(rtype, code).expect("validated");
+            let (agg, col) = match (def.kind, desc) {
+                (ParamKind::Date, false) => ("MIN", "lo"),
+                (ParamKind::Date, true) => ("MAX", "hi"),
+                (ParamKind::String, _) => (if desc { "MAX" } else { "MIN" }, "norm"),
+                (ParamKind::Token | ParamKind::Uri, _) => {
+                    (if desc { "MAX" } else { "MIN" }, "code")
+                }
+                (ParamKind::Reference, _) => (if desc { "MAX" } else { "MIN" }, "target_id"),
+                (ParamKind::Quantity | ParamKind::Number, _) => {
+                    (if desc { "MAX" } else { "MIN" }, "value")
+                }
+            };
+            // Resources without the value sort last either way.
+            let sub = format!(
+                "(SELECT {agg}({col}) FROM {} s WHERE s.rtype = c.rtype AND s.id = c.id AND s.param = {})",
+                table_of(def.kind),
+                q.arg(def.code.to_owned())
+            );
+            format!("{sub} IS NULL, {sub} {dir}")
+        }
+    }
+}
+
+/// Runs the search; returns the ids of every match in result order.
+pub fn execute(conn: &Connection, req: &SearchRequest) -> Result<Vec<String>, FhirError> {
+    let mut q = Sql_ { args: Vec::new() };
+    let mut sql = format!(
+        "SELECT c.id FROM fhir_current c WHERE c.rtype = {} AND c.deleted = 0",
+        q.arg(req.rtype.clone())
+    );
+    for c in &req.clauses {
+        let cond = clause_sql(&mut q, &req.rtype, c);
+        sql.push_str(" AND ");
+        sql.push_str(&cond);
+    }
+    let mut order: Vec<String> =
+        req.sort.iter().map(|(n, d)| sort_sql(&mut q, &req.rtype, n, *d)).collect();
+    order.push("c.id".into());
+    sql.push_str(" ORDER BY ");
+    sql.push_str(&order.join(", "));
+    sql.push_str(&format!(" LIMIT {}", MAX_RESULTS + 1));
+    let mut stmt = conn.prepare(&sql)?;
+    let ids: Vec<String> = stmt
+        .query_map(rusqlite::params_from_iter(q.args.iter()), |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    if ids.len() > MAX_RESULTS {
+        return Err(FhirError::Unprocessable(format!(
+            "more than {MAX_RESULTS} matches: narrow the search"
+        )));
+    }
+    Ok(ids)
+}
+
+/// References from `ids` (of `rtype`) through `inc.param` (all reference params for `*`).
+pub fn include_targets(
+    conn: &Connection,
+    rtype: &str,
+    ids: &[String],
+    inc: &Include,
+) -> Result<Vec<(String, String)>, FhirError> {
+    let mut out = Vec::new();
+    let mut stmt = conn.prepare_cached(
+        "SELECT target_type, target_id FROM fhir_idx_ref
+         WHERE rtype = ?1 AND id = ?2 AND (?3 = '*' OR param = ?3) AND target_type IS NOT NULL
+           AND (?4 IS NULL OR target_type = ?4)",
+    )?;
+    for id in ids {
+        let rows = stmt.query_map(rusqlite::params![rtype, id, inc.param, inc.target], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
+        for r in rows {
+            out.push(r?);
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Resources of `inc.source` referring to any of `ids` (of `rtype`) through `inc.param`.
+pub fn revinclude_sources(
+    conn: &Connection,
+    rtype: &str,
+    ids: &[String],
+    inc: &Include,
+) -> Result<Vec<(String, String)>, FhirError> {
+    let mut out = Vec::new();
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT r.rtype, r.id FROM fhir_idx_ref r JOIN fhir_current c
+           ON c.rtype = r.rtype AND c.id = r.id AND c.deleted = 0
+         WHERE r.target_id = ?1 AND r.target_type = ?2 AND r.rtype = ?3 AND (?4 = '*' OR r.param = ?4)",
+    )?;
+    for id in ids {
+        let rows = stmt.query_map(rusqlite::params![id, rtype, inc.source, inc.param], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
+        for r in rows {
+            out.push(r?);
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect()
+    }
+
+    #[test]
+    fn parses_modifiers_chains_and_result_params() {
+        let r = parse(
+            "Observation",
+            &p(&[
+                ("code", "http://loinc.org|1,2"),
+                ("subject:Patient.identifier", "x|1"),
+                ("_sort", "-date"),
+                ("_count", "5"),
+                ("_include", "Observation:subject"),
+            ]),
+            true,
+        )
+        .unwrap();
+        assert_eq!(r.clauses[0].values, vec!["http://loinc.org|1", "2"]);
+        assert_eq!(r.clauses[1].chain, Some((Some("Patient".into()), "identifier".into())));
+        assert_eq!(r.sort, vec![("date".into(), true)]);
+        assert_eq!(r.count, 5);
+        assert_eq!(r.includes.len(), 1);
+    }
+
+    #[test]
+    fn unknown_parameters_strict_vs_lenient() {
+        assert!(parse("Patient", &p(&[("shoe-size", "9")]), true).is_err());
+        let r = parse("Patient", &p(&[("shoe-size", "9")]), false).unwrap();
+        assert_eq!(r.ignored, vec!["shoe-size"]);
+        assert!(parse("Binary", &p(&[("x", "1")]), false).is_err());
+    }
+
+    #[test]
+    fn bad_values_are_400_not_500() {
+        for (k, v) in [
+            ("birthdate", "yesterday"),
+            ("_count", "-1"),
+            ("name:sounds", "x"),
+            ("_sort", "nope"),
+            ("birthdate", ""),
+            ("_lastUpdated", "gt2020-13"),
+        ] {
+            let e = parse("Patient", &p(&[(k, v)]), true).unwrap_err();
+            assert_eq!(e.status(), 400, "{k}={v}: {e}");
+        }
+        let e = parse("Observation", &p(&[("value-quantity", "gtabc")]), true).unwrap_err();
+        assert_eq!(e.status(), 400);
+    }
+}

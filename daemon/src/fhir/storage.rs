@@ -1,0 +1,407 @@
+//! FHIR resources in the store: current version pointer, full version history, search index rows.
+//! Every function here runs inside a transaction handed out by `Store::write` (or on a read-only
+//! connection for reads), so a write and its index rows, history row and outbox entry are atomic.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::Value;
+
+use super::FhirError;
+use super::index::{self, IndexEntry, IndexValue};
+use crate::store::{Change, WriteTx, now_ms};
+
+/// Schema of the FHIR cache (appended to the store's migrations).
+pub const MIGRATION: &str = r#"
+    CREATE TABLE fhir_history (
+        seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+        rtype        TEXT NOT NULL,
+        id           TEXT NOT NULL,
+        version      INTEGER NOT NULL,
+        last_updated INTEGER NOT NULL,
+        method       TEXT NOT NULL,
+        json         TEXT,
+        UNIQUE (rtype, id, version)
+    ) STRICT;
+    CREATE INDEX fhir_history_by_time ON fhir_history (last_updated);
+    CREATE TABLE fhir_current (
+        rtype        TEXT NOT NULL,
+        id           TEXT NOT NULL,
+        version      INTEGER NOT NULL,
+        last_updated INTEGER NOT NULL,
+        deleted      INTEGER NOT NULL DEFAULT 0,
+        origin       TEXT NOT NULL DEFAULT 'local',
+        seq          INTEGER NOT NULL REFERENCES fhir_history (seq),
+        PRIMARY KEY (rtype, id)
+    ) STRICT;
+    CREATE INDEX fhir_current_by_updated ON fhir_current (rtype, last_updated);
+    CREATE TABLE fhir_idx_token (
+        rtype TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL,
+        system TEXT, code TEXT NOT NULL, text TEXT
+    ) STRICT;
+    CREATE INDEX fhir_idx_token_search ON fhir_idx_token (rtype, param, code, system);
+    CREATE INDEX fhir_idx_token_owner ON fhir_idx_token (rtype, id);
+    CREATE TABLE fhir_idx_string (
+        rtype TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL,
+        norm TEXT NOT NULL, exact TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX fhir_idx_string_search ON fhir_idx_string (rtype, param, norm);
+    CREATE INDEX fhir_idx_string_owner ON fhir_idx_string (rtype, id);
+    CREATE TABLE fhir_idx_date (
+        rtype TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL,
+        lo INTEGER NOT NULL, hi INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX fhir_idx_date_search ON fhir_idx_date (rtype, param, lo);
+    CREATE INDEX fhir_idx_date_owner ON fhir_idx_date (rtype, id);
+    CREATE TABLE fhir_idx_ref (
+        rtype TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL,
+        target_type TEXT, target_id TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX fhir_idx_ref_search ON fhir_idx_ref (rtype, param, target_id);
+    CREATE INDEX fhir_idx_ref_target ON fhir_idx_ref (target_id, target_type);
+    CREATE INDEX fhir_idx_ref_owner ON fhir_idx_ref (rtype, id);
+    CREATE TABLE fhir_idx_number (
+        rtype TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL,
+        value REAL NOT NULL, system TEXT, code TEXT
+    ) STRICT;
+    CREATE INDEX fhir_idx_number_search ON fhir_idx_number (rtype, param, value);
+    CREATE INDEX fhir_idx_number_owner ON fhir_idx_number (rtype, id);
+    CREATE TABLE audit_events (
+        seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+        at       INTEGER NOT NULL,
+        actor    TEXT NOT NULL,
+        source   TEXT NOT NULL,
+        action   TEXT NOT NULL,
+        entity   TEXT NOT NULL,
+        outcome  TEXT NOT NULL,
+        detail   TEXT
+    ) STRICT;
+"#;
+
+/// The current state of one resource.
+#[derive(Debug, Clone)]
+pub struct Current {
+    pub version: i64,
+    pub last_updated: i64,
+    pub deleted: bool,
+    pub json: Option<String>,
+}
+
+/// One stored version (history entry).
+#[derive(Debug, Clone)]
+pub struct Version {
+    pub rtype: String,
+    pub id: String,
+    pub version: i64,
+    pub last_updated: i64,
+    pub method: String,
+    pub json: Option<String>,
+}
+
+/// Reads the current version of a resource (deleted ones included, flagged).
+pub fn read_current(
+    conn: &Connection,
+    rtype: &str,
+    id: &str,
+) -> Result<Option<Current>, FhirError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT c.version, c.last_updated, c.deleted, h.json FROM fhir_current c
+             JOIN fhir_history h ON h.seq = c.seq WHERE c.rtype = ?1 AND c.id = ?2",
+        )?
+        .query_row([rtype, id], |r| {
+            Ok(Current {
+                version: r.get(0)?,
+                last_updated: r.get(1)?,
+                deleted: r.get::<_, i64>(2)? != 0,
+                json: r.get(3)?,
+            })
+        })
+        .optional()?)
+}
+
+/// Reads one version.
+pub fn read_version(
+    conn: &Connection,
+    rtype: &str,
+    id: &str,
+    version: i64,
+) -> Result<Option<Version>, FhirError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT last_updated, method, json FROM fhir_history
+             WHERE rtype = ?1 AND id = ?2 AND version = ?3",
+        )?
+        .query_row(params![rtype, id, version], |r| {
+            Ok(Version {
+                rtype: rtype.to_owned(),
+                id: id.to_owned(),
+                version,
+                last_updated: r.get(0)?,
+                method: r.get(1)?,
+                json: r.get(2)?,
+            })
+        })
+        .optional()?)
+}
+
+/// History, newest first: of one resource, one type, or the whole system.
+pub fn history(
+    conn: &Connection,
+    rtype: Option<&str>,
+    id: Option<&str>,
+    since: Option<i64>,
+    limit: usize,
+) -> Result<Vec<Version>, FhirError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT rtype, id, version, last_updated, method, json FROM fhir_history
+         WHERE (?1 IS NULL OR rtype = ?1) AND (?2 IS NULL OR id = ?2)
+           AND (?3 IS NULL OR last_updated >= ?3)
+         ORDER BY seq DESC LIMIT ?4",
+    )?;
+    let rows = stmt.query_map(params![rtype, id, since, limit as i64], |r| {
+        Ok(Version {
+            rtype: r.get(0)?,
+            id: r.get(1)?,
+            version: r.get(2)?,
+            last_updated: r.get(3)?,
+            method: r.get(4)?,
+            json: r.get(5)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Result of a create/update/delete.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub rtype: String,
+    pub id: String,
+    pub version: i64,
+    pub last_updated: i64,
+    /// Stored JSON (None for a delete).
+    pub json: Option<String>,
+    /// True when the resource did not exist (or was deleted) before.
+    pub created: bool,
+}
+
+/// Stores a new version of `resource` (which must already carry `resourceType` and `id`).
+/// `if_match`: the version the client last saw (version-aware update); mismatch → 412.
+/// `origin`: `local` for LAN writes (synced upstream), `upstream` for pulled data (not echoed).
+pub fn put(
+    tx: &WriteTx<'_>,
+    rtype: &str,
+    id: &str,
+    mut resource: Value,
+    if_match: Option<i64>,
+    origin: &str,
+) -> Result<Written, FhirError> {
+    let conn = tx.sql();
+    let current = read_current(conn, rtype, id)?;
+    if let Some(expected) = if_match {
+        match &current {
+            Some(c) if c.version == expected && !c.deleted => {}
+            Some(c) => {
+                return Err(FhirError::PreconditionFailed(format!(
+                    "If-Match version {expected} does not match current version {}{}",
+                    c.version,
+                    if c.deleted { " (deleted)" } else { "" }
+                )));
+            }
+            None => {
+                return Err(FhirError::PreconditionFailed(format!(
+                    "If-Match given but {rtype}/{id} does not exist"
+                )));
+            }
+        }
+    }
+    let created = current.as_ref().is_none_or(|c| c.deleted);
+    let version = current.as_ref().map_or(1, |c| c.version + 1);
+    // lastUpdated never goes backwards for a resource, even if the clock does.
+    let last_updated = now_ms().max(current.as_ref().map_or(0, |c| c.last_updated + 1));
+    let meta = resource
+        .as_object_mut()
+        .expect("validated object")
+        .entry("meta")
+        .or_insert_with(|| Value::Object(Default::default()));
+    if !meta.is_object() {
+        *meta = Value::Object(Default::default());
+    }
+    let meta = meta.as_object_mut().expect("object");
+    meta.insert("versionId".into(), Value::String(version.to_string()));
+    meta.insert("lastUpdated".into(), Value::String(super::date::format_instant(last_updated)));
+    let entries = index::extract(rtype, &resource);
+    let json = serde_json::to_string(&resource).map_err(|e| FhirError::Internal(e.to_string()))?;
+    let method = if created { "POST" } else { "PUT" };
+    conn.prepare_cached(
+        "INSERT INTO fhir_history (rtype, id, version, last_updated, method, json)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![rtype, id, version, last_updated, method, json])?;
+    let seq = conn.last_insert_rowid();
+    conn.prepare_cached(
+        "INSERT INTO fhir_current (rtype, id, version, last_updated, deleted, origin, seq)
+         VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6)
+         ON CONFLICT (rtype, id) DO UPDATE SET version = excluded.version,
+           last_updated = excluded.last_updated, deleted = 0, origin = excluded.origin,
+           seq = excluded.seq",
+    )?
+    .execute(params![rtype, id, version, last_updated, origin, seq])?;
+    if current.is_some() {
+        clear_index(conn, rtype, id)?;
+    }
+    write_index(conn, rtype, id, &entries)?;
+    if origin == "local" {
+        tx.append_change(&Change {
+            kind: "fhir".into(),
+            entity: format!("{rtype}/{id}"),
+            op: if created { "create" } else { "update" }.into(),
+            version: Some(version.to_string()),
+            detail: None,
+        })?;
+    }
+    Ok(Written {
+        rtype: rtype.into(),
+        id: id.into(),
+        version,
+        last_updated,
+        json: Some(json),
+        created,
+    })
+}
+
+/// Deletes a resource (a new, empty version). Deleting what is absent or deleted is a no-op.
+pub fn delete(
+    tx: &WriteTx<'_>,
+    rtype: &str,
+    id: &str,
+    origin: &str,
+) -> Result<Option<Written>, FhirError> {
+    let conn = tx.sql();
+    let Some(current) = read_current(conn, rtype, id)?.filter(|c| !c.deleted) else {
+        return Ok(None);
+    };
+    let version = current.version + 1;
+    let last_updated = now_ms().max(current.last_updated + 1);
+    conn.prepare_cached(
+        "INSERT INTO fhir_history (rtype, id, version, last_updated, method, json)
+         VALUES (?1, ?2, ?3, ?4, 'DELETE', NULL)",
+    )?
+    .execute(params![rtype, id, version, last_updated])?;
+    let seq = conn.last_insert_rowid();
+    conn.prepare_cached(
+        "UPDATE fhir_current SET version = ?3, last_updated = ?4, deleted = 1, origin = ?5, seq = ?6
+         WHERE rtype = ?1 AND id = ?2",
+    )?
+    .execute(params![rtype, id, version, last_updated, origin, seq])?;
+    clear_index(conn, rtype, id)?;
+    if origin == "local" {
+        tx.append_change(&Change {
+            kind: "fhir".into(),
+            entity: format!("{rtype}/{id}"),
+            op: "delete".into(),
+            version: Some(version.to_string()),
+            detail: None,
+        })?;
+    }
+    Ok(Some(Written {
+        rtype: rtype.into(),
+        id: id.into(),
+        version,
+        last_updated,
+        json: None,
+        created: false,
+    }))
+}
+
+const INDEX_TABLES: [&str; 5] =
+    ["fhir_idx_token", "fhir_idx_string", "fhir_idx_date", "fhir_idx_ref", "fhir_idx_number"];
+
+fn clear_index(conn: &Connection, rtype: &str, id: &str) -> Result<(), FhirError> {
+    for t in INDEX_TABLES {
+        conn.prepare_cached(&format!("DELETE FROM {t} WHERE rtype = ?1 AND id = ?2"))?
+            .execute([rtype, id])?;
+    }
+    Ok(())
+}
+
+fn write_index(
+    conn: &Connection,
+    rtype: &str,
+    id: &str,
+    entries: &[IndexEntry],
+) -> Result<(), FhirError> {
+    for e in entries {
+        match &e.value {
+            IndexValue::Token { system, code, text } => conn
+                .prepare_cached(
+                    "INSERT INTO fhir_idx_token (rtype, id, param, system, code, text)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![rtype, id, e.param, system, code, text.as_deref().map(index::normalize)])?,
+            IndexValue::String { norm, exact } => conn
+                .prepare_cached(
+                    "INSERT INTO fhir_idx_string (rtype, id, param, norm, exact)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![rtype, id, e.param, norm, exact])?,
+            IndexValue::Date { lo, hi } => conn
+                .prepare_cached(
+                    "INSERT INTO fhir_idx_date (rtype, id, param, lo, hi) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![rtype, id, e.param, lo, hi])?,
+            IndexValue::Reference { target_type, target_id } => conn
+                .prepare_cached(
+                    "INSERT INTO fhir_idx_ref (rtype, id, param, target_type, target_id)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![rtype, id, e.param, target_type, target_id])?,
+            IndexValue::Quantity { value, system, code } => conn
+                .prepare_cached(
+                    "INSERT INTO fhir_idx_number (rtype, id, param, value, system, code)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![rtype, id, e.param, value, system, code])?,
+            IndexValue::Number(v) => conn
+                .prepare_cached(
+                    "INSERT INTO fhir_idx_number (rtype, id, param, value, system, code)
+                     VALUES (?1, ?2, ?3, ?4, NULL, NULL)",
+                )?
+                .execute(params![rtype, id, e.param, v])?,
+        };
+    }
+    Ok(())
+}
+
+/// Appends an audit event (who, from where, what, outcome) in the caller's transaction.
+pub fn audit(tx: &WriteTx<'_>, event: &AuditRecord) -> Result<(), FhirError> {
+    tx.sql()
+        .prepare_cached(
+            "INSERT INTO audit_events (at, actor, source, action, entity, outcome, detail)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            now_ms(),
+            event.actor,
+            event.source,
+            event.action,
+            event.entity,
+            event.outcome,
+            event.detail
+        ])?;
+    Ok(())
+}
+
+/// One audited access.
+#[derive(Debug, Clone)]
+pub struct AuditRecord {
+    /// Who: token subject, client certificate, or `anonymous` (auth off in development).
+    pub actor: String,
+    /// From where: remote address.
+    pub source: String,
+    /// What kind of access: `read`, `vread`, `search`, `create`, `update`, `delete`, …
+    pub action: String,
+    /// What: `Patient/123`, `Observation?code=…`.
+    pub entity: String,
+    /// `success` or the HTTP status and reason.
+    pub outcome: String,
+    pub detail: Option<String>,
+}
