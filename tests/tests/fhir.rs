@@ -640,3 +640,93 @@ fn short(v: Option<&Value>) -> String {
     let s = v.map_or("<absent>".to_string(), Value::to_string);
     s.chars().take(120).collect()
 }
+
+/// Random search requests (real parameter names with modifiers, chains and garbage values) and
+/// random bodies against the live server: never a 500.
+#[test]
+fn random_requests_never_get_a_500() {
+    use rand::Rng;
+    let f = start();
+    f.post("Patient", &patient("Rand", "Om", "R1", "1990-01-01"));
+    let mut rng = rand::rng();
+    let names: Vec<String> = hms_edge::fhir::params::params_for("Observation")
+        .unwrap()
+        .iter()
+        .chain(hms_edge::fhir::params::params_for("Patient").unwrap())
+        .map(|p| p.code.to_string())
+        .chain(
+            [
+                "_id",
+                "_lastUpdated",
+                "_sort",
+                "_include",
+                "_revinclude",
+                "_count",
+                "_elements",
+                "_total",
+            ]
+            .map(String::from),
+        )
+        .collect();
+    let pieces = [
+        "",
+        ":exact",
+        ":contains",
+        ":not",
+        ":text",
+        ":missing",
+        ":Patient",
+        ".identifier",
+        ":Patient.name",
+        ".nope",
+        ":",
+    ];
+    let values = [
+        "",
+        "x",
+        "gt2020",
+        "le2020-13-01",
+        "eq1.5",
+        "ap-3",
+        "a|b",
+        "|",
+        "http://x|",
+        "Patient/1",
+        "1e999",
+        "NaN",
+        "%00",
+        "'; DROP TABLE fhir_current; --",
+        "\u{1F600}",
+        "true",
+        "-date",
+        "Observation:subject",
+        "*",
+        "9999999999999999999",
+    ];
+    for i in 0..400 {
+        let n = rng.random_range(1..4);
+        let mut q = Vec::new();
+        for _ in 0..n {
+            let name = &names[rng.random_range(0..names.len())];
+            let m = pieces[rng.random_range(0..pieces.len())];
+            let v = values[rng.random_range(0..values.len())];
+            q.push((format!("{name}{m}"), v.to_string()));
+        }
+        let t = if i % 2 == 0 { "Observation" } else { "Patient" };
+        let qs = serde_urlencoded::to_string(&q).unwrap();
+        let r = f.c.get(format!("{}/{t}?{qs}", f.base)).send().unwrap();
+        assert!(r.status().as_u16() < 500, "{t}?{q:?} -> {} {}", r.status(), r.text().unwrap());
+    }
+    for _ in 0..100 {
+        let len = rng.random_range(0..200);
+        let body: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        let r =
+            f.c.post(format!("{}/Patient", f.base))
+                .header(CONTENT_TYPE, FHIR_JSON)
+                .body(body)
+                .send()
+                .unwrap();
+        assert_eq!(r.status(), 400);
+    }
+    assert_eq!(f.search_ids("Patient?family=rand").len(), 1, "the store is intact");
+}

@@ -8,6 +8,8 @@ pub mod auth;
 pub mod bundle;
 pub mod date;
 pub mod fhirpath;
+#[cfg(test)]
+mod fuzz_tests;
 pub mod index;
 pub mod params;
 #[rustfmt::skip]
