@@ -33,7 +33,7 @@ fn arb_json() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(|n| Value::from(n)),
+        any::<i64>().prop_map(Value::from),
         ".{0,12}".prop_map(Value::String),
         "[0-9]{4}(-[0-9]{2}(-[0-9]{2}(T[0-9:.+Z-]{0,14})?)?)?".prop_map(Value::String),
     ];
