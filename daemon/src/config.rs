@@ -45,6 +45,10 @@ pub const DEFAULT_FHIR_LISTEN: &str = "127.0.0.1:8443";
 pub const DEFAULT_FHIR_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
 /// Concurrent FHIR connections; more wait in the accept queue.
 pub const DEFAULT_FHIR_MAX_CONNECTIONS: u32 = 512;
+/// Clock skew tolerated when checking token times.
+pub const DEFAULT_JWT_LEEWAY_SECS: u64 = 60;
+/// Token claim naming the tenant.
+pub const DEFAULT_TENANT_CLAIM: &str = "tenant";
 /// Graceful drain deadline after SIGTERM; systemd's `TimeoutStopSec` must be longer.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 20;
 
@@ -202,6 +206,27 @@ pub struct FhirConfig {
     pub max_body_bytes: u64,
     /// Concurrent connections served.
     pub max_connections: u32,
+    /// `none` (development only: every caller may do everything; refused unless `listen` is a
+    /// loopback address) or `jwt` (bearer tokens checked offline against `jwks_file`).
+    pub auth: FhirAuth,
+    /// Expected `iss` of tokens (the cloud identity provider).
+    pub jwt_issuer: String,
+    /// Expected `aud` of tokens.
+    pub jwt_audience: String,
+    /// JWKS of the issuer, cached on disk (kept fresh by the agent). Read at start.
+    pub jwks_file: PathBuf,
+    /// Clock skew tolerated on `exp`/`nbf`, seconds.
+    pub jwt_leeway_secs: u64,
+    /// Claim carrying the tenant id; it must equal `site.tenant_id`.
+    pub tenant_claim: String,
+}
+
+/// How FHIR callers are authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FhirAuth {
+    None,
+    Jwt,
 }
 
 impl Default for FhirConfig {
@@ -210,6 +235,12 @@ impl Default for FhirConfig {
             listen: DEFAULT_FHIR_LISTEN.parse().expect("valid default address"),
             max_body_bytes: DEFAULT_FHIR_MAX_BODY_BYTES,
             max_connections: DEFAULT_FHIR_MAX_CONNECTIONS,
+            auth: FhirAuth::None,
+            jwt_issuer: String::new(),
+            jwt_audience: String::new(),
+            jwks_file: PathBuf::new(),
+            jwt_leeway_secs: DEFAULT_JWT_LEEWAY_SECS,
+            tenant_claim: DEFAULT_TENANT_CLAIM.into(),
         }
     }
 }
@@ -361,6 +392,26 @@ impl Config {
         }
         if self.fhir.max_connections == 0 {
             return invalid("fhir.max_connections", "must be at least 1");
+        }
+        match self.fhir.auth {
+            FhirAuth::None if !self.fhir.listen.ip().is_loopback() => {
+                return invalid(
+                    "fhir.auth",
+                    "\"none\" is only allowed when fhir.listen is a loopback address; use \"jwt\"",
+                );
+            }
+            FhirAuth::Jwt => {
+                if self.fhir.jwt_issuer.is_empty() {
+                    return invalid("fhir.jwt_issuer", "required when fhir.auth = \"jwt\"");
+                }
+                if self.fhir.jwt_audience.is_empty() {
+                    return invalid("fhir.jwt_audience", "required when fhir.auth = \"jwt\"");
+                }
+                if self.fhir.jwks_file.as_os_str().is_empty() {
+                    return invalid("fhir.jwks_file", "required when fhir.auth = \"jwt\"");
+                }
+            }
+            FhirAuth::None => {}
         }
         if self.tls.cert_file.as_os_str().is_empty() != self.tls.key_file.as_os_str().is_empty() {
             return invalid("tls.cert_file", "set both tls.cert_file and tls.key_file, or neither");

@@ -41,6 +41,8 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Jwks(#[from] crate::fhir::auth::JwksError),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -59,6 +61,8 @@ pub struct Daemon {
     /// In-flight work that the drain waits for.
     pub tasks: TaskTracker,
     config_tx: tokio::sync::watch::Sender<Arc<Config>>,
+    /// FHIR token verifier (None: authentication off, development on loopback).
+    pub fhir_verifier: Option<crate::fhir::auth::Verifier>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -134,6 +138,23 @@ pub async fn start(
     }
     let tls_cfg = tls::load_server_config(&tls_paths)?;
 
+    let fhir_verifier = match config.fhir.auth {
+        crate::config::FhirAuth::None => {
+            tracing::warn!(
+                listen = %config.fhir.listen,
+                "FHIR authentication is OFF (fhir.auth = \"none\"): development only, loopback only"
+            );
+            None
+        }
+        crate::config::FhirAuth::Jwt => Some(crate::fhir::auth::Verifier::load(
+            &config.fhir.jwks_file,
+            &config.fhir.jwt_issuer,
+            &config.fhir.jwt_audience,
+            config.fhir.jwt_leeway_secs,
+            &config.fhir.tenant_claim,
+            &config.site.tenant_id,
+        )?),
+    };
     let admin = bind("admin", config.admin.listen).await?;
     let fhir = bind("fhir", config.fhir.listen).await?;
     let listeners = Listeners { admin, fhir };
@@ -155,6 +176,7 @@ pub async fn start(
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
         config_tx,
+        fhir_verifier,
     });
     tracing::info!(
         state_dir = %state_dir.display(),
@@ -198,8 +220,11 @@ pub async fn run(
     });
 
     let cfg = daemon.config();
-    let fhir_ctx =
-        crate::fhir::api::FhirContext::new(daemon.store.clone(), cfg.fhir.max_body_bytes as usize);
+    let fhir_ctx = crate::fhir::api::FhirContext::new(
+        daemon.store.clone(),
+        cfg.fhir.max_body_bytes as usize,
+        daemon.fhir_verifier.clone(),
+    );
     tokio::spawn(crate::https::serve(
         listeners.fhir,
         daemon.tls.clone(),

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
+use super::auth::{Interaction, Principal, Verifier};
 use super::search::{self, SearchRequest, Total};
 use super::storage::{self, AuditRecord, Written};
 use super::{FhirError, date, params};
@@ -30,6 +31,8 @@ const PAGE_TTL: Duration = Duration::from_secs(30 * 60);
 /// What the API needs from the daemon.
 pub struct FhirContext {
     pub store: Arc<Store>,
+    /// Token verifier; `None` when authentication is off (development, loopback only).
+    pub verifier: Option<Verifier>,
     /// Largest request body accepted (bytes); larger gets 413.
     pub max_body_bytes: usize,
     pages: Mutex<HashMap<String, Arc<Snapshot>>>,
@@ -42,8 +45,8 @@ impl std::fmt::Debug for FhirContext {
 }
 
 impl FhirContext {
-    pub fn new(store: Arc<Store>, max_body_bytes: usize) -> Arc<Self> {
-        Arc::new(FhirContext { store, max_body_bytes, pages: Mutex::new(HashMap::new()) })
+    pub fn new(store: Arc<Store>, max_body_bytes: usize, verifier: Option<Verifier>) -> Arc<Self> {
+        Arc::new(FhirContext { store, verifier, max_body_bytes, pages: Mutex::new(HashMap::new()) })
     }
 }
 
@@ -64,6 +67,7 @@ pub struct ClientAddr(pub SocketAddr);
 pub struct Caller {
     pub actor: String,
     pub source: String,
+    pub principal: Principal,
 }
 
 type ApiResult = Result<Response, FhirError>;
@@ -94,16 +98,54 @@ impl IntoResponse for FhirError {
             StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut r = (status, self.outcome().to_string()).into_response();
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+        if status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         r
     }
 }
 
-fn caller(headers: &HeaderMap, addr: Option<&ClientAddr>) -> Caller {
-    let _ = headers;
-    Caller {
-        actor: "anonymous".into(),
-        source: addr.map_or("unknown".into(), |a| a.0.ip().to_string()),
+/// Authenticates the request (bearer token, or anonymous when auth is off). Failures are
+/// audited and answered 401/403.
+fn authenticate(
+    ctx: &FhirContext,
+    headers: &HeaderMap,
+    addr: Option<&ClientAddr>,
+) -> Result<Caller, FhirError> {
+    let source = addr.map_or("unknown".into(), |a| a.0.ip().to_string());
+    let principal = match &ctx.verifier {
+        None => Principal::anonymous(),
+        Some(v) => match v.verify(headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()))
+        {
+            Ok(p) => p,
+            Err(e) => {
+                let who = Caller {
+                    actor: "unauthenticated".into(),
+                    source,
+                    principal: Principal::anonymous(),
+                };
+                audit_read(ctx, &who, "authenticate", "-".into(), &format!("{} {e}", e.status()));
+                return Err(e);
+            }
+        },
+    };
+    Ok(Caller { actor: principal.subject.clone(), source, principal })
+}
+
+/// [`authenticate`] plus the scope check for one interaction on one type (denials audited).
+fn authorize(
+    ctx: &FhirContext,
+    headers: &HeaderMap,
+    addr: Option<&ClientAddr>,
+    rtype: &str,
+    what: Interaction,
+) -> Result<Caller, FhirError> {
+    let who = authenticate(ctx, headers, addr)?;
+    if let Err(e) = who.principal.require(rtype, what) {
+        audit_read(ctx, &who, "authorize", format!("{rtype} {what:?}"), "403");
+        return Err(e);
     }
+    Ok(who)
 }
 
 /// Queues an audit record for a read-type access (reads do not wait for it to be durable).
@@ -294,7 +336,7 @@ async fn read(
     check_format(&q, &headers)?;
     check_type(&rtype)?;
     check_id(&id)?;
-    let who = caller(&headers, addr.as_deref());
+    let who = authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Read)?;
     let (rt, i) = (rtype.clone(), id.clone());
     let current =
         ctx.store.read(move |c| storage::read_current(c, &rt, &i).map_err(Into::into)).await?;
@@ -332,7 +374,7 @@ async fn vread(
     check_type(&rtype)?;
     check_id(&id)?;
     let v: i64 = vid.parse().map_err(|_| FhirError::NotFound(format!("no version {vid:?}")))?;
-    let who = caller(&headers, addr.as_deref());
+    let who = authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Read)?;
     let (rt, i) = (rtype.clone(), id.clone());
     let ver =
         ctx.store.read(move |c| storage::read_version(c, &rt, &i, v).map_err(Into::into)).await?;
@@ -410,7 +452,13 @@ async fn history_common(
             .min(search::MAX_COUNT),
         None => 100,
     };
-    let who = caller(&headers, addr.as_ref());
+    let who = authorize(
+        &ctx,
+        &headers,
+        addr.as_ref(),
+        rtype.as_deref().unwrap_or("*"),
+        Interaction::Read,
+    )?;
     let (rt, i) = (rtype.clone(), id.clone());
     let versions = ctx
         .store
@@ -513,7 +561,7 @@ async fn run_search(
 ) -> ApiResult {
     check_format(&q, &headers)?;
     check_type(&rtype)?;
-    let who = caller(&headers, addr.as_ref());
+    let who = authorize(&ctx, &headers, addr.as_ref(), &rtype, Interaction::Search)?;
     let req = search::parse(&rtype, &q, strict_handling(&headers))?;
     let entity = format!("{rtype}?{}", serde_urlencoded::to_string(&q).unwrap_or_default());
     let r2 = req.clone();
@@ -526,7 +574,7 @@ async fn run_search(
     }
     let snap = Arc::new(Snapshot { req, ids, created: Instant::now() });
     let key = remember(&ctx, snap.clone());
-    page_bundle(&ctx, &base, &key, &snap, 0, &q).await
+    page_bundle(&ctx, &base, &key, &snap, 0, &q, &who).await
 }
 
 fn remember(ctx: &FhirContext, snap: Arc<Snapshot>) -> String {
@@ -574,6 +622,7 @@ async fn page_bundle(
     snap: &Arc<Snapshot>,
     offset: usize,
     q: &[(String, String)],
+    who: &Caller,
 ) -> ApiResult {
     let req = &snap.req;
     let count = req.count;
@@ -611,6 +660,9 @@ async fn page_bundle(
                 Ok(keys)
             })
             .await?;
+        // Included resources the caller may not read are left out, not leaked.
+        let extra: Vec<(String, String)> =
+            extra.into_iter().filter(|(t, _)| who.principal.allows(t, Interaction::Read)).collect();
         for r in load_resources(ctx, extra).await? {
             let (t, id) = (
                 r["resourceType"].as_str().unwrap_or_default(),
@@ -664,9 +716,15 @@ async fn system_get(
         FhirError::Gone("this search page has expired; run the search again".into())
     })?;
     let offset = query_flag(&q, "_getpagesoffset").and_then(|o| o.parse().ok()).unwrap_or(0);
-    let who = caller(&headers, addr.as_deref());
+    if snap.req.rtype == "*" {
+        // A page of Patient/$everything.
+        let who = authorize(&ctx, &headers, addr.as_deref(), "Patient", Interaction::Read)?;
+        audit_read(&ctx, &who, "everything-page", format!("?_getpages={key}"), "success");
+        return everything_page(&ctx, &base_url(&headers), key, &snap, offset, &q, &who).await;
+    }
+    let who = authorize(&ctx, &headers, addr.as_deref(), &snap.req.rtype, Interaction::Search)?;
     audit_read(&ctx, &who, "search-page", format!("{}?_getpages={key}", snap.req.rtype), "success");
-    page_bundle(&ctx, &base_url(&headers), key, &snap, offset, &q).await
+    page_bundle(&ctx, &base_url(&headers), key, &snap, offset, &q, &who).await
 }
 
 async fn everything(
@@ -678,7 +736,7 @@ async fn everything(
 ) -> ApiResult {
     check_format(&q, &headers)?;
     check_id(&id)?;
-    let who = caller(&headers, addr.as_deref());
+    let who = authorize(&ctx, &headers, addr.as_deref(), "Patient", Interaction::Read)?;
     let count = query_flag(&q, "_count")
         .and_then(|c| c.parse().ok())
         .unwrap_or(100usize)
@@ -730,7 +788,7 @@ async fn everything(
     };
     let snap = Arc::new(Snapshot { req, ids, created: Instant::now() });
     let key = remember(&ctx, snap.clone());
-    everything_page(&ctx, &base_url(&headers), &key, &snap, 0, &q).await
+    everything_page(&ctx, &base_url(&headers), &key, &snap, 0, &q, &who).await
 }
 
 async fn everything_page(
@@ -740,6 +798,7 @@ async fn everything_page(
     snap: &Arc<Snapshot>,
     offset: usize,
     q: &[(String, String)],
+    who: &Caller,
 ) -> ApiResult {
     let count = snap.req.count;
     let keys: Vec<(String, String)> = snap
@@ -749,6 +808,8 @@ async fn everything_page(
         .take(count)
         .filter_map(|k| k.split_once('/').map(|(a, b)| (a.to_owned(), b.to_owned())))
         .collect();
+    let keys: Vec<(String, String)> =
+        keys.into_iter().filter(|(t, _)| who.principal.allows(t, Interaction::Read)).collect();
     let entries: Vec<Value> = load_resources(ctx, keys)
         .await?
         .into_iter()
@@ -915,7 +976,7 @@ async fn create(
     check_content_type(&headers)?;
     let bytes = read_body(&ctx, body).await?;
     let mut resource = parse_resource(&bytes, &rtype)?;
-    let who = caller(&headers, addr.as_deref());
+    let who = authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Create)?;
     let if_none_exist =
         headers.get("if-none-exist").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let cond = match &if_none_exist {
@@ -993,7 +1054,7 @@ async fn update(
         None => return Err(FhirError::BadRequest("update needs the id in the body too".into())),
     }
     let if_match = parse_if_match(&headers)?;
-    let who = caller(&headers, addr.as_deref());
+    let who = authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Update)?;
     let rt = rtype.clone();
     let w = ctx
         .store
@@ -1023,7 +1084,7 @@ async fn delete(
     check_type(&rtype)?;
     check_id(&id)?;
     check_writable(&rtype)?;
-    let who = caller(&headers, addr.as_deref());
+    let who = authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Delete)?;
     let rt = rtype.clone();
     let w = ctx
         .store
@@ -1055,7 +1116,7 @@ async fn system_bundle(
     check_content_type(&headers)?;
     let bytes = read_body(&ctx, body).await?;
     let bundle = parse_resource(&bytes, "Bundle")?;
-    let who = caller(&headers, addr.as_deref());
+    let who = authenticate(&ctx, &headers, addr.as_deref())?;
     let base = base_url(&headers);
     match bundle.get("type").and_then(Value::as_str) {
         Some("transaction") => {

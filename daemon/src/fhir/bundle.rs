@@ -8,6 +8,7 @@ use rusqlite::Connection;
 use serde_json::{Value, json};
 
 use super::api::shared::{Caller, new_id, validate_resource, write_audit};
+use super::auth::Interaction;
 use super::storage::{self, Written};
 use super::{FhirError, date, search};
 use crate::store::{Store, WriteTx};
@@ -289,6 +290,19 @@ fn run_entry(
     }
 }
 
+/// The scope an entry needs.
+fn required(op: &Op) -> (&str, Interaction) {
+    match op {
+        Op::Create { rtype, .. } => (rtype, Interaction::Create),
+        Op::Update { rtype, .. } | Op::ConditionalUpdate { rtype, .. } => {
+            (rtype, Interaction::Update)
+        }
+        Op::Delete { rtype, .. } => (rtype, Interaction::Delete),
+        Op::Read { rtype, .. } => (rtype, Interaction::Read),
+        Op::Search { rtype, .. } => (rtype, Interaction::Search),
+    }
+}
+
 fn order_rank(op: &Op) -> u8 {
     match op {
         Op::Delete { .. } => 0,
@@ -305,6 +319,12 @@ pub async fn transaction(
     who: Caller,
 ) -> Result<Value, FhirError> {
     let mut entries = parse_entries(&bundle)?;
+    for (i, e) in entries.iter().enumerate() {
+        let (t, what) = required(&e.op);
+        who.principal
+            .require(t, what)
+            .map_err(|err| FhirError::Forbidden(format!("Bundle.entry[{i}]: {err}")))?;
+    }
     // Ids for created resources are minted now, so bundle-local references can be rewritten.
     let mut map = HashMap::new();
     let mut assigned: Vec<Option<String>> = Vec::with_capacity(entries.len());
@@ -383,6 +403,11 @@ pub async fn batch(
     let entries = parse_entries(&bundle)?;
     let mut responses = Vec::with_capacity(entries.len());
     for mut e in entries {
+        let (t, what) = required(&e.op);
+        if let Err(err) = who.principal.require(t, what) {
+            responses.push(json!({"response": {"status": "403", "outcome": err.outcome()}}));
+            continue;
+        }
         let who = who.clone();
         let result = store
             .write(move |tx| {

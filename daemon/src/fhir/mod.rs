@@ -4,9 +4,12 @@
 //! protocol code; `storage` is the only module with SQL; `api` is the only one with HTTP.
 
 pub mod api;
+pub mod auth;
 pub mod bundle;
 pub mod date;
 pub mod fhirpath;
+#[cfg(test)]
+mod fuzz_tests;
 pub mod index;
 pub mod params;
 #[rustfmt::skip]

@@ -265,10 +265,11 @@ pub fn parse(
                     continue;
                 }
                 if let Some((t, p)) = &chain {
-                    let def = params::find(rtype, name).expect("known");
-                    if def.kind != ParamKind::Reference {
+                    let Some(def) =
+                        params::find(rtype, name).filter(|d| d.kind == ParamKind::Reference)
+                    else {
                         return bad(format!("{name} is not a reference and cannot be chained"));
-                    }
+                    };
                     let targets = chain_targets(def, t.as_deref());
                     if !targets.iter().any(|tt| params::find(tt, p).is_some()) {
                         return bad(format!("chained parameter {p:?} is unknown on {targets:?}"));

@@ -1,0 +1,240 @@
+//! Who may do what on the FHIR API: bearer JWTs (RS256/ES256) checked offline against a JWKS file
+//! cached on disk, the site's tenant in a claim, and SMART v2 scopes per interaction and type.
+//!
+//! The JWKS is read from disk (the agent keeps it fresh from the cloud issuer); validation never
+//! needs the WAN. With `fhir.auth = "none"` (development only, loopback only — config validation
+//! refuses it elsewhere) every caller is `anonymous` with every permission.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
+use serde::Deserialize;
+
+use super::FhirError;
+
+/// A FHIR interaction, as SMART v2 permission letters name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interaction {
+    Create,
+    Read,
+    Update,
+    Delete,
+    Search,
+}
+
+impl Interaction {
+    fn letter(self) -> char {
+        match self {
+            Interaction::Create => 'c',
+            Interaction::Read => 'r',
+            Interaction::Update => 'u',
+            Interaction::Delete => 'd',
+            Interaction::Search => 's',
+        }
+    }
+}
+
+/// One granted scope: resource type (or `*`) and permission letters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Grant {
+    rtype: String,
+    letters: HashSet<char>,
+}
+
+/// Parses SMART scopes (`user/Patient.rs`, `system/*.cruds`, v1 `user/*.read` / `.write` / `.*`).
+/// `patient/` scopes need a patient context this server does not establish, so they grant nothing.
+fn parse_scopes(scope: &str) -> Vec<Grant> {
+    let mut out = Vec::new();
+    for s in scope.split_whitespace() {
+        let Some((ctx, rest)) = s.split_once('/') else { continue };
+        if !matches!(ctx, "user" | "system") {
+            continue;
+        }
+        let Some((rtype, perms)) = rest.split_once('.') else { continue };
+        let perms = perms.split('?').next().unwrap_or("");
+        let letters: HashSet<char> = match perms {
+            "*" => "cruds".chars().collect(),
+            "read" => "rs".chars().collect(),
+            "write" => "cud".chars().collect(),
+            p if !p.is_empty() && p.chars().all(|c| "cruds".contains(c)) => p.chars().collect(),
+            _ => continue,
+        };
+        out.push(Grant { rtype: rtype.to_owned(), letters });
+    }
+    out
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// Token subject (or `anonymous`).
+    pub subject: String,
+    grants: Option<Vec<Grant>>,
+}
+
+impl Principal {
+    /// The development caller when authentication is off: may do everything.
+    pub fn anonymous() -> Self {
+        Principal { subject: "anonymous".into(), grants: None }
+    }
+
+    /// Whether this caller may perform `what` on `rtype`.
+    pub fn allows(&self, rtype: &str, what: Interaction) -> bool {
+        match &self.grants {
+            None => true,
+            Some(g) => g.iter().any(|g| {
+                (g.rtype == "*" || g.rtype == rtype) && g.letters.contains(&what.letter())
+            }),
+        }
+    }
+
+    /// `allows`, or a 403 OperationOutcome naming what is missing.
+    pub fn require(&self, rtype: &str, what: Interaction) -> Result<(), FhirError> {
+        if self.allows(rtype, what) {
+            Ok(())
+        } else {
+            Err(FhirError::Forbidden(format!(
+                "the token's scopes do not allow {what:?} on {rtype} (needs user/{rtype}.{} or similar)",
+                what.letter()
+            )))
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    #[serde(default)]
+    scope: String,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The token verifier: keys, issuer, audience, tenant.
+#[derive(Clone)]
+pub struct Verifier {
+    keys: JwkSet,
+    issuer: String,
+    audience: String,
+    leeway_secs: u64,
+    tenant_claim: String,
+    tenant: String,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier").field("issuer", &self.issuer).finish_non_exhaustive()
+    }
+}
+
+/// Why the verifier could not be built (at start or on reload).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot load the JWKS {path}: {reason}")]
+pub struct JwksError {
+    pub path: String,
+    pub reason: String,
+}
+
+impl Verifier {
+    pub fn load(
+        jwks_file: &Path,
+        issuer: &str,
+        audience: &str,
+        leeway_secs: u64,
+        tenant_claim: &str,
+        tenant: &str,
+    ) -> Result<Self, JwksError> {
+        let err = |reason: String| JwksError { path: jwks_file.display().to_string(), reason };
+        let text = std::fs::read_to_string(jwks_file).map_err(|e| err(e.to_string()))?;
+        let keys: JwkSet = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        if keys.keys.is_empty() {
+            return Err(err("it holds no keys".into()));
+        }
+        Ok(Verifier {
+            keys,
+            issuer: issuer.into(),
+            audience: audience.into(),
+            leeway_secs,
+            tenant_claim: tenant_claim.into(),
+            tenant: tenant.into(),
+        })
+    }
+
+    /// Checks `Authorization: Bearer …`. 401 for a missing, malformed, expired or foreign-signed
+    /// token; 403 for a valid token of another tenant.
+    pub fn verify(&self, authorization: Option<&str>) -> Result<Principal, FhirError> {
+        let unauthorized = |m: &str| FhirError::Unauthorized(m.to_owned());
+        let token = authorization
+            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .ok_or_else(|| unauthorized("a bearer token is required"))?
+            .trim();
+        let header = decode_header(token).map_err(|_| unauthorized("malformed token"))?;
+        if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
+            return Err(unauthorized("only RS256 and ES256 tokens are accepted"));
+        }
+        let jwk = match &header.kid {
+            Some(kid) => self.keys.find(kid),
+            None if self.keys.keys.len() == 1 => self.keys.keys.first(),
+            None => None,
+        }
+        .ok_or_else(|| unauthorized("token signed by an unknown key"))?;
+        let key = DecodingKey::from_jwk(jwk).map_err(|_| unauthorized("unusable signing key"))?;
+        let mut v = Validation::new(header.alg);
+        v.leeway = self.leeway_secs;
+        v.set_issuer(&[&self.issuer]);
+        v.set_audience(&[&self.audience]);
+        v.set_required_spec_claims(&["exp", "iss", "aud"]);
+        let data = decode::<Claims>(token, &key, &v).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            match e.kind() {
+                ErrorKind::ExpiredSignature => unauthorized("token expired"),
+                ErrorKind::InvalidIssuer => unauthorized("token from another issuer"),
+                ErrorKind::InvalidAudience => unauthorized("token for another audience"),
+                ErrorKind::ImmatureSignature => unauthorized("token not yet valid"),
+                _ => unauthorized("invalid token"),
+            }
+        })?;
+        let tenant = data.claims.rest.get(&self.tenant_claim).and_then(|v| v.as_str());
+        if tenant != Some(self.tenant.as_str()) {
+            return Err(FhirError::Forbidden(format!(
+                "token is for tenant {:?}, this site serves {:?}",
+                tenant.unwrap_or("<none>"),
+                self.tenant
+            )));
+        }
+        Ok(Principal {
+            subject: data.claims.sub.unwrap_or_else(|| "unknown".into()),
+            grants: Some(parse_scopes(&data.claims.scope)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_map_to_permissions() {
+        let p = Principal {
+            subject: "s".into(),
+            grants: Some(parse_scopes(
+                "user/Patient.rs system/Observation.cu user/*.read patient/*.*",
+            )),
+        };
+        assert!(p.allows("Patient", Interaction::Read));
+        assert!(p.allows("Patient", Interaction::Search));
+        assert!(!p.allows("Patient", Interaction::Create));
+        assert!(p.allows("Observation", Interaction::Create));
+        assert!(p.allows("Encounter", Interaction::Read), "user/*.read");
+        assert!(!p.allows("Encounter", Interaction::Delete), "patient/ grants nothing");
+        let all = Principal { subject: "s".into(), grants: Some(parse_scopes("user/*.cruds")) };
+        assert!(all.allows("Condition", Interaction::Delete));
+        let none = Principal {
+            subject: "s".into(),
+            grants: Some(parse_scopes("openid fhirUser user/Patient.x")),
+        };
+        assert!(!none.allows("Patient", Interaction::Read));
+    }
+}

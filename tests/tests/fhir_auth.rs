@@ -1,0 +1,193 @@
+//! FHIR security with real tokens: ES256 JWTs signed by a key generated here, verified by the
+//! daemon offline against a JWKS file; tenant and SMART scopes enforced; refusals audited.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use hms_edge::keys::Key;
+use hms_edge::store::{Store, StoreOptions};
+use hms_edge_tests::{DaemonOptions, DaemonProc, fhir_client};
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use reqwest::blocking::Client;
+use serde_json::{Value, json};
+
+const ISS: &str = "https://idp.cloud.example/realms/hms";
+const AUD: &str = "hms-edge";
+const TENANT: &str = "st-marys";
+
+struct Idp {
+    key: EncodingKey,
+    jwk: Value,
+}
+
+fn idp(kid: &str) -> Idp {
+    let kp = rcgen::KeyPair::generate().unwrap(); // ECDSA P-256
+    let raw = kp.public_key_raw(); // 0x04 || x || y
+    assert_eq!(raw.len(), 65);
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwk = json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..]),
+                     "kid": kid, "alg": "ES256", "use": "sig"});
+    Idp { key: EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap(), jwk }
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn token(idp: &Idp, kid: &str, claims: Value) -> String {
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some(kid.into());
+    encode(&h, &claims, &idp.key).unwrap()
+}
+
+fn claims(scope: &str) -> Value {
+    json!({"iss": ISS, "aud": AUD, "sub": "nurse-7", "exp": now() + 600, "iat": now(), "tenant": TENANT, "scope": scope})
+}
+
+struct Env {
+    d: DaemonProc,
+    c: Client,
+    base: String,
+    idp: Idp,
+    _dir: tempfile::TempDir,
+}
+
+fn start() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let idp = idp("k1");
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, json!({"keys": [idp.jwk]}).to_string()).unwrap();
+    let mut opts = DaemonOptions { explicit_state_dir: true, ..Default::default() };
+    for (k, v) in [
+        ("HMS_EDGE_FHIR_AUTH", "jwt"),
+        ("HMS_EDGE_FHIR_JWT_ISSUER", ISS),
+        ("HMS_EDGE_FHIR_JWT_AUDIENCE", AUD),
+        ("HMS_EDGE_SITE_TENANT_ID", TENANT),
+    ] {
+        opts.env.insert(k.into(), v.into());
+    }
+    opts.env.insert("HMS_EDGE_FHIR_JWKS_FILE".into(), jwks.display().to_string());
+    let d = DaemonProc::start(dir.path(), &opts);
+    let c = fhir_client(&d.state_dir().join("tls/cert.pem"));
+    let base = d.fhir_base();
+    Env { d, c, base, idp, _dir: dir }
+}
+
+fn status_of(r: reqwest::blocking::Response) -> (u16, Value) {
+    let s = r.status().as_u16();
+    let body = r.json().unwrap_or(Value::Null);
+    (s, body)
+}
+
+#[test]
+fn tokens_tenants_and_scopes_are_enforced_and_refusals_audited() {
+    let e = start();
+    let get = |path: &str, tok: Option<&str>| {
+        let mut rb = e.c.get(format!("{}/{path}", e.base));
+        if let Some(t) = tok {
+            rb = rb.bearer_auth(t);
+        }
+        rb.send().unwrap()
+    };
+    let post = |path: &str, tok: &str, body: &Value| {
+        e.c.post(format!("{}/{path}", e.base))
+            .bearer_auth(tok)
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+            .unwrap()
+    };
+    // The CapabilityStatement is public.
+    assert_eq!(get("metadata", None).status(), 200);
+    // No token.
+    let r = get("Patient?family=x", None);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    let (s, b) = status_of(r);
+    assert_eq!((s, b["resourceType"].as_str()), (401, Some("OperationOutcome")));
+    // Expired, wrong issuer, wrong audience, unknown signer, garbage.
+    let mut c = claims("user/*.cruds");
+    c["exp"] = json!(now() - 3600);
+    assert_eq!(get("Patient", Some(&token(&e.idp, "k1", c))).status(), 401);
+    let mut c = claims("user/*.cruds");
+    c["iss"] = json!("https://evil.example");
+    assert_eq!(get("Patient", Some(&token(&e.idp, "k1", c))).status(), 401);
+    let mut c = claims("user/*.cruds");
+    c["aud"] = json!("another-app");
+    assert_eq!(get("Patient", Some(&token(&e.idp, "k1", c))).status(), 401);
+    let other = idp("k1");
+    assert_eq!(get("Patient", Some(&token(&other, "k1", claims("user/*.cruds")))).status(), 401);
+    assert_eq!(get("Patient", Some("not.a.jwt")).status(), 401);
+    // A valid token of another tenant.
+    let mut c = claims("user/*.cruds");
+    c["tenant"] = json!("other-hospital");
+    let (s, b) = status_of(get("Patient", Some(&token(&e.idp, "k1", c))));
+    assert_eq!(s, 403);
+    assert!(b.to_string().contains("other-hospital"), "{b}");
+
+    // Scopes: a reader may read and search patients, nothing else.
+    let writer = token(&e.idp, "k1", claims("user/*.cruds"));
+    let reader = token(&e.idp, "k1", claims("user/Patient.rs"));
+    let p = json!({"resourceType": "Patient", "name": [{"family": "Scoped"}]});
+    let r = post("Patient", &writer, &p);
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().unwrap()["id"].as_str().unwrap().to_owned();
+    assert_eq!(get(&format!("Patient/{id}"), Some(&reader)).status(), 200);
+    assert_eq!(get("Patient?family=scoped", Some(&reader)).status(), 200);
+    let (s, b) = status_of(post("Patient", &reader, &p));
+    assert_eq!((s, b["resourceType"].as_str()), (403, Some("OperationOutcome")));
+    assert_eq!(get("Observation?code=x", Some(&reader)).status(), 403);
+    // A transaction with one entry outside the scopes is refused whole.
+    let limited = token(&e.idp, "k1", claims("user/Patient.cruds"));
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Patient", "name": [{"family": "TxOk"}]}, "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}, "request": {"method": "POST", "url": "Observation"}}]});
+    assert_eq!(post("", &limited, &tx).status(), 403);
+    let b: Value = get("Patient?family=txok", Some(&reader)).json().unwrap();
+    assert_eq!(b["total"], 0, "nothing of a refused transaction may be stored");
+    // $everything leaves out what the caller may not read.
+    let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": format!("Patient/{id}")}});
+    assert_eq!(post("Observation", &writer, &obs).status(), 201);
+    let all: Value = get(&format!("Patient/{id}/$everything"), Some(&writer)).json().unwrap();
+    assert_eq!(all["entry"].as_array().unwrap().len(), 2);
+    let mine: Value = get(&format!("Patient/{id}/$everything"), Some(&reader)).json().unwrap();
+    assert_eq!(mine["entry"].as_array().unwrap().len(), 1);
+
+    // Refusals are in the audit log with who and from where.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let state = e.d.state_dir();
+    let (status, _, log) = e.d.stop();
+    assert!(status.success(), "{log}");
+    assert!(!log.contains(&writer), "tokens must never be logged");
+    let key = hms_edge::keys::load_key_file(&state.join("master.key")).unwrap();
+    let store =
+        Store::open(&state, &Key::from_bytes(*key.expose()), &StoreOptions::default()).unwrap();
+    let rows: Vec<(String, String, String)> = store
+        .read_blocking(|c| {
+            let mut s = c.prepare("SELECT action, actor, outcome FROM audit_events")?;
+            let rows = s
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+        .unwrap();
+    assert!(
+        rows.iter().filter(|r| r.0 == "authenticate" && r.2.starts_with("401")).count() >= 6,
+        "{rows:?}"
+    );
+    assert!(rows.iter().any(|r| r.0 == "authenticate" && r.2.starts_with("403")), "{rows:?}");
+    assert!(
+        rows.iter().any(|r| r.0 == "authorize" && r.1 == "nurse-7" && r.2 == "403"),
+        "{rows:?}"
+    );
+    assert!(rows.iter().any(|r| r.0 == "create" && r.1 == "nurse-7"), "{rows:?}");
+}
+
+#[test]
+fn auth_off_is_refused_off_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = DaemonOptions { explicit_state_dir: true, ..Default::default() };
+    opts.env.insert("HMS_EDGE_FHIR_LISTEN".into(), "0.0.0.0:0".into());
+    let (status, log) = DaemonProc::spawn(dir.path(), &opts).wait_exit();
+    assert_eq!(status.code(), Some(78), "{log}");
+    assert!(log.contains("fhir.auth"), "{log}");
+}
