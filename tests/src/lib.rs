@@ -282,9 +282,10 @@ pub fn hex_encode(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// An HTTPS client for the daemon's FHIR listener that trusts exactly the daemon's (generated)
-/// certificate: real TLS, no verification switched off.
+/// An HTTPS client for the daemon's FHIR listener that trusts exactly the daemon's generated
+/// development CA (`ca.pem` beside the given certificate): real TLS, no verification switched off.
 pub fn fhir_client(cert_pem: &Path) -> reqwest::blocking::Client {
+    let cert_pem = &cert_pem.with_file_name("ca.pem");
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let _ = rustls::crypto::ring::default_provider().install_default();
