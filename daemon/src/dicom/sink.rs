@@ -53,7 +53,11 @@ struct Inflater {
     z: flate2::Decompress,
     out: Vec<u8>,
     ended: bool,
+    trailing: usize,
 }
+
+/// Bytes tolerated after the end of a deflated data set.
+const MAX_DEFLATE_TRAILER: usize = 8;
 
 impl InstanceSink {
     /// Starts a blob and writes the File Meta Information.
@@ -68,6 +72,7 @@ impl InstanceSink {
                 z: flate2::Decompress::new(false),
                 out: vec![0; 64 * 1024],
                 ended: false,
+                trailing: 0,
             }),
             dataset_size: 0,
         })
@@ -84,9 +89,16 @@ impl InstanceSink {
                 let mut input = data;
                 while !input.is_empty() {
                     if inf.ended {
-                        return Err(SinkError::Malformed(
-                            "bytes after the end of the deflate stream".into(),
-                        ));
+                        // Tolerated after the end of the deflate stream: the NUL that pads an
+                        // odd length (PS3.5 A.5) or the 8-byte CRC32+size trailer some writers
+                        // append. They are kept as received; more is a malformed data set.
+                        inf.trailing += input.len();
+                        if inf.trailing > MAX_DEFLATE_TRAILER {
+                            return Err(SinkError::Malformed(
+                                "bytes after the end of the deflate stream".into(),
+                            ));
+                        }
+                        break;
                     }
                     let before_in = inf.z.total_in();
                     let before_out = inf.z.total_out();
