@@ -255,6 +255,15 @@ impl RawClient {
         self.send(&out);
     }
 
+    /// Sends one data set fragment in one PDU, marked last or not.
+    pub fn send_fragment(&mut self, context_id: u8, data: &[u8], last: bool) {
+        let mut out = Vec::new();
+        hms_edge::dicom::pdu::encode_pdata(&mut out, context_id, false, data, 0);
+        assert_eq!(out.len(), data.len() + 12, "one PDV in one PDU");
+        out[11] = if last { 2 } else { 0 };
+        self.send(&out);
+    }
+
     /// Reads P-DATA PDUs until a complete command arrives; returns it (data sets are skipped).
     pub fn read_command(&mut self) -> Option<hms_edge::dicom::dimse::Command> {
         let mut buf = Vec::new();
