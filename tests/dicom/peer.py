@@ -20,7 +20,6 @@ from io import BytesIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.filewriter import write_dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
 CALLING_AE = "PYNETDICOM"
@@ -128,9 +127,9 @@ def cmd_find_cancel(host, port, aec, level):
     req.MessageID = 7
     req.AffectedSOPClassUID = FIND
     req.Priority = 2
-    buf = BytesIO()
-    write_dataset(buf, _identifier(level, ["SOPInstanceUID="]), ImplicitVRLittleEndian)
-    req.Identifier = BytesIO(buf.getvalue())
+    from pynetdicom.dsutils import encode
+
+    req.Identifier = BytesIO(encode(_identifier(level, ["SOPInstanceUID="]), True, True))
     cancel = C_CANCEL()
     cancel.MessageIDBeingRespondedTo = 7
     # Both requests leave before any response is read: the SCP sees the cancel while answering.
