@@ -7,8 +7,7 @@ Every subcommand prints one JSON document on stdout; the Rust tests parse it.
                                               (the data set bytes after the File Meta are sent
                                               unchanged); prints [{"file", "status"}]
   peer.py find HOST PORT AEC LEVEL K=V...     Study Root C-FIND; prints {"status", "matches"}
-  peer.py find-cancel HOST PORT AEC LEVEL     C-FIND immediately followed by C-CANCEL
-  peer.py echo HOST PORT AEC MSGID            C-ECHO with a given Message ID
+  peer.py echo HOST PORT AEC MSGID            C-ECHO
   peer.py compare ORIGINAL EXPORTED           {"meta_ts", "same_dataset", "same_bytes", ...}
   peer.py testfile NAME...                    paths of pydicom / pydicom-data test files
   peer.py info FILE...                        SOP/study/series UIDs and TS of files
@@ -16,7 +15,6 @@ Every subcommand prints one JSON document on stdout; the Rust tests parse it.
 
 import json
 import sys
-from io import BytesIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -117,39 +115,6 @@ def cmd_find(host, port, aec, level, *pairs):
     return 0
 
 
-def cmd_find_cancel(host, port, aec, level):
-    from pynetdicom.dimse_primitives import C_CANCEL, C_FIND
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
-
-    assoc = _assoc(host, port, aec, [(FIND, [ImplicitVRLittleEndian])])
-    cx = assoc.accepted_contexts[0]
-    req = C_FIND()
-    req.MessageID = 7
-    req.AffectedSOPClassUID = FIND
-    req.Priority = 2
-    from pynetdicom.dsutils import encode
-
-    req.Identifier = BytesIO(encode(_identifier(level, ["SOPInstanceUID="]), True, True))
-    cancel = C_CANCEL()
-    cancel.MessageIDBeingRespondedTo = 7
-    # Both requests leave before any response is read: the SCP sees the cancel while answering.
-    assoc.dimse.send_msg(req, cx.context_id)
-    assoc.dimse.send_msg(cancel, cx.context_id)
-    pending, final = 0, None
-    while True:
-        _, rsp = assoc.dimse.get_msg(block=True)
-        if rsp is None:
-            break
-        if rsp.Status in (0xFF00, 0xFF01):
-            pending += 1
-            continue
-        final = rsp.Status
-        break
-    assoc.release()
-    print(json.dumps({"status": final, "pending": pending}))
-    return 0
-
-
 def cmd_echo(host, port, aec, msg_id):
     from pynetdicom.sop_class import Verification
 
@@ -222,7 +187,6 @@ def main(argv):
     cmds = {
         "store": cmd_store,
         "find": cmd_find,
-        "find-cancel": cmd_find_cancel,
         "echo": cmd_echo,
         "compare": cmd_compare,
         "testfile": cmd_testfile,

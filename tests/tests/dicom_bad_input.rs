@@ -50,9 +50,7 @@ fn garbage_before_association_is_aborted() {
     }
     // A TLS ClientHello on the plain port, and an HTTP request.
     let mut c = RawClient::connect(scp.port);
-    c.send(&[
-        0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03,
-    ]);
+    c.send(&[0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03]);
     assert!(c.expect_abort());
     let mut c = RawClient::connect(scp.port);
     c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
@@ -73,11 +71,7 @@ fn truncated_association_request_is_aborted() {
     // A wrong length inside: presentation context item longer than the PDU.
     let mut bad = rq.clone();
     // Variable items start after the 6-byte header and 68 fixed bytes.
-    let pc = 74
-        + bad[74..]
-            .windows(2)
-            .position(|w| w == [0x20, 0x00])
-            .unwrap();
+    let pc = 74 + bad[74..].windows(2).position(|w| w == [0x20, 0x00]).unwrap();
     bad[pc + 2] = 0x7f;
     let mut c = RawClient::connect(scp.port);
     c.send(&bad);
@@ -87,10 +81,7 @@ fn truncated_association_request_is_aborted() {
 
 #[test]
 fn oversized_pdu_is_aborted_and_the_instance_discarded() {
-    let config = DicomConfig {
-        max_pdu_bytes: 16384,
-        ..DicomConfig::default()
-    };
+    let config = DicomConfig { max_pdu_bytes: 16384, ..DicomConfig::default() };
     let scp = Scp::start_with(config, None);
     let (ds, sop) = ct_small();
     let mut c = RawClient::associate(scp.port, "RAW", &[(CT_STORAGE, EXPLICIT_LE)]);
@@ -197,14 +188,8 @@ fn unknown_callers_are_rejected_with_the_standard_reason() {
     let config = DicomConfig {
         accept_loopback_callers: false,
         peers: vec![
-            DicomPeer {
-                ae_title: "CT_ROOM1".into(),
-                address: "127.0.0.1".into(),
-            },
-            DicomPeer {
-                ae_title: "FAR_AWAY".into(),
-                address: "192.0.2.7".into(),
-            },
+            DicomPeer { ae_title: "CT_ROOM1".into(), address: "127.0.0.1".into() },
+            DicomPeer { ae_title: "FAR_AWAY".into(), address: "192.0.2.7".into() },
         ],
         ..DicomConfig::default()
     };
@@ -214,18 +199,11 @@ fn unknown_callers_are_rejected_with_the_standard_reason() {
     let out = run(dcmtk("echoscu").args(["-aet", "INTRUDER", "-aec", AE, "127.0.0.1", &port]));
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        text.contains("Rejected") || text.contains("rejected"),
-        "{text}"
-    );
+    assert!(text.contains("Rejected") || text.contains("rejected"), "{text}");
     // On the wire: A-ASSOCIATE-RJ, permanent, service user, calling AE not recognized (3).
     let rj = |calling: &str, called: &str| {
         let mut c = RawClient::connect(scp.port);
-        c.send(&associate_rq(
-            calling,
-            called,
-            &[(VERIFICATION, IMPLICIT_LE)],
-        ));
+        c.send(&associate_rq(calling, called, &[(VERIFICATION, IMPLICIT_LE)]));
         c.read_pdu().unwrap()
     };
     let (ty, body) = rj("INTRUDER", AE);
@@ -239,20 +217,10 @@ fn unknown_callers_are_rejected_with_the_standard_reason() {
     assert_eq!((ty, &body[1..4]), (0x03, &[1u8, 1, 7][..]));
     // The allowed caller gets in.
     let out = run(dcmtk("echoscu").args(["-aet", "CT_ROOM1", "-aec", AE, "127.0.0.1", &port]));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Reload (SIGHUP path): INTRUDER becomes allowed for new associations.
-    let mut reloaded = DicomConfig {
-        accept_loopback_callers: false,
-        ..DicomConfig::default()
-    };
-    reloaded.peers.push(DicomPeer {
-        ae_title: "INTRUDER".into(),
-        address: String::new(),
-    });
+    let mut reloaded = DicomConfig { accept_loopback_callers: false, ..DicomConfig::default() };
+    reloaded.peers.push(DicomPeer { ae_title: "INTRUDER".into(), address: String::new() });
     assert!(scp.ctx.reload(&reloaded).is_some());
     let out = run(dcmtk("echoscu").args(["-aet", "INTRUDER", "-aec", AE, "127.0.0.1", &port]));
     assert!(out.status.success());
@@ -260,11 +228,8 @@ fn unknown_callers_are_rejected_with_the_standard_reason() {
 
 #[test]
 fn silent_connections_are_closed_by_the_artim_timer() {
-    let config = DicomConfig {
-        artim_timeout_secs: 1,
-        idle_timeout_secs: 2,
-        ..DicomConfig::default()
-    };
+    let config =
+        DicomConfig { artim_timeout_secs: 1, idle_timeout_secs: 2, ..DicomConfig::default() };
     let scp = Scp::start_with(config, None);
     let started = std::time::Instant::now();
     let mut c = RawClient::connect(scp.port);

@@ -33,11 +33,7 @@ const CORPUS: &[&str] = &[
 fn echo_answers_dcmtk_and_the_right_message_id() {
     let scp = Scp::start();
     let out = run(dcmtk("echoscu").args(["-aec", AE, "127.0.0.1", &scp.port.to_string()]));
-    assert!(
-        out.status.success(),
-        "echoscu failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "echoscu failed: {}", String::from_utf8_lossy(&out.stderr));
     let v = peer(&["echo", "127.0.0.1", &scp.port.to_string(), AE, "4242"]);
     assert_eq!(v["status"], 0, "{v}");
 
@@ -97,19 +93,12 @@ fn every_sample_is_stored_found_and_exported_unchanged_pynetdicom() {
 
         // Exported: our File Meta, the data set byte for byte as sent.
         let exported = scp.export(sop);
-        let cmp = peer(&[
-            "compare",
-            &file.display().to_string(),
-            &exported.display().to_string(),
-        ]);
+        let cmp = peer(&["compare", &file.display().to_string(), &exported.display().to_string()]);
         assert_eq!(cmp["same_bytes"], true, "{file:?}: {cmp}");
         assert_eq!(cmp["same_dataset"], true, "{file:?}: {cmp}");
         assert_eq!(cmp["meta_ts"], cmp["original_ts"], "{file:?}: {cmp}");
         assert_eq!(cmp["meta_sop_instance"], sop);
-        assert_eq!(
-            cmp["implementation_class"],
-            hms_edge::dicom::uids::IMPLEMENTATION_CLASS_UID
-        );
+        assert_eq!(cmp["implementation_class"], hms_edge::dicom::uids::IMPLEMENTATION_CLASS_UID);
         assert_eq!(dataset_of(&exported), dataset_of(file), "{file:?}");
     }
     // One blob and one outbox change per instance; no temp files left.
@@ -121,11 +110,7 @@ fn every_sample_is_stored_found_and_exported_unchanged_pynetdicom() {
 fn every_sample_is_stored_and_exported_with_dcmtk_storescu() {
     let scp = Scp::start();
     // DCMTK cannot read rtdose_rle.dcm (odd-length OW pixel data); pynetdicom sends it above.
-    let corpus: Vec<&str> = CORPUS
-        .iter()
-        .copied()
-        .filter(|f| *f != "rtdose_rle.dcm")
-        .collect();
+    let corpus: Vec<&str> = CORPUS.iter().copied().filter(|f| *f != "rtdose_rle.dcm").collect();
     let files = testfiles(&corpus);
     let facts = info(&files);
     // storescu sends what it parsed, not the file's bytes (it drops trailing padding, may pad
@@ -191,11 +176,7 @@ fn every_sample_is_stored_and_exported_with_dcmtk_storescu() {
             dataset_of(&received),
             "{file:?}: data set differs from what storescu sent"
         );
-        let cmp = peer(&[
-            "compare",
-            &file.display().to_string(),
-            &exported.display().to_string(),
-        ]);
+        let cmp = peer(&["compare", &file.display().to_string(), &exported.display().to_string()]);
         assert_eq!(cmp["meta_sop_instance"], sop);
         let ts = fact["ts"].as_str().unwrap();
         if ts.starts_with("1.2.840.10008.1.2.4") || ts == "1.2.840.10008.1.2.5" {
@@ -238,37 +219,19 @@ fn different_content_under_a_stored_uid_is_refused_by_keep_first() {
     let sop = facts[0]["sop_instance"].as_str().unwrap();
     let port = scp.port.to_string();
     let altered = altered_copy(scp.dir.path(), &files[0]);
-    let r = peer(&[
-        "store",
-        "127.0.0.1",
-        &port,
-        AE,
-        &files[0].display().to_string(),
-    ]);
+    let r = peer(&["store", "127.0.0.1", &port, AE, &files[0].display().to_string()]);
     assert_eq!(r[0]["status"], 0);
-    let r = peer(&[
-        "store",
-        "127.0.0.1",
-        &port,
-        AE,
-        &altered.display().to_string(),
-    ]);
+    let r = peer(&["store", "127.0.0.1", &port, AE, &altered.display().to_string()]);
     assert_eq!(r[0]["status"], 0x0111, "{r}");
     assert_eq!(scp.counts().2, 1);
     assert_eq!(scp.blob_files(), (1, 0));
-    assert_eq!(
-        dataset_of(&scp.export(sop)),
-        dataset_of(&files[0]),
-        "first copy kept"
-    );
+    assert_eq!(dataset_of(&scp.export(sop)), dataset_of(&files[0]), "first copy kept");
 }
 
 #[test]
 fn different_content_under_a_stored_uid_becomes_a_new_version_with_keep_both() {
-    let config = DicomConfig {
-        duplicate_policy: DuplicatePolicy::KeepBoth,
-        ..DicomConfig::default()
-    };
+    let config =
+        DicomConfig { duplicate_policy: DuplicatePolicy::KeepBoth, ..DicomConfig::default() };
     let scp = Scp::start_with(config, None);
     let files = testfiles(&["CT_small.dcm"]);
     let sop = info(&files)[0]["sop_instance"].as_str().unwrap().to_owned();
@@ -285,15 +248,40 @@ fn different_content_under_a_stored_uid_becomes_a_new_version_with_keep_both() {
     hms_edge::dicom::export::export_to_file(&scp.store, &sop, Some(1), &v1).unwrap();
     assert_eq!(dataset_of(&v1), dataset_of(&files[0]));
     // C-FIND lists the instance once.
-    let found = peer(&[
-        "find",
-        "127.0.0.1",
-        &port,
-        AE,
-        "IMAGE",
-        &format!("SOPInstanceUID={sop}"),
-    ]);
+    let found = peer(&["find", "127.0.0.1", &port, AE, "IMAGE", &format!("SOPInstanceUID={sop}")]);
     assert_eq!(found["matches"].as_array().unwrap().len(), 1, "{found}");
+}
+
+#[test]
+fn cli_exports_while_the_server_runs() {
+    let scp = Scp::start();
+    let files = testfiles(&["CT_small.dcm"]);
+    let sop = info(&files)[0]["sop_instance"].as_str().unwrap().to_owned();
+    let r =
+        peer(&["store", "127.0.0.1", &scp.port.to_string(), AE, &files[0].display().to_string()]);
+    assert_eq!(r[0]["status"], 0);
+    let dest = scp.dir.path().join("cli-export.dcm");
+    let out = run(std::process::Command::new(hms_edge_tests::bin("hms-edge"))
+        .args(["dicom", "export", "--config"])
+        .arg(scp.cli_config())
+        .arg(&sop)
+        .arg(&dest)
+        .env_remove("HMS_EDGE_CONFIG"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(dataset_of(&dest), dataset_of(&files[0]));
+    // Unknown instance: a clear error, no file.
+    let missing = scp.dir.path().join("missing.dcm");
+    let out = run(std::process::Command::new(hms_edge_tests::bin("hms-edge"))
+        .args(["dicom", "export", "--config"])
+        .arg(scp.cli_config())
+        .arg("1.2.3.999")
+        .arg(&missing));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no stored instance"));
+    assert!(!missing.exists());
+    // The running server still has its instance and nothing was swept.
+    assert_eq!(scp.counts().2, 1);
+    assert_eq!(scp.blob_files(), (1, 0));
 }
 
 /// Manual debugging aid: `cargo test --test dicom_store serve_for_manual_testing -- --ignored`

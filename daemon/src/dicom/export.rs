@@ -7,7 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::index::{self, StoredInstance};
-use crate::store::{Store, StoreError};
+use crate::keys::{Key, KeyPurpose};
+use crate::store::{BLOB_DIR, BlobStore, DB_FILE, Store, StoreError, db};
 
 /// Why an export failed.
 #[derive(Debug, thiserror::Error)]
@@ -102,4 +103,38 @@ pub async fn export_bytes(
     })
     .await
     .map_err(|e| ExportError::Io(std::io::Error::other(e.to_string())))?
+}
+
+/// Export without opening the store for writing (the `hms-edge dicom export` command, which may
+/// run while hms-edged is serving): a read-only database connection and the blob folder, and in
+/// particular no orphan sweep — a blob the running daemon has written but not yet committed must
+/// not be touched. Returns what was exported.
+pub fn export_offline(
+    state_dir: &Path,
+    master: &Key,
+    sop_uid: &str,
+    version: Option<i64>,
+    dest: &Path,
+) -> Result<StoredInstance, ExportError> {
+    let conn =
+        db::open(&state_dir.join(DB_FILE), &master.derive(KeyPurpose::Database), true, 2048)?;
+    let inst = index::find_instance(&conn, sop_uid, version)?
+        .ok_or_else(|| ExportError::NotFound(sop_uid.to_owned()))?;
+    let blobs = BlobStore::open(&state_dir.join(BLOB_DIR), master.derive(KeyPurpose::Blobs))?;
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let (tmp_path, mut tmp) = tempfile_in(&dir)?;
+    let result = (|| -> Result<(), ExportError> {
+        let mut reader = blobs.open_reader(&inst.blob)?;
+        std::io::copy(&mut reader, &mut tmp)?;
+        tmp.sync_all()?;
+        std::fs::rename(&tmp_path, dest)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp_path);
+    }
+    result.map(|()| inst)
 }

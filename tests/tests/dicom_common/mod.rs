@@ -36,7 +36,19 @@ impl Scp {
 
     pub fn start_with(config: DicomConfig, tls: Option<Arc<rustls::ServerConfig>>) -> Scp {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &Key::random(), &StoreOptions::default()).unwrap();
+        let key = Key::random();
+        // The key also goes to a 0600 file so that `hms-edge` commands can open the same store.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(dir.path().join("master.key"))
+                .unwrap();
+            f.write_all(hex::encode(key.expose()).as_bytes()).unwrap();
+        }
+        let store = Store::open(&dir.path().join("state"), &key, &StoreOptions::default()).unwrap();
         let ctx = DicomContext::new(store.clone(), &config);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let (port_tx, port_rx) = std::sync::mpsc::channel();
@@ -62,9 +74,7 @@ impl Scp {
                     }
                     Some(cfg) => {
                         let tl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                        port_tx
-                            .send((port, Some(tl.local_addr().unwrap().port())))
-                            .unwrap();
+                        port_tx.send((port, Some(tl.local_addr().unwrap().port()))).unwrap();
                         let secure = hms_edge::dicom::serve_tls(tl, ctx2, cfg, stopped(stop_rx));
                         let (a, b) = tokio::join!(plain, secure);
                         a.unwrap();
@@ -74,15 +84,7 @@ impl Scp {
             });
         });
         let (port, tls_port) = port_rx.recv_timeout(Duration::from_secs(20)).unwrap();
-        Scp {
-            port,
-            tls_port,
-            store,
-            ctx,
-            dir,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
+        Scp { port, tls_port, store, ctx, dir, stop: Some(stop_tx), thread: Some(thread) }
     }
 
     /// (studies, series, instances) in the index.
@@ -96,9 +98,7 @@ impl Scp {
         let tmp = std::fs::read_dir(root.join("tmp")).unwrap().count();
         let mut n = 0;
         for i in 0..=255u8 {
-            n += std::fs::read_dir(root.join(format!("{i:02x}")))
-                .unwrap()
-                .count();
+            n += std::fs::read_dir(root.join(format!("{i:02x}"))).unwrap().count();
         }
         (n, tmp)
     }
@@ -114,6 +114,18 @@ impl Scp {
                 )?)
             })
             .unwrap()
+    }
+
+    /// A config file for `hms-edge` naming this store and its key.
+    pub fn cli_config(&self) -> PathBuf {
+        let p = self.dir.path().join("edge.toml");
+        let text = format!(
+            "[paths]\nstate_dir = \"{}\"\n[keys]\nmaster_key_file = \"{}\"\ngenerate_if_missing = false\n",
+            self.dir.path().join("state").display(),
+            self.dir.path().join("master.key").display()
+        );
+        std::fs::write(&p, text).unwrap();
+        p
     }
 
     /// Exports an instance to a file in the test folder.
@@ -219,8 +231,7 @@ pub const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
 impl RawClient {
     pub fn connect(port: u16) -> RawClient {
         let sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(15)))
-            .unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
         RawClient { sock }
     }
 
