@@ -135,6 +135,10 @@ pub async fn serve(
     accept_loop(listener, ctx, shutdown, None).await
 }
 
+/// Where each TLS connection takes its server configuration from (so that a certificate
+/// reloaded on SIGHUP applies to the next connection).
+pub type TlsSource = Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>;
+
 /// Serves DICOM over TLS (PS3.15 B.1/B.3 profiles: TLS 1.2+) on `listener`; otherwise as [`serve`].
 pub async fn serve_tls(
     listener: TcpListener,
@@ -142,14 +146,24 @@ pub async fn serve_tls(
     tls: Arc<rustls::ServerConfig>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    accept_loop(listener, ctx, shutdown, Some(tokio_rustls::TlsAcceptor::from(tls))).await
+    serve_tls_with(listener, ctx, Arc::new(move || tls.clone()), shutdown).await
+}
+
+/// As [`serve_tls`], asking `tls` for the current configuration at each connection.
+pub async fn serve_tls_with(
+    listener: TcpListener,
+    ctx: Arc<DicomContext>,
+    tls: TlsSource,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    accept_loop(listener, ctx, shutdown, Some(tls)).await
 }
 
 async fn accept_loop(
     listener: TcpListener,
     ctx: Arc<DicomContext>,
     shutdown: impl Future<Output = ()>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<TlsSource>,
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -183,7 +197,7 @@ async fn accept_loop(
                 }
                 let ctx = ctx.clone();
                 let stop = stop_rx.clone();
-                let tls = tls.clone();
+                let tls = tls.as_ref().map(|source| tokio_rustls::TlsAcceptor::from(source()));
                 tasks.spawn(async move {
                     let _permit = permit;
                     let slot = _permit.is_some();
