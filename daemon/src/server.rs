@@ -268,11 +268,26 @@ pub async fn run(
         token.clone().cancelled_owned(),
     ));
     if let Some(listener) = listeners.dicom_tls {
-        let tls = daemon.tls.clone();
+        let source: crate::dicom::TlsSource = if cfg.dicom.tls_client_ca_file.as_os_str().is_empty()
+        {
+            let tls = daemon.tls.clone();
+            Arc::new(move || tls.current())
+        } else {
+            // Client certificates required: built once at start (a new certificate or CA file
+            // for DICOM TLS takes a restart).
+            let paths = daemon.tls.paths();
+            let cfg = crate::dicom::tls_config_with_client_ca(
+                &paths.cert,
+                &paths.key,
+                &cfg.dicom.tls_client_ca_file,
+            )
+            .map_err(|e| std::io::Error::other(format!("dicom.tls_client_ca_file: {e}")))?;
+            Arc::new(move || cfg.clone())
+        };
         daemon.tasks.spawn(crate::dicom::serve_tls_with(
             listener,
             dicom_ctx.clone(),
-            Arc::new(move || tls.current()),
+            source,
             token.clone().cancelled_owned(),
         ));
     }

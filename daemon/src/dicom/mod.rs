@@ -159,6 +159,39 @@ pub async fn serve_tls_with(
     accept_loop(listener, ctx, shutdown, Some(tls)).await
 }
 
+/// A TLS server configuration for DICOM that requires a client certificate issued by one of the
+/// CAs in `client_ca_pem` (the `dicom.tls_client_ca_file` allow-list), with our certificate
+/// chain and key from PEM files. TLS 1.2 and 1.3 only (rustls has nothing older).
+pub fn tls_config_with_client_ca(
+    cert_pem: &std::path::Path,
+    key_pem: &std::path::Path,
+    client_ca_pem: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let what = |p: &std::path::Path, e: &dyn std::fmt::Display| format!("{}: {e}", p.display());
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_pem)
+        .map_err(|e| what(cert_pem, &e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| what(cert_pem, &e))?;
+    let key = PrivateKeyDer::from_pem_file(key_pem).map_err(|e| what(key_pem, &e))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(client_ca_pem).map_err(|e| what(client_ca_pem, &e))? {
+        roots.add(ca.map_err(|e| what(client_ca_pem, &e))?).map_err(|e| what(client_ca_pem, &e))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no CA certificate", client_ca_pem.display()));
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+        .build()
+        .map_err(|e| what(client_ca_pem, &e))?;
+    let config = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| what(cert_pem, &e))?;
+    Ok(Arc::new(config))
+}
+
 async fn accept_loop(
     listener: TcpListener,
     ctx: Arc<DicomContext>,
