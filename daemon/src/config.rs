@@ -27,6 +27,8 @@ pub const DEFAULT_DEV_STATE_DIR: &str = "hms-edge-data";
 pub const DEFAULT_TENANT_ID: &str = "dev-tenant";
 /// Site name of a development box.
 pub const DEFAULT_SITE_ID: &str = "dev-site";
+/// Identifier system for DICOM PatientIDs of a development box.
+pub const DEFAULT_PATIENT_ID_SYSTEM: &str = "urn:hms-edge:dev-site:patient-id";
 /// Default log filter (tracing `EnvFilter` syntax).
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Admin listener: health, readiness, metrics. Loopback only by default.
@@ -92,11 +94,19 @@ pub struct SiteConfig {
     pub tenant_id: String,
     /// Name of this site (used in `meta.source` and logs).
     pub site_id: String,
+    /// Identifier system of the DICOM PatientID values at this site: a study's ImagingStudy is
+    /// linked to the Patient with identifier `<this system>|<PatientID>` (or to a placeholder
+    /// Patient created with it).
+    pub patient_id_system: String,
 }
 
 impl Default for SiteConfig {
     fn default() -> Self {
-        Self { tenant_id: DEFAULT_TENANT_ID.into(), site_id: DEFAULT_SITE_ID.into() }
+        Self {
+            tenant_id: DEFAULT_TENANT_ID.into(),
+            site_id: DEFAULT_SITE_ID.into(),
+            patient_id_system: DEFAULT_PATIENT_ID_SYSTEM.into(),
+        }
     }
 }
 

@@ -259,6 +259,13 @@ pub async fn run(
         daemon.tasks.clone(),
     ));
 
+    // ImagingStudy resources follow the studies the DICOM receiver stores.
+    let link = crate::fhir::imaging::ImagingLink {
+        patient_id_system: cfg.site.patient_id_system.clone(),
+        dicomweb_base: format!("https://{}/dicom-web", cfg.fhir.listen),
+    };
+    daemon.tasks.spawn(crate::fhir::imaging::refresher(daemon.store.clone(), link, token.clone()));
+
     // DICOM: plain and TLS listeners share the association slots; the allow-list follows
     // SIGHUP reloads; on shutdown each association finishes the message it is in.
     let dicom_ctx = crate::dicom::DicomContext::new(daemon.store.clone(), &cfg.dicom);

@@ -156,6 +156,8 @@ pub fn record_instance(
         calling_ae,
         now
     ])?;
+    // The study's FHIR ImagingStudy is rebuilt shortly after, by `fhir::imaging::refresher`.
+    crate::fhir::imaging::mark_dirty(tx, &a.study_instance_uid)?;
     let detail = serde_json::json!({
         "study": a.study_instance_uid,
         "series": a.series_instance_uid,

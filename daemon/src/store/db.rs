@@ -51,6 +51,8 @@ pub const MIGRATIONS: &[&str] = &[
     crate::fhir::storage::MIGRATION,
     // 3: DICOM index — patients, studies, series, instances (see `dicom::index`).
     crate::dicom::index::MIGRATION,
+    // 4: studies whose FHIR ImagingStudy needs rebuilding (see `fhir::imaging`).
+    crate::fhir::imaging::MIGRATION,
 ];
 
 /// Marker row proving a database is an hms-edge store.
