@@ -27,6 +27,8 @@ pub const DEFAULT_DEV_STATE_DIR: &str = "hms-edge-data";
 pub const DEFAULT_TENANT_ID: &str = "dev-tenant";
 /// Site name of a development box.
 pub const DEFAULT_SITE_ID: &str = "dev-site";
+/// Identifier system for DICOM PatientIDs of a development box.
+pub const DEFAULT_PATIENT_ID_SYSTEM: &str = "urn:hms-edge:dev-site:patient-id";
 /// Default log filter (tracing `EnvFilter` syntax).
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Admin listener: health, readiness, metrics. Loopback only by default.
@@ -51,6 +53,22 @@ pub const DEFAULT_JWT_LEEWAY_SECS: u64 = 60;
 pub const DEFAULT_TENANT_CLAIM: &str = "tenant";
 /// Graceful drain deadline after SIGTERM; systemd's `TimeoutStopSec` must be longer.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 20;
+/// Our DICOM Application Entity title (called AE title modalities must use).
+pub const DEFAULT_DICOM_AE_TITLE: &str = "HMS-EDGE";
+/// DICOM listener (plain TCP). Loopback in development; a packaged box listens on the LAN.
+pub const DEFAULT_DICOM_LISTEN: &str = "127.0.0.1:11112";
+/// DICOM TLS listener (PS3.15 secure transport connection profile, port 2762).
+pub const DEFAULT_DICOM_TLS_LISTEN: &str = "127.0.0.1:2762";
+/// Largest P-DATA-TF PDU we accept (announced as our Maximum Length in A-ASSOCIATE-AC).
+pub const DEFAULT_DICOM_MAX_PDU_BYTES: u32 = 128 * 1024;
+/// Associations served at the same time; further callers wait in the kernel's accept queue.
+pub const DEFAULT_DICOM_MAX_ASSOCIATIONS: u32 = 32;
+/// ARTIM: seconds a new connection gets to send its A-ASSOCIATE-RQ (and a released one to close).
+pub const DEFAULT_DICOM_ARTIM_TIMEOUT_SECS: u64 = 30;
+/// Seconds an established association may stay silent (also the limit for one PDU to arrive).
+pub const DEFAULT_DICOM_IDLE_TIMEOUT_SECS: u64 = 120;
+/// Most C-FIND matches returned for one query (the rest is refused with status A700).
+pub const DEFAULT_DICOM_MAX_FIND_RESULTS: u32 = 10_000;
 
 /// The whole daemon configuration. Field docs are the reference; `config/edge.toml` repeats them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -65,6 +83,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub fhir: FhirConfig,
     pub lifecycle: LifecycleConfig,
+    pub dicom: DicomConfig,
 }
 
 /// Who this box is in the multi-tenant cloud.
@@ -75,11 +94,19 @@ pub struct SiteConfig {
     pub tenant_id: String,
     /// Name of this site (used in `meta.source` and logs).
     pub site_id: String,
+    /// Identifier system of the DICOM PatientID values at this site: a study's ImagingStudy is
+    /// linked to the Patient with identifier `<this system>|<PatientID>` (or to a placeholder
+    /// Patient created with it).
+    pub patient_id_system: String,
 }
 
 impl Default for SiteConfig {
     fn default() -> Self {
-        Self { tenant_id: DEFAULT_TENANT_ID.into(), site_id: DEFAULT_SITE_ID.into() }
+        Self {
+            tenant_id: DEFAULT_TENANT_ID.into(),
+            site_id: DEFAULT_SITE_ID.into(),
+            patient_id_system: DEFAULT_PATIENT_ID_SYSTEM.into(),
+        }
     }
 }
 
@@ -259,6 +286,83 @@ impl Default for LifecycleConfig {
     }
 }
 
+/// DICOM receiver (C-ECHO, C-STORE, C-FIND SCP). See `docs/dicom-conformance.md`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DicomConfig {
+    /// Our AE title. Callers must address it (Called AE Title); 1-16 characters, no backslash.
+    pub ae_title: String,
+    /// Address of the plain DICOM listener.
+    pub listen: SocketAddr,
+    /// Serve DICOM over TLS (certificate from `[tls]`) on `tls_listen`.
+    pub tls_enabled: bool,
+    /// Address of the DICOM TLS listener.
+    pub tls_listen: SocketAddr,
+    /// PEM file of CA certificates. Empty: TLS callers need no client certificate. Set: callers
+    /// must present a certificate issued by one of these CAs.
+    pub tls_client_ca_file: PathBuf,
+    /// Largest PDU we accept, bytes (4096-1048576). A bigger PDU aborts the association.
+    pub max_pdu_bytes: u32,
+    /// Associations served concurrently.
+    pub max_associations: u32,
+    /// Seconds to wait for the A-ASSOCIATE-RQ after connect (ARTIM timer).
+    pub artim_timeout_secs: u64,
+    /// Seconds an association may stay silent, and the most one PDU may take to arrive.
+    pub idle_timeout_secs: u64,
+    /// Same SOP Instance UID with different content: `keep-first` refuses the newcomer with
+    /// status 0111 (Duplicate SOP Instance); `keep-both` stores it as a new version. Identical
+    /// content is always a success without a second copy.
+    pub duplicate_policy: DuplicatePolicy,
+    /// Most C-FIND matches per query.
+    pub max_find_results: u32,
+    /// Accept any calling AE title from a loopback address (development convenience).
+    pub accept_loopback_callers: bool,
+    /// Calling AE titles allowed to associate, each optionally bound to a source address.
+    /// Reloaded on SIGHUP.
+    pub peers: Vec<DicomPeer>,
+}
+
+impl Default for DicomConfig {
+    fn default() -> Self {
+        Self {
+            ae_title: DEFAULT_DICOM_AE_TITLE.into(),
+            listen: DEFAULT_DICOM_LISTEN.parse().expect("valid default address"),
+            tls_enabled: true,
+            tls_listen: DEFAULT_DICOM_TLS_LISTEN.parse().expect("valid default address"),
+            tls_client_ca_file: PathBuf::new(),
+            max_pdu_bytes: DEFAULT_DICOM_MAX_PDU_BYTES,
+            max_associations: DEFAULT_DICOM_MAX_ASSOCIATIONS,
+            artim_timeout_secs: DEFAULT_DICOM_ARTIM_TIMEOUT_SECS,
+            idle_timeout_secs: DEFAULT_DICOM_IDLE_TIMEOUT_SECS,
+            duplicate_policy: DuplicatePolicy::KeepFirst,
+            max_find_results: DEFAULT_DICOM_MAX_FIND_RESULTS,
+            accept_loopback_callers: true,
+            peers: Vec::new(),
+        }
+    }
+}
+
+/// What happens when an instance arrives whose SOP Instance UID is stored with other content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DuplicatePolicy {
+    /// Keep the stored instance; refuse the new one (status 0111).
+    KeepFirst,
+    /// Store the new content as another version; export returns the newest.
+    KeepBoth,
+}
+
+/// One modality allowed to send to us.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DicomPeer {
+    /// Its calling AE title.
+    pub ae_title: String,
+    /// Source IP address it must connect from; empty: any address.
+    #[serde(default)]
+    pub address: String,
+}
+
 /// Why a configuration was refused. The message always names the key (or variable) and the reason.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -416,6 +520,42 @@ impl Config {
         if self.tls.cert_file.as_os_str().is_empty() != self.tls.key_file.as_os_str().is_empty() {
             return invalid("tls.cert_file", "set both tls.cert_file and tls.key_file, or neither");
         }
+        let d = &self.dicom;
+        if !valid_ae_title(&d.ae_title) {
+            return invalid("dicom.ae_title", "1-16 printable ASCII characters, no backslash");
+        }
+        if !(4096..=1024 * 1024).contains(&d.max_pdu_bytes) {
+            return invalid("dicom.max_pdu_bytes", "must be between 4096 and 1048576");
+        }
+        if d.max_associations == 0 || d.max_associations > 4096 {
+            return invalid("dicom.max_associations", "must be between 1 and 4096");
+        }
+        if d.artim_timeout_secs == 0 {
+            return invalid("dicom.artim_timeout_secs", "must be at least 1");
+        }
+        if d.idle_timeout_secs == 0 {
+            return invalid("dicom.idle_timeout_secs", "must be at least 1");
+        }
+        if d.max_find_results == 0 {
+            return invalid("dicom.max_find_results", "must be at least 1");
+        }
+        if d.tls_enabled && d.tls_listen == d.listen {
+            return invalid("dicom.tls_listen", "must differ from dicom.listen");
+        }
+        for (i, peer) in d.peers.iter().enumerate() {
+            if !valid_ae_title(&peer.ae_title) {
+                return invalid(
+                    &format!("dicom.peers[{i}].ae_title"),
+                    "1-16 printable ASCII characters, no backslash",
+                );
+            }
+            if !peer.address.is_empty() && peer.address.parse::<std::net::IpAddr>().is_err() {
+                return invalid(
+                    &format!("dicom.peers[{i}].address"),
+                    "must be an IP address or empty",
+                );
+            }
+        }
         Ok(())
     }
 
@@ -436,6 +576,12 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serializes")
     }
+}
+
+/// A DICOM AE title: 1-16 characters of the default repertoire, not only spaces, no backslash.
+pub fn valid_ae_title(s: &str) -> bool {
+    let t = s.trim();
+    !t.is_empty() && s.len() <= 16 && s.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
 }
 
 fn valid_id(s: &str) -> bool {
@@ -488,6 +634,15 @@ mod tests {
         assert!(err.to_string().contains("group_commit_max_batch"), "{err}");
         let err = parse("[log]\ntarget = \"syslog\"\n", "", no_env()).unwrap_err();
         assert!(err.to_string().contains("syslog"), "{err}");
+        let err = parse("[dicom]\nae_title = \"A\\\\B\"\n", "", no_env()).unwrap_err();
+        assert!(err.to_string().contains("dicom.ae_title"), "{err}");
+        let err = parse("[dicom]\nmax_pdu_bytes = 100\n", "", no_env()).unwrap_err();
+        assert!(err.to_string().contains("dicom.max_pdu_bytes"), "{err}");
+        let err = parse("[dicom]\nduplicate_policy = \"overwrite\"\n", "", no_env()).unwrap_err();
+        assert!(err.to_string().contains("overwrite"), "{err}");
+        let text = "[[dicom.peers]]\nae_title = \"CT1\"\naddress = \"not-ip\"\n";
+        let err = parse(text, "", no_env()).unwrap_err();
+        assert!(err.to_string().contains("dicom.peers[0].address"), "{err}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod dicom;
 pub mod fhir;
 pub mod https;
 pub mod keys;

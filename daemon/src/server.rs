@@ -25,8 +25,14 @@ use crate::tls::{self, TlsPaths, TlsReloader};
 
 /// Settings that SIGHUP applies to the running daemon. Any other change is logged as needing a
 /// restart and not applied.
-pub const RELOADABLE: &[&str] =
-    &["log.level", "tls.cert_file", "tls.key_file", "admin.min_free_disk_mb"];
+pub const RELOADABLE: &[&str] = &[
+    "log.level",
+    "tls.cert_file",
+    "tls.key_file",
+    "admin.min_free_disk_mb",
+    "dicom.peers",
+    "dicom.accept_loopback_callers",
+];
 
 /// Why the daemon could not start. Each message says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +94,9 @@ impl Daemon {
 pub struct Listeners {
     pub admin: TcpListener,
     pub fhir: TcpListener,
+    pub dicom: TcpListener,
+    /// The DICOM TLS listener, when `dicom.tls_enabled`.
+    pub dicom_tls: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -97,6 +106,14 @@ impl Listeners {
 
     pub fn fhir_addr(&self) -> SocketAddr {
         self.fhir.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn dicom_addr(&self) -> SocketAddr {
+        self.dicom.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn dicom_tls_addr(&self) -> Option<SocketAddr> {
+        self.dicom_tls.as_ref().map(|l| l.local_addr().expect("bound listener has an address"))
     }
 }
 
@@ -157,7 +174,12 @@ pub async fn start(
     };
     let admin = bind("admin", config.admin.listen).await?;
     let fhir = bind("fhir", config.fhir.listen).await?;
-    let listeners = Listeners { admin, fhir };
+    let dicom = bind("dicom", config.dicom.listen).await?;
+    let dicom_tls = match config.dicom.tls_enabled {
+        true => Some(bind("dicom-tls", config.dicom.tls_listen).await?),
+        false => None,
+    };
+    let listeners = Listeners { admin, fhir, dicom, dicom_tls };
 
     let metrics = crate::admin::metrics_handle();
     for name in ["hms_store_writes_total", "hms_store_commits_total"] {
@@ -186,6 +208,9 @@ pub async fn start(
         tls_cert = %tls_paths.cert.display(),
         admin = %format!("http://{}", listeners.admin_addr()),
         fhir = %format!("https://{}/fhir", listeners.fhir_addr()),
+        dicom = %listeners.dicom_addr(),
+        dicom_tls = %listeners.dicom_tls_addr().map_or("off".into(), |a| a.to_string()),
+        dicom_ae_title = %daemon.config().dicom.ae_title,
         config = %daemon.config_path.as_ref().map_or("embedded defaults".into(), |p| p.display().to_string()),
         "hms-edged started"
     );
@@ -233,6 +258,55 @@ pub async fn run(
         token.clone(),
         daemon.tasks.clone(),
     ));
+
+    // ImagingStudy resources follow the studies the DICOM receiver stores.
+    let link = crate::fhir::imaging::ImagingLink {
+        patient_id_system: cfg.site.patient_id_system.clone(),
+        dicomweb_base: format!("https://{}/dicom-web", cfg.fhir.listen),
+    };
+    daemon.tasks.spawn(crate::fhir::imaging::refresher(daemon.store.clone(), link, token.clone()));
+
+    // DICOM: plain and TLS listeners share the association slots; the allow-list follows
+    // SIGHUP reloads; on shutdown each association finishes the message it is in.
+    let dicom_ctx = crate::dicom::DicomContext::new(daemon.store.clone(), &cfg.dicom);
+    daemon.tasks.spawn(crate::dicom::serve(
+        listeners.dicom,
+        dicom_ctx.clone(),
+        token.clone().cancelled_owned(),
+    ));
+    if let Some(listener) = listeners.dicom_tls {
+        let source: crate::dicom::TlsSource = if cfg.dicom.tls_client_ca_file.as_os_str().is_empty()
+        {
+            let tls = daemon.tls.clone();
+            Arc::new(move || tls.current())
+        } else {
+            // Client certificates required: built once at start (a new certificate or CA file
+            // for DICOM TLS takes a restart).
+            let paths = daemon.tls.paths();
+            let cfg = crate::dicom::tls_config_with_client_ca(
+                &paths.cert,
+                &paths.key,
+                &cfg.dicom.tls_client_ca_file,
+            )
+            .map_err(|e| std::io::Error::other(format!("dicom.tls_client_ca_file: {e}")))?;
+            Arc::new(move || cfg.clone())
+        };
+        daemon.tasks.spawn(crate::dicom::serve_tls_with(
+            listener,
+            dicom_ctx.clone(),
+            source,
+            token.clone().cancelled_owned(),
+        ));
+    }
+    let mut config_rx = daemon.subscribe_config();
+    tokio::spawn(async move {
+        while config_rx.changed().await.is_ok() {
+            let c = config_rx.borrow_and_update().clone();
+            if let Some(change) = dicom_ctx.reload(&c.dicom) {
+                tracing::info!("{change}");
+            }
+        }
+    });
 
     notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("serving")]);
     tracing::info!("ready");

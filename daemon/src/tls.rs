@@ -54,7 +54,12 @@ impl TlsPaths {
     }
 }
 
-/// Creates a self-signed certificate when none exists and `generate` allows. Returns whether one
+/// Where the development CA certificate is written: next to the server certificate.
+pub fn ca_path(paths: &TlsPaths) -> PathBuf {
+    paths.cert.with_file_name("ca.pem")
+}
+
+/// Creates a development certificate (signed by a throw-away CA) when none exists and `generate` allows. Returns whether one
 /// was created.
 pub fn ensure_certificate(paths: &TlsPaths, generate: bool) -> Result<bool, TlsError> {
     if paths.cert.exists() && paths.key.exists() {
@@ -63,11 +68,25 @@ pub fn ensure_certificate(paths: &TlsPaths, generate: bool) -> Result<bool, TlsE
     if !generate {
         return Err(TlsError::Missing { path: paths.cert.clone() });
     }
+    // A throw-away CA signs the server certificate, then its key is forgotten: clients trust
+    // `ca.pem` (TLS stacks refuse a bare self-signed leaf as a trust anchor, and a CA
+    // certificate as a server certificate), and nobody can mint further certificates with it.
+    let invalid = |e: rcgen::Error| TlsError::Invalid(e.to_string());
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(invalid)?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "hms-edge development CA");
+    ca_params.key_usages =
+        vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    let ca_key = rcgen::KeyPair::generate().map_err(invalid)?;
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).map_err(invalid)?;
     let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
-    let cert =
-        rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Invalid(e.to_string()))?;
-    write_private(&paths.key, cert.signing_key.serialize_pem().as_bytes())?;
-    write_private(&paths.cert, cert.cert.pem().as_bytes())?;
+    let mut leaf_params = rcgen::CertificateParams::new(names).map_err(invalid)?;
+    leaf_params.distinguished_name.push(rcgen::DnType::CommonName, "hms-edge");
+    let leaf_key = rcgen::KeyPair::generate().map_err(invalid)?;
+    let leaf = leaf_params.signed_by(&leaf_key, &ca).map_err(invalid)?;
+    write_private(&paths.key, leaf_key.serialize_pem().as_bytes())?;
+    write_private(&paths.cert, format!("{}{}", leaf.pem(), ca.pem()).as_bytes())?;
+    write_private(&ca_path(paths), ca.pem().as_bytes())?;
     Ok(true)
 }
 

@@ -89,6 +89,8 @@ pub struct DaemonProc {
     pub workdir: PathBuf,
     pub admin: SocketAddr,
     pub fhir: SocketAddr,
+    pub dicom: SocketAddr,
+    pub dicom_tls: SocketAddr,
     pub notify: NotifySocket,
     log: Arc<Mutex<Vec<String>>>,
 }
@@ -100,6 +102,8 @@ impl DaemonProc {
         let notify = NotifySocket::new(&notify_dir);
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let fhir: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let dicom: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let dicom_tls: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = Command::new(bin("hms-edged"));
         cmd.current_dir(workdir)
             .env_clear()
@@ -108,6 +112,8 @@ impl DaemonProc {
             .env("HMS_EDGE_LOG_TARGET", "stderr")
             .env("HMS_EDGE_ADMIN_LISTEN", admin.to_string())
             .env("HMS_EDGE_FHIR_LISTEN", fhir.to_string())
+            .env("HMS_EDGE_DICOM_LISTEN", dicom.to_string())
+            .env("HMS_EDGE_DICOM_TLS_LISTEN", dicom_tls.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -129,7 +135,16 @@ impl DaemonProc {
                 sink.lock().unwrap().push(strip_ansi(&line));
             }
         });
-        DaemonProc { child, workdir: workdir.to_owned(), admin, fhir, notify, log }
+        DaemonProc {
+            child,
+            workdir: workdir.to_owned(),
+            admin,
+            fhir,
+            dicom,
+            dicom_tls,
+            notify,
+            log,
+        }
     }
 
     /// Starts and waits for `READY=1`.
@@ -282,9 +297,10 @@ pub fn hex_encode(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// An HTTPS client for the daemon's FHIR listener that trusts exactly the daemon's (generated)
-/// certificate: real TLS, no verification switched off.
+/// An HTTPS client for the daemon's FHIR listener that trusts exactly the daemon's generated
+/// development CA (`ca.pem` beside the given certificate): real TLS, no verification switched off.
 pub fn fhir_client(cert_pem: &Path) -> reqwest::blocking::Client {
+    let cert_pem = &cert_pem.with_file_name("ca.pem");
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -10,6 +10,7 @@ pub mod date;
 pub mod fhirpath;
 #[cfg(test)]
 mod fuzz_tests;
+pub mod imaging;
 pub mod index;
 pub mod params;
 #[rustfmt::skip]

@@ -49,6 +49,10 @@ pub const MIGRATIONS: &[&str] = &[
     "#,
     // 2: FHIR cache — versions, current pointers, search index, audit events.
     crate::fhir::storage::MIGRATION,
+    // 3: DICOM index — patients, studies, series, instances (see `dicom::index`).
+    crate::dicom::index::MIGRATION,
+    // 4: studies whose FHIR ImagingStudy needs rebuilding (see `fhir::imaging`).
+    crate::fhir::imaging::MIGRATION,
 ];
 
 /// Marker row proving a database is an hms-edge store.

@@ -1,0 +1,668 @@
+//! One association, from the A-ASSOCIATE-RQ to release or abort (the acceptor side of the PS3.8
+//! state machine), over any byte stream (plain TCP or TLS).
+//!
+//! Messages are processed as their PDVs arrive: a C-STORE data set goes fragment by fragment to
+//! a [`SinkHandle`]; the response is sent only after the instance is durable. Anything that breaks
+//! the protocol (bad PDU, PDV on an unknown context, a data set where a command belongs, a PDU over
+//! our limit) gets an A-ABORT, and the message in progress is abandoned: its temp file is removed
+//! and nothing of it is indexed.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use dicom_ul::pdu::{AbortRQServiceProviderReason as AbortReason, Pdu};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::DicomContext;
+use super::dataset::FileMeta;
+use super::dimse::{self, Command, field, status, tag};
+use super::index::{self, Recorded};
+use super::negotiate::{self, AcceptedContext, Association};
+use super::pdu::{self, FramingError, Incoming, PduReader, Pdv};
+use super::query;
+use super::sink::{SinkError, SinkHandle};
+use super::uids::{self, ServiceKind};
+
+/// Largest C-FIND identifier we accept.
+const MAX_IDENTIFIER_BYTES: usize = 1024 * 1024;
+/// Responses are written in batches of about this many bytes.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// Why the association ends.
+enum End {
+    /// We abort with this reason.
+    Abort(AbortReason),
+    /// The peer aborted, closed the connection, or released: nothing more to send.
+    Quiet,
+}
+
+enum Message {
+    Idle,
+    Command {
+        context_id: u8,
+        buf: BytesMut,
+    },
+    Store {
+        pc: AcceptedContext,
+        cmd: Command,
+        sink: SinkHandle,
+    },
+    Find {
+        pc: AcceptedContext,
+        cmd: Command,
+        buf: BytesMut,
+    },
+    /// Consume and drop the data set, then answer with this status.
+    Discard {
+        pc: AcceptedContext,
+        cmd: Command,
+        rsp_field: u16,
+        status: u16,
+        comment: String,
+    },
+}
+
+/// Serves one connection: negotiation, then DIMSE messages until release or abort. `slot` is
+/// false when every association slot is taken: the request is then rejected (transient).
+pub async fn serve_connection<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    ctx: Arc<DicomContext>,
+    shutdown: watch::Receiver<bool>,
+    slot: bool,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let s = &ctx.settings;
+    let mut reader = PduReader::new(s.max_pdu);
+    let first = tokio::time::timeout(s.artim, reader.read(&mut stream)).await;
+    let rq = match first {
+        Err(_) => {
+            debug!(%peer, "no association request before the ARTIM timeout; closing");
+            return;
+        }
+        Ok(Err(e)) => {
+            warn!(%peer, error = %e, "bad first PDU");
+            if let Some(reason) = e.abort_reason() {
+                let _ = pdu::send(&mut stream, &pdu::abort_pdu(reason)).await;
+            }
+            return;
+        }
+        Ok(Ok(Incoming::Control(Pdu::AssociationRQ(rq)))) => rq,
+        Ok(Ok(other)) => {
+            warn!(%peer, "expected an A-ASSOCIATE-RQ, got {}", describe(&other));
+            let _ = pdu::send(&mut stream, &pdu::abort_pdu(AbortReason::UnexpectedPdu)).await;
+            return;
+        }
+    };
+    if !slot {
+        warn!(%peer, calling_ae = %rq.calling_ae_title, "association limit reached; rejecting");
+        metrics::counter!("hms_dicom_associations_rejected_total", "reason" => "busy").increment(1);
+        let _ = pdu::send(&mut stream, &pdu::encode(&Pdu::AssociationRJ(negotiate::busy()))).await;
+        let _ = stream.shutdown().await;
+        return;
+    }
+    let policy = ctx.policy();
+    let (assoc, ac) = match negotiate::negotiate(&rq, peer.ip(), &policy, s.max_pdu) {
+        Ok(x) => x,
+        Err(rj) => {
+            warn!(%peer, calling_ae = %rq.calling_ae_title, called_ae = %rq.called_ae_title,
+                reason = %rj.source, "association rejected");
+            metrics::counter!("hms_dicom_associations_rejected_total", "reason" => "policy")
+                .increment(1);
+            let _ = pdu::send(&mut stream, &pdu::encode(&Pdu::AssociationRJ(rj))).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+    };
+    if pdu::send(&mut stream, &pdu::encode(&Pdu::AssociationAC(ac))).await.is_err() {
+        return;
+    }
+    info!(%peer, calling_ae = %assoc.calling_ae, contexts = assoc.contexts.len(), "association accepted");
+    metrics::counter!("hms_dicom_associations_total").increment(1);
+    metrics::gauge!("hms_dicom_associations_active").increment(1.0);
+    let mut session = Session {
+        stream,
+        reader,
+        ctx: ctx.clone(),
+        assoc,
+        peer,
+        state: Message::Idle,
+        queued: VecDeque::new(),
+        out: Vec::with_capacity(WRITE_BATCH),
+    };
+    let end = session.run(shutdown).await;
+    session.abandon();
+    if let End::Abort(reason) = end {
+        let _ = tokio::time::timeout(
+            ctx.settings.artim,
+            pdu::send(&mut session.stream, &pdu::abort_pdu(reason)),
+        )
+        .await;
+    }
+    let _ = tokio::time::timeout(ctx.settings.artim, session.stream.shutdown()).await;
+    metrics::gauge!("hms_dicom_associations_active").decrement(1.0);
+    debug!(%peer, "association closed");
+}
+
+fn describe(i: &Incoming) -> String {
+    match i {
+        Incoming::PData(_) => "P-DATA-TF".into(),
+        Incoming::Control(p) => p.short_description().to_string(),
+    }
+}
+
+struct Session<S> {
+    stream: S,
+    reader: PduReader,
+    ctx: Arc<DicomContext>,
+    assoc: Association,
+    peer: SocketAddr,
+    state: Message,
+    /// PDUs read ahead while answering a C-FIND (watching for C-CANCEL).
+    queued: VecDeque<Incoming>,
+    out: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> End {
+        let idle = self.ctx.settings.idle;
+        loop {
+            let idle_now = matches!(self.state, Message::Idle);
+            if idle_now && *shutdown.borrow() {
+                info!(peer = %self.peer, "shutting down: aborting idle association");
+                return End::Abort(AbortReason::ReasonNotSpecified);
+            }
+            let incoming = if let Some(q) = self.queued.pop_front() {
+                Ok(q)
+            } else {
+                tokio::select! {
+                    r = tokio::time::timeout(idle, self.reader.read(&mut self.stream)) => match r {
+                        Ok(r) => r,
+                        Err(_) => {
+                            warn!(peer = %self.peer, "association idle too long; aborting");
+                            return End::Abort(AbortReason::ReasonNotSpecified);
+                        }
+                    },
+                    r = shutdown.changed(), if idle_now => {
+                        if r.is_err() {
+                            return End::Abort(AbortReason::ReasonNotSpecified);
+                        }
+                        continue;
+                    }
+                }
+            };
+            let incoming = match incoming {
+                Ok(i) => i,
+                Err(e) => {
+                    return match e.abort_reason() {
+                        Some(reason) => {
+                            warn!(peer = %self.peer, error = %e, "protocol error; aborting");
+                            metrics::counter!("hms_dicom_aborts_total").increment(1);
+                            End::Abort(reason)
+                        }
+                        None => {
+                            if !matches!(e, FramingError::Closed) || !idle_now {
+                                warn!(peer = %self.peer, error = %e, "connection lost");
+                            }
+                            End::Quiet
+                        }
+                    };
+                }
+            };
+            match incoming {
+                Incoming::PData(pdvs) => {
+                    for pdv in pdvs {
+                        if let Err(reason) = self.on_pdv(pdv).await {
+                            metrics::counter!("hms_dicom_aborts_total").increment(1);
+                            return End::Abort(reason);
+                        }
+                    }
+                }
+                Incoming::Control(Pdu::ReleaseRQ) => {
+                    if !matches!(self.state, Message::Idle) {
+                        warn!(peer = %self.peer, "release requested in the middle of a message");
+                    }
+                    self.abandon();
+                    let _ = pdu::send(&mut self.stream, &pdu::encode(&Pdu::ReleaseRP)).await;
+                    debug!(peer = %self.peer, "association released");
+                    return End::Quiet;
+                }
+                Incoming::Control(Pdu::AbortRQ { .. }) => {
+                    debug!(peer = %self.peer, "association aborted by the peer");
+                    return End::Quiet;
+                }
+                Incoming::Control(other) => {
+                    warn!(peer = %self.peer, "unexpected {}; aborting", other.short_description());
+                    return End::Abort(AbortReason::UnexpectedPdu);
+                }
+            }
+        }
+    }
+
+    /// Drops the message in progress; a partial instance leaves nothing behind.
+    fn abandon(&mut self) {
+        if let Message::Store { sink, .. } = std::mem::replace(&mut self.state, Message::Idle) {
+            sink.abandon();
+            metrics::counter!("hms_dicom_store_abandoned_total").increment(1);
+        }
+    }
+
+    async fn on_pdv(&mut self, pdv: Pdv) -> Result<(), AbortReason> {
+        let Some(pc) = self.assoc.contexts.get(&pdv.context_id).cloned() else {
+            warn!(peer = %self.peer, id = pdv.context_id, "PDV on a context that was not accepted");
+            return Err(AbortReason::InvalidPduParameter);
+        };
+        if matches!(self.state, Message::Idle) {
+            if !pdv.is_command {
+                warn!(peer = %self.peer, "data set fragment without a command");
+                return Err(AbortReason::UnexpectedPduParameter);
+            }
+            self.state = Message::Command { context_id: pc.id, buf: BytesMut::new() };
+        }
+        match &mut self.state {
+            Message::Idle => unreachable!("handled above"),
+            Message::Command { context_id, buf } => {
+                if !pdv.is_command || *context_id != pc.id {
+                    return Err(AbortReason::UnexpectedPduParameter);
+                }
+                if buf.len() + pdv.data.len() > dimse::MAX_COMMAND_BYTES {
+                    return Err(AbortReason::InvalidPduParameter);
+                }
+                buf.extend_from_slice(&pdv.data);
+                if !pdv.is_last {
+                    return Ok(());
+                }
+                let cmd = match Command::decode(buf) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(peer = %self.peer, error = %e, "undecodable command set");
+                        return Err(AbortReason::InvalidPduParameter);
+                    }
+                };
+                self.state = Message::Idle;
+                self.on_command(pc, cmd).await
+            }
+            Message::Store { pc: store_pc, sink, .. } => {
+                if pdv.is_command || store_pc.id != pc.id {
+                    return Err(AbortReason::UnexpectedPduParameter);
+                }
+                metrics::counter!("hms_dicom_bytes_received_total")
+                    .increment(pdv.data.len() as u64);
+                let last = pdv.is_last;
+                sink.push(pdv.data).await;
+                if last {
+                    let Message::Store { pc, cmd, sink } =
+                        std::mem::replace(&mut self.state, Message::Idle)
+                    else {
+                        unreachable!()
+                    };
+                    self.finish_store(pc, cmd, sink).await?;
+                }
+                Ok(())
+            }
+            Message::Find { pc: find_pc, buf, .. } => {
+                if pdv.is_command || find_pc.id != pc.id {
+                    return Err(AbortReason::UnexpectedPduParameter);
+                }
+                if buf.len() + pdv.data.len() > MAX_IDENTIFIER_BYTES {
+                    return Err(AbortReason::InvalidPduParameter);
+                }
+                buf.extend_from_slice(&pdv.data);
+                if pdv.is_last {
+                    let Message::Find { pc, cmd, buf } =
+                        std::mem::replace(&mut self.state, Message::Idle)
+                    else {
+                        unreachable!()
+                    };
+                    self.run_find(pc, cmd, buf).await?;
+                }
+                Ok(())
+            }
+            Message::Discard { pc: d_pc, .. } => {
+                if pdv.is_command || d_pc.id != pc.id {
+                    return Err(AbortReason::UnexpectedPduParameter);
+                }
+                if pdv.is_last {
+                    let Message::Discard { pc, cmd, rsp_field, status, comment } =
+                        std::mem::replace(&mut self.state, Message::Idle)
+                    else {
+                        unreachable!()
+                    };
+                    self.respond(&pc, &cmd, rsp_field, status, &comment).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_command(&mut self, pc: AcceptedContext, cmd: Command) -> Result<(), AbortReason> {
+        let rsp_field = cmd.command_field() | 0x8000;
+        let discard = |pc: AcceptedContext, cmd: Command, status: u16, comment: &str| {
+            Message::Discard { pc, cmd, rsp_field, status, comment: comment.into() }
+        };
+        match cmd.command_field() {
+            field::C_ECHO_RQ => {
+                let st = if pc.kind == ServiceKind::Verification {
+                    status::SUCCESS
+                } else {
+                    status::SOP_CLASS_NOT_SUPPORTED
+                };
+                if cmd.has_data_set() {
+                    self.state =
+                        discard(pc, cmd, status::CANNOT_UNDERSTAND, "C-ECHO with a data set");
+                    return Ok(());
+                }
+                metrics::counter!("hms_dicom_echo_total").increment(1);
+                self.respond(&pc, &cmd, field::C_ECHO_RSP, st, "").await
+            }
+            field::C_STORE_RQ => {
+                let class = cmd.str(tag::AFFECTED_SOP_CLASS_UID).unwrap_or("").to_owned();
+                let instance = cmd.str(tag::AFFECTED_SOP_INSTANCE_UID).unwrap_or("").to_owned();
+                if !cmd.has_data_set() {
+                    return self
+                        .respond(&pc, &cmd, rsp_field, status::CANNOT_UNDERSTAND, "no data set")
+                        .await;
+                }
+                if pc.kind != ServiceKind::Storage || class != pc.abstract_syntax {
+                    self.state = discard(
+                        pc,
+                        cmd,
+                        status::SOP_CLASS_NOT_SUPPORTED,
+                        "SOP class differs from the presentation context",
+                    );
+                    return Ok(());
+                }
+                if instance.is_empty() {
+                    self.state =
+                        discard(pc, cmd, status::CANNOT_UNDERSTAND, "no Affected SOP Instance UID");
+                    return Ok(());
+                }
+                let Some(enc) = uids::dataset_encoding(&pc.transfer_syntax) else {
+                    self.state = discard(pc, cmd, status::CANNOT_UNDERSTAND, "transfer syntax");
+                    return Ok(());
+                };
+                let meta = FileMeta {
+                    sop_class_uid: class,
+                    sop_instance_uid: instance,
+                    transfer_syntax: pc.transfer_syntax.clone(),
+                    source_ae_title: self.assoc.calling_ae.clone(),
+                };
+                let sink = SinkHandle::start(self.ctx.store.blobs().clone(), meta, enc);
+                self.state = Message::Store { pc, cmd, sink };
+                Ok(())
+            }
+            field::C_FIND_RQ => {
+                if !cmd.has_data_set() {
+                    return self
+                        .respond(&pc, &cmd, rsp_field, status::CANNOT_UNDERSTAND, "no identifier")
+                        .await;
+                }
+                if pc.kind != ServiceKind::StudyRootFind {
+                    self.state =
+                        discard(pc, cmd, status::SOP_CLASS_NOT_SUPPORTED, "not a C-FIND context");
+                    return Ok(());
+                }
+                self.state = Message::Find { pc, cmd, buf: BytesMut::new() };
+                Ok(())
+            }
+            field::C_CANCEL_RQ => Ok(()), // nothing in progress to cancel
+            other => {
+                debug!(peer = %self.peer, field = other, "unsupported DIMSE command");
+                if cmd.has_data_set() {
+                    self.state =
+                        discard(pc, cmd, status::UNRECOGNIZED_OPERATION, "operation not supported");
+                    Ok(())
+                } else {
+                    self.respond(&pc, &cmd, rsp_field, status::UNRECOGNIZED_OPERATION, "").await
+                }
+            }
+        }
+    }
+
+    async fn finish_store(
+        &mut self,
+        pc: AcceptedContext,
+        cmd: Command,
+        sink: SinkHandle,
+    ) -> Result<(), AbortReason> {
+        let ctx = self.ctx.clone();
+        let expected_class = cmd.str(tag::AFFECTED_SOP_CLASS_UID).unwrap_or("").to_owned();
+        let expected_instance = cmd.str(tag::AFFECTED_SOP_INSTANCE_UID).unwrap_or("").to_owned();
+        let (st, comment) = match sink.finish().await {
+            Err(SinkError::Malformed(m)) => {
+                warn!(peer = %self.peer, error = %m, "malformed data set refused");
+                (status::CANNOT_UNDERSTAND, m)
+            }
+            Err(e) => {
+                warn!(peer = %self.peer, error = %e, "instance could not be written");
+                (status::OUT_OF_RESOURCES, "cannot write the instance".to_owned())
+            }
+            Ok(inst) => {
+                let a = &inst.attrs;
+                let mismatch = if a.sop_instance_uid != expected_instance {
+                    Some("SOP Instance UID of the data set differs from the command")
+                } else if a.sop_class_uid != expected_class {
+                    Some("SOP Class UID of the data set differs from the command")
+                } else if a.study_instance_uid.is_empty() || a.series_instance_uid.is_empty() {
+                    Some("Study or Series Instance UID missing")
+                } else {
+                    None
+                };
+                if let Some(why) = mismatch {
+                    remove_unreferenced_blob(&ctx, inst.blob.id.clone());
+                    warn!(peer = %self.peer, why, "instance refused");
+                    (status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS, why.to_owned())
+                } else {
+                    self.record(&pc, inst).await
+                }
+            }
+        };
+        metrics::counter!("hms_dicom_store_total", "status" => format!("{st:04X}")).increment(1);
+        self.respond(&pc, &cmd, field::C_STORE_RSP, st, &comment).await
+    }
+
+    /// One durable write per instance: blob row, index rows and outbox change together.
+    async fn record(
+        &mut self,
+        pc: &AcceptedContext,
+        inst: super::sink::ReceivedInstance,
+    ) -> (u16, String) {
+        let ctx = self.ctx.clone();
+        let blob = inst.blob.id.clone();
+        let ts = pc.transfer_syntax.clone();
+        let calling = self.assoc.calling_ae.clone();
+        let policy = ctx.settings.duplicate_policy;
+        let sop = inst.attrs.sop_instance_uid.clone();
+        let result = ctx
+            .store
+            .write(move |tx| index::record_instance(tx, &inst, &ts, &calling, policy))
+            .await;
+        match result {
+            Ok(Recorded::Stored { version, outbox_seq }) => {
+                debug!(peer = %self.peer, %sop, version, outbox_seq, "instance stored");
+                (status::SUCCESS, String::new())
+            }
+            Ok(Recorded::Identical) => {
+                remove_unreferenced_blob(&ctx, blob);
+                debug!(peer = %self.peer, %sop, "identical instance already stored");
+                (status::SUCCESS, String::new())
+            }
+            Ok(Recorded::Conflict) => {
+                remove_unreferenced_blob(&ctx, blob);
+                warn!(peer = %self.peer, %sop,
+                    "instance with this SOP Instance UID already stored with other content; kept the first");
+                (
+                    status::DUPLICATE_SOP_INSTANCE,
+                    "SOP Instance UID already stored with different content".to_owned(),
+                )
+            }
+            Err(e) => {
+                // Not committed (a failed write rolls back); the unreferenced blob is removed now,
+                // or by the sweep at the next start when the outcome is unknown (store closed).
+                if !matches!(e, crate::store::StoreError::Closed) {
+                    remove_unreferenced_blob(&ctx, blob);
+                }
+                warn!(peer = %self.peer, error = %e, disk_full = e.is_disk_full(), "index write failed");
+                (status::OUT_OF_RESOURCES, "storage failure".to_owned())
+            }
+        }
+    }
+
+    async fn run_find(
+        &mut self,
+        pc: AcceptedContext,
+        cmd: Command,
+        buf: BytesMut,
+    ) -> Result<(), AbortReason> {
+        let q = match query::parse_identifier(&buf, &pc.transfer_syntax) {
+            Ok(q) => q,
+            Err(e) => {
+                warn!(peer = %self.peer, error = %e, "C-FIND identifier refused");
+                let st = match e {
+                    query::QueryError::Undecodable(_) => status::CANNOT_UNDERSTAND,
+                    query::QueryError::Invalid(_) => status::IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                };
+                return self.respond(&pc, &cmd, field::C_FIND_RSP, st, &e.to_string()).await;
+            }
+        };
+        let limit = self.ctx.settings.max_find_results;
+        let q2 = q.clone();
+        let found = self.ctx.store.read(move |conn| query::run(conn, &q2, limit)).await;
+        let records = match found {
+            Ok(Ok(r)) => r,
+            Ok(Err(limit)) => {
+                let why = format!("more than {limit} matches; narrow the query");
+                return self
+                    .respond(&pc, &cmd, field::C_FIND_RSP, status::OUT_OF_RESOURCES, &why)
+                    .await;
+            }
+            Err(e) => {
+                warn!(peer = %self.peer, error = %e, "C-FIND failed");
+                return self
+                    .respond(
+                        &pc,
+                        &cmd,
+                        field::C_FIND_RSP,
+                        status::UNABLE_TO_PROCESS,
+                        "query failed",
+                    )
+                    .await;
+            }
+        };
+        metrics::counter!("hms_dicom_find_total").increment(1);
+        let message_id = cmd.message_id();
+        let ae = self.ctx.settings.ae_title.clone();
+        for rec in &records {
+            if self.cancel_requested(message_id).await? {
+                self.flush().await?;
+                debug!(peer = %self.peer, "C-FIND cancelled");
+                return self.respond(&pc, &cmd, field::C_FIND_RSP, status::CANCEL, "").await;
+            }
+            let identifier = match query::response_identifier(&q, rec, &pc.transfer_syntax, &ae) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(peer = %self.peer, error = %e, "cannot encode a C-FIND response");
+                    self.flush().await?;
+                    return self
+                        .respond(
+                            &pc,
+                            &cmd,
+                            field::C_FIND_RSP,
+                            status::UNABLE_TO_PROCESS,
+                            "encoding failed",
+                        )
+                        .await;
+                }
+            };
+            let rsp = Command::response_to(&cmd, field::C_FIND_RSP, status::PENDING, true);
+            let peer_max = self.assoc.peer_max_pdu;
+            pdu::encode_pdata(&mut self.out, pc.id, true, &rsp.encode(), peer_max);
+            pdu::encode_pdata(&mut self.out, pc.id, false, &identifier, peer_max);
+            if self.out.len() >= WRITE_BATCH {
+                self.flush().await?;
+            }
+        }
+        self.flush().await?;
+        self.respond(&pc, &cmd, field::C_FIND_RSP, status::SUCCESS, "").await
+    }
+
+    /// Looks, without waiting, for a C-CANCEL-RQ of `message_id`. Other PDUs read meanwhile are
+    /// queued for the main loop.
+    async fn cancel_requested(&mut self, message_id: u16) -> Result<bool, AbortReason> {
+        loop {
+            // A zero timeout polls the (cancel-safe) read exactly once.
+            let got =
+                tokio::time::timeout(Duration::ZERO, self.reader.read(&mut self.stream)).await;
+            let incoming = match got {
+                Err(_) => return Ok(false),
+                Ok(Ok(i)) => i,
+                Ok(Err(e)) => {
+                    return Err(e.abort_reason().unwrap_or(AbortReason::ReasonNotSpecified));
+                }
+            };
+            if let Incoming::PData(pdvs) = &incoming
+                && let [p] = pdvs.as_slice()
+                && p.is_command
+                && p.is_last
+                && let Ok(c) = Command::decode(&p.data)
+                && c.command_field() == field::C_CANCEL_RQ
+                && c.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO) == Some(message_id)
+            {
+                return Ok(true);
+            }
+            self.queued.push_back(incoming);
+            if matches!(self.queued.back(), Some(Incoming::Control(_))) {
+                return Ok(false);
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), AbortReason> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let res =
+            tokio::time::timeout(self.ctx.settings.idle, pdu::send(&mut self.stream, &self.out))
+                .await;
+        self.out.clear();
+        match res {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(AbortReason::ReasonNotSpecified),
+        }
+    }
+
+    async fn respond(
+        &mut self,
+        pc: &AcceptedContext,
+        rq: &Command,
+        rsp_field: u16,
+        st: u16,
+        comment: &str,
+    ) -> Result<(), AbortReason> {
+        let mut rsp = Command::response_to(rq, rsp_field, st, false);
+        if !comment.is_empty() && st != status::SUCCESS && st != status::CANCEL {
+            rsp.set_text(tag::ERROR_COMMENT, comment);
+        }
+        if rq.str(tag::AFFECTED_SOP_CLASS_UID).is_none() {
+            rsp.set_uid(tag::AFFECTED_SOP_CLASS_UID, &pc.abstract_syntax);
+        }
+        pdu::encode_pdata(&mut self.out, pc.id, true, &rsp.encode(), self.assoc.peer_max_pdu);
+        self.flush().await
+    }
+}
+
+/// Removes a finished blob that no row references (duplicate, refused or failed write).
+fn remove_unreferenced_blob(ctx: &Arc<DicomContext>, id: crate::store::BlobId) {
+    let blobs = ctx.store.blobs().clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = blobs.remove(&id) {
+            warn!(error = %e, "cannot remove an unreferenced blob; the next start sweeps it");
+        }
+    });
+}

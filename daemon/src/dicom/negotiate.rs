@@ -1,0 +1,304 @@
+//! Association negotiation (PS3.8 7.1, PS3.7 D.3.3): who may associate, and which presentation
+//! contexts we accept. A pure function of the request, the caller's address and our policy.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use dicom_ul::pdu::{
+    AssociationAC, AssociationRJ, AssociationRJResult, AssociationRJServiceProviderASCEReason,
+    AssociationRJServiceProviderPresentationReason, AssociationRJServiceUserReason,
+    AssociationRJSource, AssociationRQ, PresentationContextResult, PresentationContextResultReason,
+    UserVariableItem,
+};
+
+use super::uids::{
+    self, APPLICATION_CONTEXT, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME,
+    QUERY_TRANSFER_SYNTAXES, STORAGE_TRANSFER_SYNTAXES, ServiceKind,
+};
+use crate::config::DicomConfig;
+
+/// Who may associate with us. Reloadable (SIGHUP) as a whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessPolicy {
+    /// Our AE title; the Called AE Title must equal it.
+    pub ae_title: String,
+    /// Any calling AE title is accepted from a loopback address.
+    pub accept_loopback: bool,
+    /// Allowed calling AE titles, each with an optional required source address.
+    pub peers: Vec<(String, Option<IpAddr>)>,
+}
+
+impl AccessPolicy {
+    pub fn from_config(c: &DicomConfig) -> Self {
+        AccessPolicy {
+            ae_title: c.ae_title.trim().to_owned(),
+            accept_loopback: c.accept_loopback_callers,
+            peers: c
+                .peers
+                .iter()
+                .map(|p| (p.ae_title.trim().to_owned(), p.address.parse().ok()))
+                .collect(),
+        }
+    }
+
+    /// Whether this caller may associate.
+    pub fn allows(&self, calling_ae: &str, peer: IpAddr) -> bool {
+        let peer = canonical(peer);
+        (self.accept_loopback && peer.is_loopback())
+            || self.peers.iter().any(|(ae, addr)| {
+                ae == calling_ae.trim() && addr.is_none_or(|a| canonical(a) == peer)
+            })
+    }
+}
+
+/// IPv4-mapped IPv6 addresses compare as IPv4.
+fn canonical(a: IpAddr) -> IpAddr {
+    match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(a),
+        v4 => v4,
+    }
+}
+
+/// An accepted presentation context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptedContext {
+    pub id: u8,
+    pub abstract_syntax: String,
+    pub transfer_syntax: String,
+    pub kind: ServiceKind,
+}
+
+/// The outcome of a successful negotiation.
+#[derive(Debug, Clone)]
+pub struct Association {
+    pub calling_ae: String,
+    pub called_ae: String,
+    /// The caller's Maximum Length (0: unlimited): our P-DATA PDUs must not exceed it.
+    pub peer_max_pdu: u32,
+    pub contexts: HashMap<u8, AcceptedContext>,
+}
+
+fn reject(result: AssociationRJResult, source: AssociationRJSource) -> AssociationRJ {
+    AssociationRJ { result, source }
+}
+
+/// Decides on an A-ASSOCIATE-RQ: the A-ASSOCIATE-AC to send and the association, or the
+/// A-ASSOCIATE-RJ with the standard reason.
+pub fn negotiate(
+    rq: &AssociationRQ,
+    peer: IpAddr,
+    policy: &AccessPolicy,
+    our_max_pdu: u32,
+) -> Result<(Association, AssociationAC), AssociationRJ> {
+    use AssociationRJResult::Permanent;
+    if rq.protocol_version & 1 == 0 {
+        return Err(reject(
+            Permanent,
+            AssociationRJSource::ServiceProviderASCE(
+                AssociationRJServiceProviderASCEReason::ProtocolVersionNotSupported,
+            ),
+        ));
+    }
+    if uids::trim_uid(&rq.application_context_name) != APPLICATION_CONTEXT {
+        return Err(reject(
+            Permanent,
+            AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::ApplicationContextNameNotSupported,
+            ),
+        ));
+    }
+    if rq.called_ae_title.trim() != policy.ae_title {
+        return Err(reject(
+            Permanent,
+            AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::CalledAETitleNotRecognized,
+            ),
+        ));
+    }
+    if !policy.allows(&rq.calling_ae_title, peer) {
+        return Err(reject(
+            Permanent,
+            AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+            ),
+        ));
+    }
+    let peer_max_pdu = rq
+        .user_variables
+        .iter()
+        .find_map(|v| match v {
+            UserVariableItem::MaxLength(n) => Some(*n),
+            _ => None,
+        })
+        .unwrap_or(0);
+
+    let mut contexts = HashMap::new();
+    let mut results = Vec::with_capacity(rq.presentation_contexts.len());
+    for pc in &rq.presentation_contexts {
+        let abstract_syntax = uids::trim_uid(&pc.abstract_syntax);
+        let kind = uids::service_kind(abstract_syntax);
+        let offered: &[&str] = match kind {
+            Some(ServiceKind::Storage) => STORAGE_TRANSFER_SYNTAXES,
+            Some(_) => QUERY_TRANSFER_SYNTAXES,
+            None => &[],
+        };
+        // The caller's first proposal we support: what it prefers, stored exactly as sent.
+        let chosen = pc
+            .transfer_syntaxes
+            .iter()
+            .map(|ts| uids::trim_uid(ts))
+            .find(|ts| offered.contains(ts));
+        let (reason, ts) = match (kind, chosen) {
+            (None, _) => (PresentationContextResultReason::AbstractSyntaxNotSupported, None),
+            (Some(_), None) => {
+                (PresentationContextResultReason::TransferSyntaxesNotSupported, None)
+            }
+            (Some(kind), Some(ts)) => {
+                contexts.insert(
+                    pc.id,
+                    AcceptedContext {
+                        id: pc.id,
+                        abstract_syntax: abstract_syntax.to_owned(),
+                        transfer_syntax: ts.to_owned(),
+                        kind,
+                    },
+                );
+                (PresentationContextResultReason::Acceptance, Some(ts))
+            }
+        };
+        results.push(PresentationContextResult {
+            id: pc.id,
+            reason,
+            // For a rejected context the field is "not significant"; send a valid UID anyway.
+            transfer_syntax: ts.unwrap_or(uids::QUERY_TRANSFER_SYNTAXES[0]).to_owned(),
+        });
+    }
+    let ac = AssociationAC {
+        protocol_version: 1,
+        calling_ae_title: rq.calling_ae_title.clone(),
+        called_ae_title: rq.called_ae_title.clone(),
+        application_context_name: APPLICATION_CONTEXT.to_owned(),
+        presentation_contexts: results,
+        user_variables: vec![
+            UserVariableItem::MaxLength(our_max_pdu),
+            UserVariableItem::ImplementationClassUID(IMPLEMENTATION_CLASS_UID.to_owned()),
+            UserVariableItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.to_owned()),
+        ],
+    };
+    let assoc = Association {
+        calling_ae: rq.calling_ae_title.trim().to_owned(),
+        called_ae: rq.called_ae_title.trim().to_owned(),
+        peer_max_pdu,
+        contexts,
+    };
+    Ok((assoc, ac))
+}
+
+/// The rejection sent when every association slot is taken (transient: try again later).
+pub fn busy() -> AssociationRJ {
+    reject(
+        AssociationRJResult::Transient,
+        AssociationRJSource::ServiceProviderPresentation(
+            AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dicom_ul::pdu::PresentationContextProposed;
+
+    fn rq(calling: &str, called: &str) -> AssociationRQ {
+        AssociationRQ {
+            protocol_version: 1,
+            calling_ae_title: calling.into(),
+            called_ae_title: called.into(),
+            application_context_name: APPLICATION_CONTEXT.into(),
+            presentation_contexts: vec![
+                PresentationContextProposed {
+                    id: 1,
+                    abstract_syntax: "1.2.840.10008.5.1.4.1.1.6.1".into(),
+                    transfer_syntaxes: vec![
+                        "1.2.840.10008.1.2.2".into(),
+                        "1.2.840.10008.1.2.4.50".into(),
+                    ],
+                },
+                PresentationContextProposed {
+                    id: 3,
+                    abstract_syntax: "1.2.840.10008.5.1.4.1.2.2.2".into(),
+                    transfer_syntaxes: vec!["1.2.840.10008.1.2".into()],
+                },
+                PresentationContextProposed {
+                    id: 5,
+                    abstract_syntax: "1.2.840.10008.1.1\0".into(),
+                    transfer_syntaxes: vec![
+                        "1.2.840.10008.1.2.4.50".into(),
+                        "1.2.840.10008.1.2".into(),
+                    ],
+                },
+            ],
+            user_variables: vec![UserVariableItem::MaxLength(16384)],
+        }
+    }
+
+    fn policy() -> AccessPolicy {
+        AccessPolicy {
+            ae_title: "HMS-EDGE".into(),
+            accept_loopback: false,
+            peers: vec![("CT1".into(), Some("10.0.0.5".parse().unwrap())), ("US".into(), None)],
+        }
+    }
+
+    #[test]
+    fn accepts_known_callers_and_picks_contexts() {
+        let (a, ac) =
+            negotiate(&rq("CT1", "HMS-EDGE"), "10.0.0.5".parse().unwrap(), &policy(), 65536)
+                .unwrap();
+        assert_eq!(a.peer_max_pdu, 16384);
+        assert_eq!(a.contexts[&1].transfer_syntax, "1.2.840.10008.1.2.4.50");
+        assert_eq!(a.contexts[&5].transfer_syntax, "1.2.840.10008.1.2");
+        assert!(!a.contexts.contains_key(&3));
+        assert_eq!(
+            ac.presentation_contexts[1].reason,
+            PresentationContextResultReason::AbstractSyntaxNotSupported
+        );
+        assert!(
+            negotiate(&rq("US", "HMS-EDGE"), "192.0.2.1".parse().unwrap(), &policy(), 65536)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn rejects_with_standard_reasons() {
+        let reason = |calling: &str, called: &str, ip: &str| {
+            negotiate(&rq(calling, called), ip.parse().unwrap(), &policy(), 65536)
+                .unwrap_err()
+                .source
+        };
+        assert_eq!(
+            reason("CT1", "HMS-EDGE", "10.0.0.6"),
+            AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::CallingAETitleNotRecognized
+            )
+        );
+        assert_eq!(
+            reason("EVIL", "HMS-EDGE", "127.0.0.1"),
+            AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::CallingAETitleNotRecognized
+            )
+        );
+        assert_eq!(
+            reason("CT1", "OTHER", "10.0.0.5"),
+            AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::CalledAETitleNotRecognized
+            )
+        );
+        let mut p = policy();
+        p.accept_loopback = true;
+        assert!(
+            negotiate(&rq("ANY", "HMS-EDGE"), "::ffff:127.0.0.1".parse().unwrap(), &p, 65536)
+                .is_ok()
+        );
+    }
+}

@@ -1,0 +1,291 @@
+//! ImagingStudy resources for the studies the DICOM receiver stores.
+//!
+//! The DICOM path only marks a study "dirty" in the same transaction as the instance (a cheap
+//! insert, so ingest speed is unaffected); a refresher task turns dirty studies into
+//! ImagingStudy versions about once a second. The mark is durable, so a crash between the two
+//! only delays the update. The study is linked to the Patient whose identifier is the DICOM
+//! PatientID under the site's issuer system, or to a placeholder Patient made for it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::{OptionalExtension, params};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::storage;
+use crate::store::{Store, StoreError, WriteTx};
+
+/// Schema: studies whose ImagingStudy needs rebuilding.
+pub const MIGRATION: &str = r#"
+    CREATE TABLE fhir_imaging_dirty (study_uid TEXT PRIMARY KEY) STRICT;
+"#;
+
+/// How often dirty studies are turned into ImagingStudy versions.
+pub const REFRESH_INTERVAL: Duration = Duration::from_millis(1000);
+/// Most studies refreshed in one transaction.
+const REFRESH_BATCH: usize = 64;
+/// Id of the Endpoint resource that ImagingStudy.endpoint points to.
+pub const ENDPOINT_ID: &str = "hms-edge-dicomweb";
+const DCM: &str = "http://dicom.nema.org/resources/ontology/DCM";
+
+/// Where ImagingStudies point and how DICOM patients are identified.
+#[derive(Debug, Clone)]
+pub struct ImagingLink {
+    /// Identifier system for DICOM PatientID values of this site.
+    pub patient_id_system: String,
+    /// DICOMweb base URL for the Endpoint resource.
+    pub dicomweb_base: String,
+}
+
+/// Marks a study for an ImagingStudy refresh (called in the instance's transaction).
+pub fn mark_dirty(tx: &WriteTx<'_>, study_uid: &str) -> Result<(), StoreError> {
+    tx.sql()
+        .prepare_cached(
+            "INSERT INTO fhir_imaging_dirty (study_uid) VALUES (?1) ON CONFLICT DO NOTHING",
+        )?
+        .execute([study_uid])?;
+    Ok(())
+}
+
+/// Runs until `shutdown`, refreshing dirty studies; one last pass at shutdown.
+pub async fn refresher(store: Arc<Store>, link: ImagingLink, shutdown: CancellationToken) {
+    loop {
+        let stop = tokio::select! {
+            () = tokio::time::sleep(REFRESH_INTERVAL) => false,
+            () = shutdown.cancelled() => true,
+        };
+        loop {
+            let l = link.clone();
+            match store.write(move |tx| refresh_dirty(tx, &l)).await {
+                Ok(n) if n == REFRESH_BATCH => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "ImagingStudy refresh failed");
+                    break;
+                }
+            }
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+/// Rebuilds up to `REFRESH_BATCH` dirty studies. Returns how many.
+pub fn refresh_dirty(tx: &WriteTx<'_>, link: &ImagingLink) -> Result<usize, StoreError> {
+    let sql = tx.sql();
+    let dirty: Vec<String> = sql
+        .prepare_cached("SELECT study_uid FROM fhir_imaging_dirty LIMIT ?1")?
+        .query_map([REFRESH_BATCH as i64], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    if dirty.is_empty() {
+        return Ok(0);
+    }
+    ensure_endpoint(tx, link)?;
+    for uid in &dirty {
+        if let Some(study) = build_study(tx, uid, link)? {
+            let id = study_id(uid);
+            storage::put(tx, "ImagingStudy", &id, study, None, "local")?;
+        }
+        sql.prepare_cached("DELETE FROM fhir_imaging_dirty WHERE study_uid = ?1")?
+            .execute([uid])?;
+    }
+    Ok(dirty.len())
+}
+
+/// The ImagingStudy id of a study: its UID when that is a valid FHIR id (UIDs are digits and
+/// dots, at most 64 characters), else a hash of it.
+pub fn study_id(uid: &str) -> String {
+    if super::valid_id(uid) {
+        uid.to_owned()
+    } else {
+        use sha2::Digest;
+        format!("dcm-{}", &hex::encode(sha2::Sha256::digest(uid.as_bytes()))[..40])
+    }
+}
+
+fn ensure_endpoint(tx: &WriteTx<'_>, link: &ImagingLink) -> Result<(), StoreError> {
+    let current = storage::read_current(tx.sql(), "Endpoint", ENDPOINT_ID)?;
+    let wanted = json!({
+        "resourceType": "Endpoint", "id": ENDPOINT_ID, "status": "active",
+        "connectionType": {"system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type", "code": "dicom-wado-rs"},
+        "name": "hms-edge DICOMweb",
+        "payloadType": [{"text": "DICOM"}],
+        "payloadMimeType": ["application/dicom"],
+        "address": link.dicomweb_base,
+    });
+    let same = current
+        .as_ref()
+        .and_then(|c| c.json.as_deref())
+        .and_then(|j| serde_json::from_str::<Value>(j).ok())
+        .is_some_and(|mut v| {
+            if let Some(m) = v.as_object_mut() {
+                m.remove("meta");
+            }
+            v == wanted
+        });
+    if !same {
+        storage::put(tx, "Endpoint", ENDPOINT_ID, wanted, None, "local")?;
+    }
+    Ok(())
+}
+
+fn dicom_date(d: &str, t: &str) -> Option<String> {
+    let d = d.trim();
+    if d.len() != 8 || !d.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let date = format!("{}-{}-{}", &d[..4], &d[4..6], &d[6..8]);
+    let t = t.trim();
+    if t.len() >= 6 && t[..6].bytes().all(|b| b.is_ascii_digit()) {
+        Some(format!("{date}T{}:{}:{}", &t[..2], &t[2..4], &t[4..6]))
+    } else {
+        Some(date)
+    }
+}
+
+/// The Patient for a DICOM PatientID: matched by identifier, or a placeholder created now.
+fn patient_for(
+    tx: &WriteTx<'_>,
+    system: &str,
+    patient_id: &str,
+    name: &str,
+    birth: &str,
+    sex: &str,
+) -> Result<String, StoreError> {
+    let found: Option<String> = tx
+        .sql()
+        .prepare_cached(
+            "SELECT t.id FROM fhir_idx_token t JOIN fhir_current c ON c.rtype = t.rtype AND c.id = t.id
+             WHERE t.rtype = 'Patient' AND t.param = 'identifier' AND t.system = ?1 AND t.code = ?2
+               AND c.deleted = 0 ORDER BY t.id LIMIT 1",
+        )?
+        .query_row(params![system, patient_id], |r| r.get(0))
+        .optional()?;
+    if let Some(id) = found {
+        return Ok(id);
+    }
+    let mut p = json!({
+        "resourceType": "Patient",
+        "meta": {"tag": [{"system": "urn:hms-edge", "code": "placeholder-from-dicom"}]},
+        "identifier": [{"system": system, "value": patient_id}],
+    });
+    let mut parts = name.split('^');
+    let family = parts.next().unwrap_or("").trim();
+    let given: Vec<&str> = parts.take(2).map(str::trim).filter(|s| !s.is_empty()).collect();
+    if !family.is_empty() || !given.is_empty() {
+        p["name"] = json!([{"family": family, "given": given}]);
+    }
+    if let Some(d) = dicom_date(birth, "") {
+        p["birthDate"] = json!(d);
+    }
+    let gender = match sex.trim() {
+        "M" => Some("male"),
+        "F" => Some("female"),
+        "O" => Some("other"),
+        _ => None,
+    };
+    if let Some(g) = gender {
+        p["gender"] = json!(g);
+    }
+    let id = super::api::new_id();
+    p["id"] = json!(id);
+    storage::put(tx, "Patient", &id, p, None, "local")?;
+    Ok(id)
+}
+
+fn build_study(
+    tx: &WriteTx<'_>,
+    uid: &str,
+    link: &ImagingLink,
+) -> Result<Option<Value>, StoreError> {
+    let sql = tx.sql();
+    let head = sql
+        .prepare_cached(
+            "SELECT s.study_date, s.study_time, s.accession_number, s.study_description,
+                    p.patient_id, p.patient_name, p.birth_date, p.sex
+             FROM dicom_studies s JOIN dicom_patients p ON p.pk = s.patient_pk WHERE s.study_uid = ?1",
+        )?
+        .query_row([uid], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, String>(7)?,
+            ))
+        })
+        .optional()?;
+    let Some((date, time, accession, description, pid, pname, birth, sex)) = head else {
+        return Ok(None);
+    };
+    let patient = patient_for(tx, &link.patient_id_system, &pid, &pname, &birth, &sex)?;
+    let series_rows: Vec<(String, String, Option<i64>, String)> = sql
+        .prepare_cached(
+            "SELECT series_uid, modality, series_number, series_description FROM dicom_series
+             WHERE study_uid = ?1 ORDER BY series_number, series_uid",
+        )?
+        .query_map([uid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut series = Vec::new();
+    let mut modalities: Vec<String> = Vec::new();
+    let mut total = 0usize;
+    let mut inst_stmt = sql.prepare_cached(
+        "SELECT sop_uid, sop_class_uid, instance_number FROM dicom_instances i
+         WHERE series_uid = ?1 AND version = (SELECT max(version) FROM dicom_instances j WHERE j.sop_uid = i.sop_uid)
+         ORDER BY instance_number, sop_uid",
+    )?;
+    for (suid, modality, number, sdesc) in series_rows {
+        let instances: Vec<Value> = inst_stmt
+            .query_map([&suid], |r| {
+                let (sop, class, num): (String, String, Option<i64>) = (r.get(0)?, r.get(1)?, r.get(2)?);
+                let mut v = json!({"uid": sop, "sopClass": {"system": "urn:ietf:rfc:3986", "code": format!("urn:oid:{class}")}});
+                if let Some(n) = num {
+                    v["number"] = json!(n);
+                }
+                Ok(v)
+            })?
+            .collect::<Result<_, _>>()?;
+        total += instances.len();
+        if !modality.is_empty() && !modalities.contains(&modality) {
+            modalities.push(modality.clone());
+        }
+        let mut s = json!({"uid": suid, "modality": {"system": DCM, "code": modality},
+                           "numberOfInstances": instances.len(), "instance": instances});
+        if let Some(n) = number {
+            s["number"] = json!(n);
+        }
+        if !sdesc.is_empty() {
+            s["description"] = json!(sdesc);
+        }
+        series.push(s);
+    }
+    let mut identifiers =
+        vec![json!({"system": "urn:dicom:uid", "value": format!("urn:oid:{uid}")})];
+    if !accession.is_empty() {
+        identifiers.push(json!({"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]}, "value": accession}));
+    }
+    let mut study = json!({
+        "resourceType": "ImagingStudy",
+        "id": study_id(uid),
+        "status": "available",
+        "identifier": identifiers,
+        "subject": {"reference": format!("Patient/{patient}")},
+        "endpoint": [{"reference": format!("Endpoint/{ENDPOINT_ID}")}],
+        "modality": modalities.iter().map(|m| json!({"system": DCM, "code": m})).collect::<Vec<_>>(),
+        "numberOfSeries": series.len(),
+        "numberOfInstances": total,
+        "series": series,
+    });
+    if let Some(s) = dicom_date(&date, &time) {
+        study["started"] = json!(s);
+    }
+    if !description.is_empty() {
+        study["description"] = json!(description);
+    }
+    Ok(Some(study))
+}

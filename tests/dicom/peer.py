@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""A real DICOM peer for the hms-edge tests, built on pynetdicom and pydicom.
+
+Every subcommand prints one JSON document on stdout; the Rust tests parse it.
+
+  peer.py store HOST PORT AEC FILE...        C-STORE each file exactly as stored on disk
+                                              (the data set bytes after the File Meta are sent
+                                              unchanged); prints [{"file", "status"}]
+  peer.py find HOST PORT AEC LEVEL K=V...     Study Root C-FIND; prints {"status", "matches"}
+  peer.py echo HOST PORT AEC MSGID            C-ECHO
+  peer.py compare ORIGINAL EXPORTED           {"meta_ts", "same_dataset", "same_bytes", ...}
+  peer.py testfile NAME...                    paths of pydicom / pydicom-data test files
+  peer.py info FILE...                        SOP/study/series UIDs and TS of files
+"""
+
+import json
+import sys
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ImplicitVRLittleEndian
+
+CALLING_AE = "PYNETDICOM"
+
+
+def _assoc(host, port, aec, contexts):
+    from pynetdicom import AE
+
+    ae = AE(ae_title=CALLING_AE)
+    ae.acse_timeout = 10
+    ae.dimse_timeout = 30
+    ae.network_timeout = 30
+    for sop, tss in contexts:
+        ae.add_requested_context(sop, tss)
+    return ae.associate(host, int(port), ae_title=aec)
+
+
+def split_meta(path):
+    """Return (transfer syntax, data set bytes) of a Part 10 file."""
+    from pydicom.filereader import read_preamble, _read_file_meta_info
+
+    with open(path, "rb") as f:
+        read_preamble(f, False)
+        meta = _read_file_meta_info(f)
+        return str(meta.TransferSyntaxUID), f.read()
+
+
+def cmd_store(host, port, aec, *files):
+    from pynetdicom import _config
+
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    contexts = {}
+    for f in files:
+        ds = dcmread(f, stop_before_pixels=True)
+        key = (str(ds.file_meta.MediaStorageSOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        contexts[key] = True
+    assoc = _assoc(host, port, aec, [(sop, [ts]) for sop, ts in contexts])
+    if not assoc.is_established:
+        print(json.dumps({"error": "association failed", "rejected": assoc.is_rejected}))
+        return 2
+    out = []
+    for f in files:
+        rsp = assoc.send_c_store(f)
+        status = rsp.Status if "Status" in rsp else None
+        out.append({"file": f, "status": status, "comment": str(rsp.get("ErrorComment", ""))})
+    assoc.release()
+    print(json.dumps(out))
+    return 0
+
+
+def _identifier(level, pairs):
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for p in pairs:
+        k, _, v = p.partition("=")
+        setattr(ds, k, v)
+    return ds
+
+
+def _jsonable(ds):
+    out = {}
+    for elem in ds:
+        if elem.keyword in ("", "QueryRetrieveLevel", "SpecificCharacterSet"):
+            continue
+        v = elem.value
+        if elem.VR == "SQ":
+            v = []
+        elif isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
+            v = "\\".join(str(x) for x in v)
+        elif v is None:
+            v = ""
+        else:
+            v = str(v)
+        out[elem.keyword] = v
+    return out
+
+
+def cmd_find(host, port, aec, level, *pairs):
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    assoc = _assoc(host, port, aec, [(FIND, [ImplicitVRLittleEndian])])
+    if not assoc.is_established:
+        print(json.dumps({"error": "association failed", "rejected": assoc.is_rejected}))
+        return 2
+    matches, final = [], None
+    for status, ident in assoc.send_c_find(_identifier(level, pairs), FIND):
+        if status is None:
+            break
+        if status.Status in (0xFF00, 0xFF01):
+            matches.append(_jsonable(ident))
+        else:
+            final = status.Status
+    assoc.release()
+    print(json.dumps({"status": final, "matches": matches}))
+    return 0
+
+
+def cmd_echo(host, port, aec, msg_id):
+    from pynetdicom.sop_class import Verification
+
+    assoc = _assoc(host, port, aec, [(Verification, [ImplicitVRLittleEndian])])
+    if not assoc.is_established:
+        print(json.dumps({"error": "association failed", "rejected": assoc.is_rejected}))
+        return 2
+    rsp = assoc.send_c_echo(msg_id=int(msg_id))
+    assoc.release()
+    print(json.dumps({"status": rsp.Status if "Status" in rsp else None}))
+    return 0
+
+
+def cmd_compare(original, exported):
+    ts_o, bytes_o = split_meta(original)
+    ts_e, bytes_e = split_meta(exported)
+    a, b = dcmread(original), dcmread(exported)
+    meta = b.file_meta
+    diff = sorted(
+        str(t) for t in set(a.keys()) ^ set(b.keys())
+    ) + sorted(str(t) for t in set(a.keys()) & set(b.keys()) if a[t] != b[t])
+    print(
+        json.dumps(
+            {
+                "meta_ts": ts_e,
+                "original_ts": ts_o,
+                "same_bytes": bytes_o == bytes_e,
+                "same_dataset": a == b,
+                "differing_tags": diff[:10],
+                "meta_sop_instance": str(meta.MediaStorageSOPInstanceUID),
+                "meta_sop_class": str(meta.MediaStorageSOPClassUID),
+                "implementation_class": str(meta.ImplementationClassUID),
+                "sop_instance": str(b.SOPInstanceUID),
+            }
+        )
+    )
+    return 0
+
+
+def cmd_testfile(*names):
+    from pydicom.data import get_testdata_file
+
+    print(json.dumps([get_testdata_file(n) for n in names]))
+    return 0
+
+
+def cmd_info(*files):
+    out = []
+    for f in files:
+        ds = dcmread(f, stop_before_pixels=True)
+        out.append(
+            {
+                "file": f,
+                "sop_class": str(ds.SOPClassUID),
+                "sop_instance": str(ds.SOPInstanceUID),
+                "study": str(ds.get("StudyInstanceUID", "")),
+                "series": str(ds.get("SeriesInstanceUID", "")),
+                "ts": str(ds.file_meta.TransferSyntaxUID),
+                "patient_id": str(ds.get("PatientID", "")),
+                "patient_name": str(ds.get("PatientName", "")),
+                "modality": str(ds.get("Modality", "")),
+                "study_date": str(ds.get("StudyDate", "")),
+            }
+        )
+    print(json.dumps(out))
+    return 0
+
+
+def main(argv):
+    cmds = {
+        "store": cmd_store,
+        "find": cmd_find,
+        "echo": cmd_echo,
+        "compare": cmd_compare,
+        "testfile": cmd_testfile,
+        "info": cmd_info,
+    }
+    if len(argv) < 2 or argv[1] not in cmds:
+        print(__doc__, file=sys.stderr)
+        return 64
+    return cmds[argv[1]](*argv[2:])
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.disable(logging.CRITICAL)
+    sys.exit(main(sys.argv))
