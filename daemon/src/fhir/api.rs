@@ -615,6 +615,19 @@ async fn load_resources(
         .map_err(Into::into)
 }
 
+/// `self`, `next` and `previous` links of one page of a snapshot.
+fn page_links(base: &str, key: &str, offset: usize, count: usize, total: usize) -> Vec<Value> {
+    let url = |off: usize| format!("{base}?_getpages={key}&_getpagesoffset={off}&_count={count}");
+    let mut links = vec![json!({"relation": "self", "url": url(offset)})];
+    if offset + count < total {
+        links.push(json!({"relation": "next", "url": url(offset + count)}));
+    }
+    if offset > 0 {
+        links.push(json!({"relation": "previous", "url": url(offset.saturating_sub(count))}));
+    }
+    links
+}
+
 async fn page_bundle(
     ctx: &Arc<FhirContext>,
     base: &str,
@@ -671,15 +684,7 @@ async fn page_bundle(
             entries.push(json!({"fullUrl": format!("{base}/{t}/{id}"), "resource": r, "search": {"mode": "include"}}));
         }
     }
-    let page_link =
-        |off: usize| format!("{base}?_getpages={key}&_getpagesoffset={off}&_count={count}");
-    let mut links = vec![json!({"relation": "self", "url": page_link(offset)})];
-    if offset + count < snap.ids.len() {
-        links.push(json!({"relation": "next", "url": page_link(offset + count)}));
-    }
-    if offset > 0 {
-        links.push(json!({"relation": "previous", "url": page_link(offset.saturating_sub(count))}));
-    }
+    let links = page_links(base, key, offset, count, snap.ids.len());
     let mut bundle =
         json!({"resourceType": "Bundle", "type": "searchset", "link": links, "entry": entries});
     if req.total != Total::None {
@@ -818,12 +823,7 @@ async fn everything_page(
             json!({"fullUrl": format!("{base}/{t}/{id}"), "resource": r, "search": {"mode": "match"}})
         })
         .collect();
-    let page_link =
-        |off: usize| format!("{base}?_getpages={key}&_getpagesoffset={off}&_count={count}");
-    let mut links = vec![json!({"relation": "self", "url": page_link(offset)})];
-    if offset + count < snap.ids.len() {
-        links.push(json!({"relation": "next", "url": page_link(offset + count)}));
-    }
+    let links = page_links(base, key, offset, count, snap.ids.len());
     let b = json!({"resourceType": "Bundle", "type": "searchset", "total": snap.ids.len(), "link": links, "entry": entries});
     Ok(json_response(StatusCode::OK, &b, q))
 }
