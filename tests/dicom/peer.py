@@ -11,6 +11,10 @@ Every subcommand prints one JSON document on stdout; the Rust tests parse it.
   peer.py compare ORIGINAL EXPORTED           {"meta_ts", "same_dataset", "same_bytes", ...}
   peer.py testfile NAME...                    paths of pydicom / pydicom-data test files
   peer.py info FILE...                        SOP/study/series UIDs and TS of files
+  peer.py clone SRC OUTDIR N [PER_SERIES]     N copies of SRC, each with a fresh SOP Instance UID
+                                              (a new series every PER_SERIES, default 100);
+                                              prints [sop_instance_uid] in file order
+                                              (OUTDIR/000000.dcm, …)
 """
 
 import json
@@ -183,6 +187,44 @@ def cmd_info(*files):
     return 0
 
 
+def cmd_clone(src, outdir, n, per_series="100"):
+    """Fast: one template written by pydicom, then equal-length UID substitutions in its bytes."""
+    import io
+    import os
+    import random
+
+    from pydicom.uid import generate_uid
+
+    def root():
+        return "2.25.%d" % random.randrange(10**29, 10**30)
+
+    inst_root, series_root = root(), root()
+    ds = dcmread(src)
+    # Data set trailing padding: DCMTK's storescu drops it when sending, so the data set it
+    # sends would not be the file's.
+    if 0xFFFCFFFC in ds:
+        del ds[0xFFFCFFFC]
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = series_root + ".1000000"
+    ds.SOPInstanceUID = inst_root + ".1000000"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    template = buf.getvalue()
+    os.makedirs(outdir, exist_ok=True)
+    out = []
+    for i in range(int(n)):
+        uid = "%s.1%06d" % (inst_root, i)
+        series = "%s.1%06d" % (series_root, i // int(per_series))
+        data = template.replace((inst_root + ".1000000").encode(), uid.encode())
+        data = data.replace((series_root + ".1000000").encode(), series.encode())
+        with open(os.path.join(outdir, "%06d.dcm" % i), "wb") as f:
+            f.write(data)
+        out.append(uid)
+    print(json.dumps(out))
+    return 0
+
+
 def main(argv):
     cmds = {
         "store": cmd_store,
@@ -191,6 +233,7 @@ def main(argv):
         "compare": cmd_compare,
         "testfile": cmd_testfile,
         "info": cmd_info,
+        "clone": cmd_clone,
     }
     if len(argv) < 2 or argv[1] not in cmds:
         print(__doc__, file=sys.stderr)
