@@ -645,23 +645,15 @@ pub fn include_targets(
     ids: &[String],
     inc: &Include,
 ) -> Result<Vec<(String, String)>, FhirError> {
-    let mut out = Vec::new();
     let mut stmt = conn.prepare_cached(
         "SELECT target_type, target_id FROM fhir_idx_ref
          WHERE rtype = ?1 AND id = ?2 AND (?3 = '*' OR param = ?3) AND target_type IS NOT NULL
            AND (?4 IS NULL OR target_type = ?4)",
     )?;
-    for id in ids {
-        let rows = stmt.query_map(rusqlite::params![rtype, id, inc.param, inc.target], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-        })?;
-        for r in rows {
-            out.push(r?);
-        }
-    }
-    out.sort();
-    out.dedup();
-    Ok(out)
+    collect_pairs(
+        &mut stmt,
+        ids.iter().map(|id| (rtype, id.as_str(), inc.param.as_str(), inc.target.as_deref())),
+    )
 }
 
 /// Resources of `inc.source` referring to any of `ids` (of `rtype`) through `inc.param`.
@@ -671,16 +663,26 @@ pub fn revinclude_sources(
     ids: &[String],
     inc: &Include,
 ) -> Result<Vec<(String, String)>, FhirError> {
-    let mut out = Vec::new();
     let mut stmt = conn.prepare_cached(
         "SELECT DISTINCT r.rtype, r.id FROM fhir_idx_ref r JOIN fhir_current c
            ON c.rtype = r.rtype AND c.id = r.id AND c.deleted = 0
          WHERE r.target_id = ?1 AND r.target_type = ?2 AND r.rtype = ?3 AND (?4 = '*' OR r.param = ?4)",
     )?;
-    for id in ids {
-        let rows = stmt.query_map(rusqlite::params![id, rtype, inc.source, inc.param], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-        })?;
+    collect_pairs(
+        &mut stmt,
+        ids.iter().map(|id| (id.as_str(), rtype, inc.source.as_str(), inc.param.as_str())),
+    )
+}
+
+/// Runs `stmt` once per parameter set and returns the distinct (type, id) pairs it yields.
+fn collect_pairs<P: rusqlite::Params>(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    runs: impl Iterator<Item = P>,
+) -> Result<Vec<(String, String)>, FhirError> {
+    let mut out = Vec::new();
+    for params in runs {
+        let rows =
+            stmt.query_map(params, |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
         for r in rows {
             out.push(r?);
         }
