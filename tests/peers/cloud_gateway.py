@@ -195,6 +195,7 @@ def make_handler(gw, control_only):
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
         server_version = "hms-test-cloud-gateway"
 
         def log_message(self, fmt, *args):

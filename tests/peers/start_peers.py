@@ -104,7 +104,7 @@ def start_sekmet(workdir, name="fhir", validation="strict"):
     cfg = os.path.join(d, "settings.yaml")
     with open(cfg, "w") as f:
         f.write(f"data_dir: {d}\nlog_inbound: false\nsimulator:\n  enabled: false\n"
-                f"validation:\n  inbound: {validation}\n")
+                f"validation:\n  inbound: \"{validation}\"\n")
     for _ in range(3):
         port = free_port()
         base = f"http://127.0.0.1:{port}/fhir"
