@@ -69,6 +69,22 @@ pub const DEFAULT_DICOM_ARTIM_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_DICOM_IDLE_TIMEOUT_SECS: u64 = 120;
 /// Most C-FIND matches returned for one query (the rest is refused with status A700).
 pub const DEFAULT_DICOM_MAX_FIND_RESULTS: u32 = 10_000;
+/// Resources per upstream transaction Bundle.
+pub const DEFAULT_UPSTREAM_BATCH_SIZE: u32 = 200;
+/// Seconds between sync rounds when nothing triggers one sooner.
+pub const DEFAULT_UPSTREAM_INTERVAL_SECS: u64 = 10;
+/// Seconds one upstream request may take.
+pub const DEFAULT_UPSTREAM_TIMEOUT_SECS: u64 = 60;
+/// Longest wait between retries while the link is down (exponential backoff with jitter up to it).
+pub const DEFAULT_UPSTREAM_MAX_BACKOFF_SECS: u64 = 300;
+/// Upstream `_history` entries per page asked for.
+pub const DEFAULT_UPSTREAM_PULL_PAGE_SIZE: u32 = 500;
+/// Attempts before a change that keeps failing with a client error is parked.
+pub const DEFAULT_UPSTREAM_MAX_ATTEMPTS: u32 = 5;
+/// Instances per STOW-RS request (one study per request; a bigger study takes several).
+pub const DEFAULT_PACS_BATCH_INSTANCES: u32 = 50;
+/// MQTT keep-alive, seconds.
+pub const DEFAULT_MQTT_KEEP_ALIVE_SECS: u64 = 30;
 
 /// The whole daemon configuration. Field docs are the reference; `config/edge.toml` repeats them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -84,6 +100,10 @@ pub struct Config {
     pub fhir: FhirConfig,
     pub lifecycle: LifecycleConfig,
     pub dicom: DicomConfig,
+    pub internal: InternalConfig,
+    pub upstream: UpstreamConfig,
+    pub pacs: PacsConfig,
+    pub mqtt: MqttConfig,
 }
 
 /// Who this box is in the multi-tenant cloud.
@@ -342,6 +362,134 @@ impl Default for DicomConfig {
     }
 }
 
+/// The internal API between hms-edged and hms-edge-agent (a Unix socket, never TCP).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct InternalConfig {
+    /// Socket path. Empty: `$RUNTIME_DIRECTORY/agent.sock` under systemd
+    /// (/run/hms-edge/agent.sock), otherwise `<state_dir>/agent.sock`.
+    pub socket: PathBuf,
+}
+
+/// Upstream FHIR server of the tenant (read by hms-edge-agent only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Base URL of the cloud FHIR server. Empty: FHIR sync off (the box works offline). In
+    /// `path` tenant mode it must contain `{tenant}`, e.g. "https://cloud.example/{tenant}/fhir".
+    pub fhir_base_url: String,
+    /// How the tenant travels: `path` (`{tenant}` in the URL) or `header` (`X-Tenant-ID`).
+    pub tenant_mode: TenantMode,
+    /// OAuth2 token endpoint (client credentials). Empty: no token is sent (test clusters only).
+    pub token_url: String,
+    /// OAuth2 client id of this site.
+    pub client_id: String,
+    /// File holding the client secret (mode 0600 or stricter). Empty: the systemd credential
+    /// `upstream-client-secret`. Never put the secret itself here.
+    pub client_secret_file: PathBuf,
+    /// OAuth2 scope to ask for; empty: none.
+    pub scope: String,
+    /// PEM CA certificates trusted for upstream TLS besides the system roots (a site's private CA).
+    pub ca_file: PathBuf,
+    /// Resources per transaction Bundle pushed.
+    pub batch_size: u32,
+    /// Edge and upstream changed the same resource: `server-wins`, `client-wins` or `manual`.
+    pub conflict_policy: crate::sync::api::ConflictPolicy,
+    /// Seconds between sync rounds (a round also starts on `sync-now` and after local changes).
+    pub interval_secs: u64,
+    /// Seconds one upstream request may take.
+    pub request_timeout_secs: u64,
+    /// Longest backoff while the link is down, seconds.
+    pub max_backoff_secs: u64,
+    /// `_history` entries per page asked for when pulling.
+    pub pull_page_size: u32,
+    /// Attempts before a change that upstream keeps refusing (4xx) is parked for site IT.
+    pub max_attempts: u32,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            fhir_base_url: String::new(),
+            tenant_mode: TenantMode::Path,
+            token_url: String::new(),
+            client_id: String::new(),
+            client_secret_file: PathBuf::new(),
+            scope: String::new(),
+            ca_file: PathBuf::new(),
+            batch_size: DEFAULT_UPSTREAM_BATCH_SIZE,
+            conflict_policy: crate::sync::api::ConflictPolicy::ServerWins,
+            interval_secs: DEFAULT_UPSTREAM_INTERVAL_SECS,
+            request_timeout_secs: DEFAULT_UPSTREAM_TIMEOUT_SECS,
+            max_backoff_secs: DEFAULT_UPSTREAM_MAX_BACKOFF_SECS,
+            pull_page_size: DEFAULT_UPSTREAM_PULL_PAGE_SIZE,
+            max_attempts: DEFAULT_UPSTREAM_MAX_ATTEMPTS,
+        }
+    }
+}
+
+/// How the tenant is named on upstream requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TenantMode {
+    Path,
+    Header,
+}
+
+/// Cloud PACS that received studies are forwarded to (read by hms-edge-agent only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PacsConfig {
+    /// DICOMweb base URL (STOW-RS and QIDO-RS), e.g. "https://pacs.example/dicom-web". Empty:
+    /// forwarding off (instances stay in the outbox until it is set).
+    pub dicomweb_url: String,
+    /// Instances per STOW-RS request.
+    pub batch_instances: u32,
+    /// Check each instance's arrival with QIDO-RS before acknowledging it.
+    pub verify: bool,
+}
+
+impl Default for PacsConfig {
+    fn default() -> Self {
+        Self {
+            dicomweb_url: String::new(),
+            batch_instances: DEFAULT_PACS_BATCH_INSTANCES,
+            verify: true,
+        }
+    }
+}
+
+/// Message broker for events (read by hms-edge-agent only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Broker URL: "mqtt://host:1883" or "mqtts://host:8883". Empty: events off (they wait in
+    /// the outbox).
+    pub url: String,
+    /// MQTT client id; empty: "hms-edge-<site_id>".
+    pub client_id: String,
+    /// PEM CA certificates for the broker's TLS certificate (mqtts); empty: system roots.
+    pub ca_file: PathBuf,
+    /// Client certificate and key (PEM, key 0600) for brokers that require one.
+    pub client_cert_file: PathBuf,
+    pub client_key_file: PathBuf,
+    /// Keep-alive, seconds.
+    pub keep_alive_secs: u64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            client_id: String::new(),
+            ca_file: PathBuf::new(),
+            client_cert_file: PathBuf::new(),
+            client_key_file: PathBuf::new(),
+            keep_alive_secs: DEFAULT_MQTT_KEEP_ALIVE_SECS,
+        }
+    }
+}
+
 /// What happens when an instance arrives whose SOP Instance UID is stored with other content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -555,6 +703,40 @@ impl Config {
                     "must be an IP address or empty",
                 );
             }
+        }
+        let u = &self.upstream;
+        if !u.fhir_base_url.is_empty() {
+            if !(u.fhir_base_url.starts_with("https://") || u.fhir_base_url.starts_with("http://")) {
+                return invalid("upstream.fhir_base_url", "must be an http(s) URL");
+            }
+            if u.tenant_mode == TenantMode::Path && !u.fhir_base_url.contains("{tenant}") {
+                return invalid(
+                    "upstream.fhir_base_url",
+                    "must contain {tenant} when tenant_mode = \"path\"",
+                );
+            }
+            if !u.token_url.is_empty() && u.client_id.is_empty() {
+                return invalid("upstream.client_id", "required when upstream.token_url is set");
+            }
+        }
+        if u.batch_size == 0 || u.batch_size > 5000 {
+            return invalid("upstream.batch_size", "must be between 1 and 5000");
+        }
+        if u.interval_secs == 0 || u.request_timeout_secs == 0 || u.max_backoff_secs == 0 {
+            return invalid("upstream.interval_secs", "intervals and timeouts must be at least 1");
+        }
+        if u.pull_page_size == 0 || u.max_attempts == 0 {
+            return invalid("upstream.pull_page_size", "must be at least 1 (and max_attempts too)");
+        }
+        if self.pacs.batch_instances == 0 {
+            return invalid("pacs.batch_instances", "must be at least 1");
+        }
+        let m = &self.mqtt;
+        if !m.url.is_empty() && !(m.url.starts_with("mqtt://") || m.url.starts_with("mqtts://")) {
+            return invalid("mqtt.url", "must start with mqtt:// or mqtts://");
+        }
+        if m.client_cert_file.as_os_str().is_empty() != m.client_key_file.as_os_str().is_empty() {
+            return invalid("mqtt.client_cert_file", "set both client_cert_file and client_key_file");
         }
         Ok(())
     }

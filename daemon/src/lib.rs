@@ -9,4 +9,5 @@ pub mod keys;
 pub mod logging;
 pub mod server;
 pub mod store;
+pub mod sync;
 pub mod tls;

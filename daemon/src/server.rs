@@ -49,6 +49,8 @@ pub enum StartError {
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Jwks(#[from] crate::fhir::auth::JwksError),
+    #[error("cannot create the internal API socket {path}: {source}")]
+    Socket { path: PathBuf, source: std::io::Error },
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -97,6 +99,9 @@ pub struct Listeners {
     pub dicom: TcpListener,
     /// The DICOM TLS listener, when `dicom.tls_enabled`.
     pub dicom_tls: Option<TcpListener>,
+    /// The internal API socket for hms-edge-agent, and its path.
+    pub internal: tokio::net::UnixListener,
+    pub internal_path: PathBuf,
 }
 
 impl Listeners {
@@ -179,7 +184,11 @@ pub async fn start(
         true => Some(bind("dicom-tls", config.dicom.tls_listen).await?),
         false => None,
     };
-    let listeners = Listeners { admin, fhir, dicom, dicom_tls };
+    let internal_path = crate::sync::internal::socket_path(&config.internal.socket, &state_dir);
+    let internal = crate::sync::internal::bind(&internal_path).map_err(|source| {
+        StartError::Socket { path: internal_path.clone(), source }
+    })?;
+    let listeners = Listeners { admin, fhir, dicom, dicom_tls, internal, internal_path };
 
     let metrics = crate::admin::metrics_handle();
     for name in ["hms_store_writes_total", "hms_store_commits_total"] {
@@ -210,6 +219,7 @@ pub async fn start(
         fhir = %format!("https://{}/fhir", listeners.fhir_addr()),
         dicom = %listeners.dicom_addr(),
         dicom_tls = %listeners.dicom_tls_addr().map_or("off".into(), |a| a.to_string()),
+        internal_api = %listeners.internal_path.display(),
         dicom_ae_title = %daemon.config().dicom.ae_title,
         config = %daemon.config_path.as_ref().map_or("embedded defaults".into(), |p| p.display().to_string()),
         "hms-edged started"
@@ -258,6 +268,14 @@ pub async fn run(
         token.clone(),
         daemon.tasks.clone(),
     ));
+
+    // The agent's door to the store.
+    let internal_ctx = Arc::new(crate::sync::internal::InternalContext {
+        store: daemon.store.clone(),
+        tenant_id: cfg.site.tenant_id.clone(),
+        site_id: cfg.site.site_id.clone(),
+    });
+    tokio::spawn(crate::sync::internal::serve(listeners.internal, internal_ctx, token.clone()));
 
     // ImagingStudy resources follow the studies the DICOM receiver stores.
     let link = crate::fhir::imaging::ImagingLink {

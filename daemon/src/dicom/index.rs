@@ -124,6 +124,7 @@ pub fn record_instance(
         a.referring_physician_name,
         now
     ])?;
+    let new_study = sql.changes() == 1;
     sql.prepare_cached(
         "INSERT INTO dicom_series (series_uid, study_uid, modality, series_number,
              series_description, created_at)
@@ -172,6 +173,16 @@ pub fn record_instance(
         version: Some(version.to_string()),
         detail: Some(detail.to_string()),
     })?;
+    if new_study {
+        // A PHI-free event for the broker: the agent publishes it as `study.received`.
+        tx.append_change(&Change {
+            kind: "event".into(),
+            entity: a.study_instance_uid.clone(),
+            op: "study.received".into(),
+            version: None,
+            detail: Some(serde_json::json!({ "study": a.study_instance_uid }).to_string()),
+        })?;
+    }
     Ok(Recorded::Stored { version, outbox_seq })
 }
 

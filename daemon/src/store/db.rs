@@ -53,6 +53,8 @@ pub const MIGRATIONS: &[&str] = &[
     crate::dicom::index::MIGRATION,
     // 4: studies whose FHIR ImagingStudy needs rebuilding (see `fhir::imaging`).
     crate::fhir::imaging::MIGRATION,
+    // 5: sync state — outbox indexes per channel, upstream versions, conflicts (see `sync`).
+    crate::sync::MIGRATION,
 ];
 
 /// Marker row proving a database is an hms-edge store.
