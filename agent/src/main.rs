@@ -1,17 +1,233 @@
-//! `hms-edge-agent`: the WAN side of hms-edge (upstream FHIR sync, DICOM forwarding, MQTT, chain
-//! anchoring). Not built yet: see issue 5. Until then it refuses to run rather than pretend.
+//! `hms-edge-agent`: the WAN side of hms-edge. It pushes the edge's changes to the tenant's cloud
+//! FHIR server and pulls the cloud's changes back, forwards received studies to the cloud PACS,
+//! and publishes events to the broker. It holds the upstream credentials and never the store key:
+//! everything it reads or writes at the edge goes through hms-edged's internal API socket.
+//!
+//! Each channel (fhir, dicom, event) runs its own loop with its own backoff, so a failing PACS
+//! never holds up FHIR sync and a missing broker never holds up either.
 
+mod backoff;
+mod channel;
+mod dicom_forward;
+mod events;
+mod fhir_sync;
+mod mqtt;
+mod upstream;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
+use hms_edge::config::{self, Config};
+use hms_edge::sync::api::{Affected, CHANNELS, StatusResponse};
+use hms_edge::sync::client::InternalClient;
+use hms_edge::{keys, logging, tls};
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
-/// The WAN side of the hms-edge appliance.
+use crate::channel::{ChannelStats, run_loop};
+
+/// The WAN side of the hms-edge appliance: upstream FHIR sync, DICOM forwarding, MQTT events.
 #[derive(Debug, Parser)]
 #[command(version, about)]
-struct Args {}
+struct Args {
+    /// Config file (the same edge.toml as hms-edged). Default: $HMS_EDGE_CONFIG, else
+    /// /etc/hms-edge/edge.toml when it exists, else the embedded development defaults.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+/// sysexits EX_CONFIG (the unit does not restart on it).
+const EXIT_CONFIG: u8 = 78;
+/// Seconds between `health` events.
+const HEALTH_EVERY: Duration = Duration::from_secs(300);
 
 fn main() -> ExitCode {
-    let _args = Args::parse();
-    eprintln!("hms-edge-agent: the sync agent is not part of this build yet (see ARCHITECTURE.md)");
-    ExitCode::from(69) // EX_UNAVAILABLE
+    let args = Args::parse();
+    keys::harden_process();
+    let path = config::resolve_path(args.config);
+    let config = match config::load(path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hms-edge-agent: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let _log = logging::init(&config.log);
+    tls::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hms-edge-agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("hms-edge-agent: {e:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let socket = hms_edge::sync::internal::socket_path(&cfg.internal.socket, &cfg.state_dir());
+    let internal = InternalClient::new(&socket);
+    let timeout = Duration::from_secs(cfg.upstream.request_timeout_secs);
+    let http = upstream::http_client(&cfg.upstream.ca_file, timeout)?;
+    let fhir = upstream::FhirUpstream::from_config(&cfg, http.clone())?;
+    let shutdown = CancellationToken::new();
+    let wake = Arc::new(Notify::new());
+    let mqtt = mqtt::Mqtt::start(
+        &cfg.mqtt,
+        &cfg.site.tenant_id,
+        &cfg.site.site_id,
+        internal.clone(),
+        wake.clone(),
+        shutdown.clone(),
+    )?;
+
+    // hms-edged may still be starting (or restarting): wait for its socket, then take back
+    // the leases a previous incarnation of this agent held.
+    let mut backoff = backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let status: StatusResponse = loop {
+        match internal.get("/v1/status").await {
+            Ok(s) => break s,
+            Err(e) => {
+                let wait = backoff.fail();
+                if backoff.failures() == 1 || backoff.failures().is_multiple_of(10) {
+                    tracing::warn!(error = %e, "waiting for hms-edged");
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+    };
+    if status.tenant_id != cfg.site.tenant_id {
+        anyhow::bail!(
+            "hms-edged serves tenant {:?} but this agent is configured for {:?}",
+            status.tenant_id,
+            cfg.site.tenant_id
+        );
+    }
+    for kind in CHANNELS {
+        let _: Affected = internal.post("/v1/outbox/release", &json!({ "kind": kind })).await?;
+    }
+    tracing::info!(
+        socket = %socket.display(),
+        tenant = %cfg.site.tenant_id,
+        site = %cfg.site.site_id,
+        fhir = %fhir.as_ref().map_or("off".to_owned(), |f| f.base.clone()),
+        pacs = %if cfg.pacs.dicomweb_url.is_empty() { "off" } else { cfg.pacs.dicomweb_url.as_str() },
+        mqtt = %if cfg.mqtt.url.is_empty() { "off" } else { cfg.mqtt.url.as_str() },
+        "hms-edge-agent started"
+    );
+    if fhir.is_none() && cfg.pacs.dicomweb_url.is_empty() && mqtt.is_none() {
+        tracing::info!("no upstream configured: changes wait in the outbox until one is");
+    }
+
+    let interval = Duration::from_secs(cfg.upstream.interval_secs);
+    let max_backoff = Duration::from_secs(cfg.upstream.max_backoff_secs);
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(up) = fhir {
+        let sync = Arc::new(fhir_sync::FhirSync {
+            up,
+            internal: internal.clone(),
+            cfg: cfg.upstream.clone(),
+            site_id: cfg.site.site_id.clone(),
+            stats: Arc::new(ChannelStats::default()),
+        });
+        let (i, st, w, s) = (internal.clone(), sync.stats.clone(), wake.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            run_loop("fhir", i, st, interval, max_backoff, w, s, || {
+                let sync = sync.clone();
+                async move { sync.round().await }
+            })
+            .await
+        });
+    }
+    if !cfg.pacs.dicomweb_url.is_empty() {
+        let fwd = Arc::new(dicom_forward::DicomForward {
+            http: http.clone(),
+            base: cfg.pacs.dicomweb_url.trim_end_matches('/').to_owned(),
+            batch: cfg.pacs.batch_instances,
+            verify: cfg.pacs.verify,
+            internal: internal.clone(),
+            stats: Arc::new(ChannelStats::default()),
+        });
+        let (i, st, w, s) = (internal.clone(), fwd.stats.clone(), wake.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            run_loop("dicom", i, st, interval, max_backoff, w, s, || {
+                let fwd = fwd.clone();
+                async move { fwd.round().await }
+            })
+            .await
+        });
+    }
+    if let Some(m) = mqtt {
+        let m = Arc::new(m);
+        let (i, st, w, s) = (internal.clone(), m.stats.clone(), wake.clone(), shutdown.clone());
+        // Events are small and should go out promptly: a short interval of their own.
+        let every = interval.min(Duration::from_secs(2));
+        tasks.spawn(async move {
+            run_loop("event", i, st, every, max_backoff, w, s, || {
+                let m = m.clone();
+                async move { m.round().await }
+            })
+            .await
+        });
+    }
+    {
+        let (i, s) = (internal.clone(), shutdown.clone());
+        let started = std::time::Instant::now();
+        tasks.spawn(async move {
+            loop {
+                if let Ok(st) = i.get::<StatusResponse>("/v1/status").await {
+                    let queues: serde_json::Map<String, serde_json::Value> = st
+                        .channels
+                        .iter()
+                        .map(|c| {
+                            (c.kind.clone(), json!({ "pending": c.pending, "parked": c.parked }))
+                        })
+                        .collect();
+                    events::record(
+                        &i,
+                        "health",
+                        json!({ "uptime_s": started.elapsed().as_secs(), "queues": queues,
+                                "open_conflicts": st.open_conflicts }),
+                    )
+                    .await;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(HEALTH_EVERY) => {}
+                    () = s.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("syncing"),
+    ]);
+    tracing::info!("ready");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    shutdown.cancel();
+    // A round in flight finishes its request or is dropped; anything unacknowledged stays in
+    // the outbox and its lease runs out (or is released at the next start).
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    Ok(())
 }

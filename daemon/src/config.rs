@@ -706,7 +706,8 @@ impl Config {
         }
         let u = &self.upstream;
         if !u.fhir_base_url.is_empty() {
-            if !(u.fhir_base_url.starts_with("https://") || u.fhir_base_url.starts_with("http://")) {
+            if !(u.fhir_base_url.starts_with("https://") || u.fhir_base_url.starts_with("http://"))
+            {
                 return invalid("upstream.fhir_base_url", "must be an http(s) URL");
             }
             if u.tenant_mode == TenantMode::Path && !u.fhir_base_url.contains("{tenant}") {
@@ -732,11 +733,14 @@ impl Config {
             return invalid("pacs.batch_instances", "must be at least 1");
         }
         let m = &self.mqtt;
-        if !m.url.is_empty() && !(m.url.starts_with("mqtt://") || m.url.starts_with("mqtts://")) {
+        if !(m.url.is_empty() || m.url.starts_with("mqtt://") || m.url.starts_with("mqtts://")) {
             return invalid("mqtt.url", "must start with mqtt:// or mqtts://");
         }
         if m.client_cert_file.as_os_str().is_empty() != m.client_key_file.as_os_str().is_empty() {
-            return invalid("mqtt.client_cert_file", "set both client_cert_file and client_key_file");
+            return invalid(
+                "mqtt.client_cert_file",
+                "set both client_cert_file and client_key_file",
+            );
         }
         Ok(())
     }

@@ -153,6 +153,15 @@ pub async fn start(
         .await
         .map_err(std::io::Error::other)?
         .map_err(|source| StartError::Store { dir: state_dir.clone(), source })?;
+    // Leases held when the daemon stopped belong to requests that died with it: the agent may
+    // take those changes again at once (every push is idempotent, see `sync`).
+    let released = store
+        .write(crate::sync::outbox::release_after_restart)
+        .await
+        .map_err(|source| StartError::Store { dir: state_dir.clone(), source })?;
+    if released > 0 {
+        tracing::info!(released, "released the agent's leases from before the restart");
+    }
 
     let tls_paths = TlsPaths::resolve(&config.tls, &state_dir);
     if tls::ensure_certificate(&tls_paths, config.tls.generate_self_signed)? {
@@ -185,9 +194,8 @@ pub async fn start(
         false => None,
     };
     let internal_path = crate::sync::internal::socket_path(&config.internal.socket, &state_dir);
-    let internal = crate::sync::internal::bind(&internal_path).map_err(|source| {
-        StartError::Socket { path: internal_path.clone(), source }
-    })?;
+    let internal = crate::sync::internal::bind(&internal_path)
+        .map_err(|source| StartError::Socket { path: internal_path.clone(), source })?;
     let listeners = Listeners { admin, fhir, dicom, dicom_tls, internal, internal_path };
 
     let metrics = crate::admin::metrics_handle();

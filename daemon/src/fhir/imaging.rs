@@ -131,18 +131,15 @@ fn ensure_endpoint(tx: &WriteTx<'_>, link: &ImagingLink) -> Result<(), StoreErro
     Ok(())
 }
 
-fn dicom_date(d: &str, t: &str) -> Option<String> {
+/// StudyDate as a FHIR date. The StudyTime is not used: DICOM times are the modality's local
+/// time without a zone, and a FHIR dateTime with a time must carry one (a cloud server in strict
+/// mode refuses it), so the day is the precision we can state truthfully.
+fn dicom_date(d: &str, _t: &str) -> Option<String> {
     let d = d.trim();
     if d.len() != 8 || !d.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let date = format!("{}-{}-{}", &d[..4], &d[4..6], &d[6..8]);
-    let t = t.trim();
-    if t.len() >= 6 && t[..6].bytes().all(|b| b.is_ascii_digit()) {
-        Some(format!("{date}T{}:{}:{}", &t[..2], &t[2..4], &t[4..6]))
-    } else {
-        Some(date)
-    }
+    Some(format!("{}-{}-{}", &d[..4], &d[4..6], &d[6..8]))
 }
 
 /// The Patient for a DICOM PatientID: matched by identifier, or a placeholder created now.

@@ -41,7 +41,11 @@ fn caller(e: ApplyError) -> StoreError {
 }
 
 /// Applies one upstream version or delete. Checks the tenant tag first (invariant 5).
-pub fn apply(tx: &WriteTx<'_>, tenant: &str, req: ApplyRequest) -> Result<ApplyResponse, StoreError> {
+pub fn apply(
+    tx: &WriteTx<'_>,
+    tenant: &str,
+    req: ApplyRequest,
+) -> Result<ApplyResponse, StoreError> {
     apply_inner(tx, tenant, req).map_err(caller)
 }
 
@@ -55,10 +59,8 @@ fn apply_inner(
         return Err(ApplyError::Invalid(format!("bad resource address {rtype}/{id}")));
     }
     if let Some(r) = &req.resource {
-        if let Some(found) = tenant_of(r) {
-            if found != tenant {
-                return Err(ApplyError::WrongTenant { found: found.into(), expected: tenant.into() });
-            }
+        if let Some(found) = tenant_of(r).filter(|found| *found != tenant) {
+            return Err(ApplyError::WrongTenant { found: found.into(), expected: tenant.into() });
         }
         if r.get("resourceType").and_then(Value::as_str) != Some(rtype)
             || r.get("id").and_then(Value::as_str) != Some(id)
@@ -84,6 +86,16 @@ fn apply_inner(
         (None, None) => true,
         _ => false,
     };
+    // An older upstream version than the one we know (a history page read out of order, a
+    // replay after a crash mid-round) never regresses the edge.
+    let stale = match (known.as_deref().map(str::parse::<i64>), req.upstream_version.parse::<i64>())
+    {
+        (Some(Ok(k)), Ok(v)) => v < k,
+        _ => false,
+    };
+    if stale {
+        return Ok(ApplyResponse { outcome: ApplyOutcome::Unchanged, conflict_id: None });
+    }
     if known.as_deref() == Some(req.upstream_version.as_str()) || same {
         set_upstream_version(sql, rtype, id, &req.upstream_version)?;
         return Ok(ApplyResponse { outcome: ApplyOutcome::Unchanged, conflict_id: None });
@@ -104,13 +116,21 @@ fn apply_inner(
             write_upstream(tx, rtype, id, req.resource)?;
             set_upstream_version(sql, rtype, id, &req.upstream_version)?;
             sql.execute("DELETE FROM outbox WHERE kind = 'fhir' AND entity = ?1", [&entity])?;
-            (ApplyOutcome::ConflictServerWins, "resolved", Some("upstream kept; local version in history"))
+            (
+                ApplyOutcome::ConflictServerWins,
+                "resolved",
+                Some("upstream kept; local version in history"),
+            )
         }
         ConflictPolicy::ClientWins => {
             // The pending push will now carry If-Match on upstream's version and overwrite it;
             // upstream's content is kept in the conflict record.
             set_upstream_version(sql, rtype, id, &req.upstream_version)?;
-            (ApplyOutcome::ConflictClientWins, "resolved", Some("local kept; upstream content recorded"))
+            (
+                ApplyOutcome::ConflictClientWins,
+                "resolved",
+                Some("local kept; upstream content recorded"),
+            )
         }
         ConflictPolicy::Manual => {
             sql.execute(
@@ -192,9 +212,9 @@ fn resolve_inner(tx: &WriteTx<'_>, conflict_id: i64, keep: &str) -> Result<(), A
         }
         "upstream" => {
             let resource = match up_json {
-                Some(j) => Some(
-                    serde_json::from_str(&j).map_err(|e| ApplyError::Invalid(e.to_string()))?,
-                ),
+                Some(j) => {
+                    Some(serde_json::from_str(&j).map_err(|e| ApplyError::Invalid(e.to_string()))?)
+                }
                 None => None,
             };
             write_upstream(tx, rtype, id, resource)?;
@@ -204,7 +224,11 @@ fn resolve_inner(tx: &WriteTx<'_>, conflict_id: i64, keep: &str) -> Result<(), A
             sql.execute("DELETE FROM outbox WHERE kind = 'fhir' AND entity = ?1", [&entity])?;
             "site IT kept upstream"
         }
-        other => return Err(ApplyError::Invalid(format!("keep must be local or upstream, not {other:?}"))),
+        other => {
+            return Err(ApplyError::Invalid(format!(
+                "keep must be local or upstream, not {other:?}"
+            )));
+        }
     };
     sql.execute(
         "UPDATE sync_conflicts SET state = 'resolved', resolution = ?2, resolved_at = ?3 WHERE id = ?1",

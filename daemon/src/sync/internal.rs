@@ -63,9 +63,8 @@ pub fn socket_path(configured: &Path, state_dir: &Path) -> PathBuf {
         return configured.to_owned();
     }
     match std::env::var_os("RUNTIME_DIRECTORY") {
-        Some(d) => {
-            PathBuf::from(d.to_string_lossy().split(':').next().unwrap_or("")).join(super::SOCKET_NAME)
-        }
+        Some(d) => PathBuf::from(d.to_string_lossy().split(':').next().unwrap_or(""))
+            .join(super::SOCKET_NAME),
         None => state_dir.join(super::SOCKET_NAME),
     }
 }
@@ -73,7 +72,8 @@ pub fn socket_path(configured: &Path, state_dir: &Path) -> PathBuf {
 /// Serves until `shutdown` is cancelled.
 pub async fn serve(listener: UnixListener, ctx: Arc<InternalContext>, shutdown: CancellationToken) {
     let app = router(ctx);
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    if let Err(e) =
+        axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
     {
         tracing::error!(error = %e, "internal API stopped");
     }
@@ -167,9 +167,8 @@ async fn status(State(ctx): State<Arc<InternalContext>>) -> ApiResult<axum::Json
             let mut stmt = c.prepare_cached(
                 "SELECT key, value FROM kv WHERE ns = ?1 AND key LIKE 'status.%' ORDER BY key",
             )?;
-            let rows = stmt.query_map([STATE_NS], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
-            })?;
+            let rows = stmt
+                .query_map([STATE_NS], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
             for row in rows {
                 let (k, v) = row?;
                 let value = serde_json::from_slice(&v).unwrap_or(Value::Null);
@@ -250,7 +249,9 @@ async fn release(
     Ok(axum::Json(Affected { affected }))
 }
 
-async fn parked(State(ctx): State<Arc<InternalContext>>) -> ApiResult<axum::Json<Vec<ParkedChange>>> {
+async fn parked(
+    State(ctx): State<Arc<InternalContext>>,
+) -> ApiResult<axum::Json<Vec<ParkedChange>>> {
     Ok(axum::Json(ctx.store.read(|c| outbox::parked(c, 10_000)).await?))
 }
 
@@ -325,17 +326,16 @@ async fn dicom_instance(
 ) -> ApiResult<Response> {
     let store = ctx.store.clone();
     let sop2 = sop.clone();
-    let inst = tokio::task::spawn_blocking(move || {
-        crate::dicom::export::lookup(&store, &sop2, q.version)
-    })
-    .await
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|e| match e {
-        crate::dicom::export::ExportError::NotFound(m) => {
-            ApiError(StatusCode::NOT_FOUND, format!("no stored instance {m}"))
-        }
-        other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
-    })?;
+    let inst =
+        tokio::task::spawn_blocking(move || crate::dicom::export::lookup(&store, &sop2, q.version))
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| match e {
+                crate::dicom::export::ExportError::NotFound(m) => {
+                    ApiError(StatusCode::NOT_FOUND, format!("no stored instance {m}"))
+                }
+                other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+            })?;
     let size = inst.size;
     let blob = inst.blob.clone();
     let store = ctx.store.clone();
@@ -375,9 +375,11 @@ async fn dicom_instance(
                 .map_err(fhir_err)
         })
         .await;
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
+    let stream =
+        futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|item| (item, rx)) },
+        );
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "application/dicom")
         .header(header::CONTENT_LENGTH, size)
@@ -392,7 +394,9 @@ async fn get_state(
     let k = key.clone();
     let rec = ctx.store.read(move |c| Store::kv_get(c, STATE_NS, &k)).await?;
     match rec {
-        Some((value, _)) => Ok(([(header::CONTENT_TYPE, "application/json")], value).into_response()),
+        Some((value, _)) => {
+            Ok(([(header::CONTENT_TYPE, "application/json")], value).into_response())
+        }
         None => Err(ApiError(StatusCode::NOT_FOUND, format!("no state {key:?}"))),
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod apply;
+pub mod client;
 pub mod internal;
 pub mod outbox;
 

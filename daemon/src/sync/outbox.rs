@@ -5,7 +5,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::api::{
-    AckItem, ChannelStatus, Conflict, FailItem, LeasedChange, ParkedChange, CHANNELS,
+    AckItem, CHANNELS, ChannelStatus, Conflict, FailItem, LeasedChange, ParkedChange,
 };
 use crate::store::{StoreError, WriteTx, now_ms};
 
@@ -158,6 +158,14 @@ pub fn release_all(tx: &WriteTx<'_>, kind: &str) -> Result<u64, StoreError> {
     )? as u64)
 }
 
+/// Ends every lease and retry delay (at daemon start).
+pub fn release_after_restart(tx: &WriteTx<'_>) -> Result<u64, StoreError> {
+    Ok(tx.sql().execute(
+        "UPDATE outbox SET lease_until = NULL WHERE state = 'pending' AND lease_until IS NOT NULL",
+        [],
+    )? as u64)
+}
+
 /// Puts parked changes (all, or the given ones) back in the queue.
 pub fn retry_parked(tx: &WriteTx<'_>, seqs: &[i64]) -> Result<u64, StoreError> {
     let sql = tx.sql();
@@ -224,7 +232,11 @@ pub fn parked(conn: &Connection, limit: u32) -> Result<Vec<ParkedChange>, StoreE
 }
 
 /// Recorded conflicts, newest first (`open_only`: the ones waiting for site IT).
-pub fn conflicts(conn: &Connection, open_only: bool, limit: u32) -> Result<Vec<Conflict>, StoreError> {
+pub fn conflicts(
+    conn: &Connection,
+    open_only: bool,
+    limit: u32,
+) -> Result<Vec<Conflict>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, at, entity, policy, state, local_version, upstream_version, resolution
          FROM sync_conflicts WHERE (?1 = 0 OR state = 'open') ORDER BY id DESC LIMIT ?2",

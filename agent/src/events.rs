@@ -1,0 +1,13 @@
+//! Durable events: the agent's own events (sync.progress, sync.conflict, health) go into the
+//! daemon's change log first, then the MQTT channel publishes them. Nothing waits in memory.
+
+use hms_edge::sync::api::EventRequest;
+use hms_edge::sync::client::InternalClient;
+
+/// Records an event (best effort: a failure is logged; the sync itself already happened).
+pub async fn record(internal: &InternalClient, event: &str, payload: serde_json::Value) {
+    let req = EventRequest { event: event.to_owned(), payload };
+    if let Err(e) = internal.post::<serde_json::Value>("/v1/events", &req).await {
+        tracing::warn!(event, error = %e, "could not record event");
+    }
+}

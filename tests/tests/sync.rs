@@ -1,0 +1,467 @@
+//! End to end: DCMTK / a ward workstation → hms-edged → hms-edge-agent → the real upstream peers
+//! (sekmet-fhir behind the emulated cloud gateway, Orthanc with DICOMweb, mosquitto).
+
+#[path = "dicom_common/mod.rs"]
+mod dicom_common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use dicom_common::{AE, dcmtk, info, peer, run, testfiles};
+use hms_edge::sync::api::StatusResponse;
+use hms_edge::sync::client::InternalClient;
+use hms_edge_tests::peers::{AgentProc, Peer, plain_client, try_wait_until, wait_until};
+use hms_edge_tests::{DaemonOptions, DaemonProc, fhir_client};
+use serde_json::{Value, json};
+
+const TENANT: &str = "tenant-a";
+const SITE: &str = "site-1";
+const CLIENT: &str = "edge-site-1";
+const SECRET: &str = "s3cret-for-tests";
+
+/// The whole cast of one test.
+struct Cluster {
+    dir: tempfile::TempDir,
+    gateway: Peer,
+    orthanc: Peer,
+    mqtt: Peer,
+    daemon: Option<DaemonProc>,
+    agent: Option<AgentProc>,
+    agent_env: Vec<(String, String)>,
+}
+
+fn daemon_opts(dir: &Path) -> DaemonOptions {
+    let mut opts = DaemonOptions { explicit_state_dir: true, ..Default::default() };
+    opts.env.insert("HMS_EDGE_SITE_TENANT_ID".into(), TENANT.into());
+    opts.env.insert("HMS_EDGE_SITE_SITE_ID".into(), SITE.into());
+    let _ = dir;
+    opts
+}
+
+impl Cluster {
+    fn start(extra_agent_env: &[(&str, &str)]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let peers = dir.path().join("peers");
+        std::fs::create_dir_all(peers.join("gw")).unwrap();
+        std::fs::create_dir_all(peers.join("orthanc")).unwrap();
+        std::fs::create_dir_all(peers.join("mqtt")).unwrap();
+        let client = format!("{CLIENT}:{SECRET}:{TENANT}");
+        let gateway = Peer::gateway(&peers.join("gw"), &[TENANT, "tenant-b"], &[&client]);
+        let orthanc = Peer::orthanc(&peers.join("orthanc"));
+        let mqtt = Peer::mosquitto(&peers.join("mqtt"));
+        let daemon = DaemonProc::start(dir.path(), &daemon_opts(dir.path()));
+        let secret = hms_edge_tests::write_secret(dir.path(), "client-secret", SECRET);
+        let mut agent_env: Vec<(String, String)> = [
+            ("HMS_EDGE_PATHS_STATE_DIR", dir.path().join("state").display().to_string()),
+            ("HMS_EDGE_SITE_TENANT_ID", TENANT.into()),
+            ("HMS_EDGE_SITE_SITE_ID", SITE.into()),
+            ("HMS_EDGE_UPSTREAM_FHIR_BASE_URL", format!("{}/{{tenant}}/fhir", gateway.str("url"))),
+            ("HMS_EDGE_UPSTREAM_TOKEN_URL", format!("{}/oauth2/token", gateway.str("url"))),
+            ("HMS_EDGE_UPSTREAM_CLIENT_ID", CLIENT.into()),
+            ("HMS_EDGE_UPSTREAM_CLIENT_SECRET_FILE", secret.display().to_string()),
+            ("HMS_EDGE_UPSTREAM_INTERVAL_SECS", "1".into()),
+            ("HMS_EDGE_UPSTREAM_MAX_BACKOFF_SECS", "2".into()),
+            ("HMS_EDGE_UPSTREAM_REQUEST_TIMEOUT_SECS", "10".into()),
+            ("HMS_EDGE_PACS_DICOMWEB_URL", orthanc.str("dicomweb_url")),
+            ("HMS_EDGE_MQTT_URL", format!("mqtt://127.0.0.1:{}", mqtt.str("port"))),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        for (k, v) in extra_agent_env {
+            agent_env.retain(|(k2, _)| k2 != k);
+            agent_env.push(((*k).to_owned(), (*v).to_owned()));
+        }
+        Cluster { dir, gateway, orthanc, mqtt, daemon: Some(daemon), agent: None, agent_env }
+    }
+
+    fn start_agent(&mut self) {
+        self.agent = Some(AgentProc::start(self.dir.path(), &self.agent_env));
+    }
+
+    fn daemon(&self) -> &DaemonProc {
+        self.daemon.as_ref().unwrap()
+    }
+
+    fn restart_daemon(&mut self) {
+        self.daemon = None;
+        self.daemon = Some(DaemonProc::start(self.dir.path(), &daemon_opts(self.dir.path())));
+    }
+
+    fn edge(&self) -> (reqwest::blocking::Client, String) {
+        let d = self.daemon();
+        (fhir_client(&d.state_dir().join("tls/cert.pem")), d.fhir_base())
+    }
+
+    fn sekmet(&self) -> String {
+        self.gateway.sekmet_base(TENANT)
+    }
+
+    fn internal(&self) -> InternalClient {
+        InternalClient::new(self.dir.path().join("state/agent.sock"))
+    }
+
+    fn status(&self) -> StatusResponse {
+        let c = self.internal();
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async { c.get("/v1/status").await.unwrap() })
+    }
+
+    fn queue(&self, kind: &str) -> (u64, u64, u64) {
+        let s = self.status();
+        let c = s.channels.iter().find(|c| c.kind == kind).unwrap();
+        (c.pending, c.leased, c.parked)
+    }
+
+    /// Like [`wait_until`], but a timeout reports the queues and both processes' logs.
+    fn wait<T>(&self, timeout: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
+        try_wait_until(timeout, f).unwrap_or_else(|| {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\nstatus: {:?}\n{}",
+                self.status(),
+                self.logs()
+            )
+        })
+    }
+
+    fn logs(&self) -> String {
+        format!(
+            "--- daemon\n{}\n--- agent\n{}",
+            self.daemon.as_ref().map(|d| d.log_text()).unwrap_or_default(),
+            self.agent.as_ref().map(|a| a.log_text()).unwrap_or_default()
+        )
+    }
+}
+
+fn get_json(c: &reqwest::blocking::Client, url: &str) -> (u16, Value) {
+    let r = c.get(url).header("accept", "application/fhir+json").send().unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().unwrap_or(Value::Null))
+}
+
+fn put_json(c: &reqwest::blocking::Client, url: &str, body: &Value) -> u16 {
+    c.put(url)
+        .header("content-type", "application/fhir+json")
+        .json(body)
+        .send()
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+fn without_meta(v: &Value) -> Value {
+    let mut v = v.clone();
+    v.as_object_mut().unwrap().remove("meta");
+    v
+}
+
+fn patient(id: &str, family: &str) -> Value {
+    json!({"resourceType": "Patient", "id": id, "active": true,
+           "name": [{"family": family, "given": ["Ada"]}], "gender": "female",
+           "birthDate": "1961-02-03"})
+}
+
+/// Orthanc's stored file for an instance (REST API), if it has it.
+fn orthanc_file(orthanc: &Peer, sop: &str) -> Option<Vec<u8>> {
+    let rest = orthanc.str("rest_url");
+    let c = plain_client();
+    let found: Value =
+        c.post(format!("{rest}/tools/lookup")).body(sop.to_owned()).send().ok()?.json().ok()?;
+    let id = found.as_array()?.iter().find(|f| f["Type"] == "Instance")?["ID"].as_str()?.to_owned();
+    let bytes = c.get(format!("{rest}/instances/{id}/file")).send().ok()?.bytes().ok()?;
+    Some(bytes.to_vec())
+}
+
+fn orthanc_instance_count(orthanc: &Peer) -> usize {
+    let rest = orthanc.str("rest_url");
+    let v: Value = plain_client().get(format!("{rest}/instances")).send().unwrap().json().unwrap();
+    v.as_array().unwrap().len()
+}
+
+/// The bytes hms-edged serves for an instance on its internal API.
+fn edge_instance(c: &Cluster, sop: &str) -> Vec<u8> {
+    use http_body_util::BodyExt;
+    let client = c.internal();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let resp = client
+            .send(hyper::Method::GET, &format!("/v1/dicom/instances/{sop}"), None)
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap().to_bytes().to_vec()
+    })
+}
+
+fn storescu(c: &Cluster, files: &[PathBuf]) {
+    let port = c.daemon().dicom.port().to_string();
+    let out = run(dcmtk("storescu").args(["-aec", AE, "127.0.0.1", &port]).args(files));
+    assert!(out.status.success(), "storescu: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A subscriber that writes every message (`topic payload`) into a file.
+fn subscribe(c: &Cluster) -> (std::process::Child, PathBuf) {
+    let out = c.dir.path().join("mqtt-messages.txt");
+    let f = std::fs::File::create(&out).unwrap();
+    let child = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &c.mqtt.str("port"), "-v", "-q", "1"])
+        .args(["-t", &format!("hms/{TENANT}/{SITE}/events/#")])
+        .stdout(Stdio::from(f))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto_sub (apt-get install mosquitto-clients)");
+    (child, out)
+}
+
+#[test]
+fn workstation_writes_images_and_upstream_changes_flow_both_ways() {
+    let mut c = Cluster::start(&[]);
+    let (mut sub, messages) = subscribe(&c);
+    let (edge, base) = c.edge();
+    let up = plain_client();
+    let sekmet = c.sekmet();
+
+    // Written at the edge while no agent runs (offline), then the agent starts.
+    let pid = "0b9e1f7e-5c1e-4a55-9a51-6c1d2c3b4a01";
+    assert_eq!(put_json(&edge, &format!("{base}/Patient/{pid}"), &patient(pid, "Lovelace")), 201);
+    let obs = json!({"resourceType": "Observation", "id": "0b9e1f7e-5c1e-4a55-9a51-6c1d2c3b4a02",
+        "status": "final", "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "subject": {"reference": format!("Patient/{pid}")},
+        "valueQuantity": {"value": 72, "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"}});
+    assert_eq!(
+        put_json(&edge, &format!("{base}/Observation/{}", obs["id"].as_str().unwrap()), &obs),
+        201
+    );
+    let files = testfiles(&["CT_small.dcm", "MR_small.dcm"]);
+    let facts = info(&files);
+    storescu(&c, &files);
+    assert_eq!(c.queue("fhir").0, 2, "two FHIR changes wait offline");
+    assert_eq!(c.queue("dicom").0, 2, "two instances wait offline");
+    c.start_agent();
+
+    // FHIR: upstream holds the same content, tagged with the tenant and naming the site.
+    let (_, theirs) = wait_until(Duration::from_secs(60), "Patient upstream", || {
+        let (s, v) = get_json(&up, &format!("{sekmet}/Patient/{pid}"));
+        (s == 200).then_some((s, v))
+    });
+    assert_eq!(without_meta(&theirs), without_meta(&patient(pid, "Lovelace")), "{}", c.logs());
+    let tags = theirs["meta"]["tag"].as_array().unwrap();
+    assert!(
+        tags.iter().any(|t| t["system"] == "urn:hms-edge:tenant" && t["code"] == TENANT),
+        "{theirs}"
+    );
+    assert_eq!(theirs["meta"]["source"], format!("urn:hms-edge:site:{SITE}"));
+    let (s, o) = get_json(&up, &format!("{sekmet}/Observation/{}", obs["id"].as_str().unwrap()));
+    assert_eq!(s, 200);
+    assert_eq!(without_meta(&o), obs);
+
+    // DICOM: every instance arrives in Orthanc, byte-identical to what the edge stored, and its
+    // data set identical to what the modality sent.
+    for (file, fact) in files.iter().zip(&facts) {
+        let sop = fact["sop_instance"].as_str().unwrap();
+        let bytes = wait_until(Duration::from_secs(60), "instance in Orthanc", || {
+            orthanc_file(&c.orthanc, sop)
+        });
+        assert_eq!(bytes, edge_instance(&c, sop), "Orthanc holds other bytes than the edge stored");
+        let got = c.dir.path().join(format!("{sop}.dcm"));
+        std::fs::write(&got, &bytes).unwrap();
+        let cmp = peer(&["compare", file.to_str().unwrap(), got.to_str().unwrap()]);
+        // storescu drops a data set's trailing padding (FFFC,FFFC) when it sends; every other
+        // element must be what the modality had.
+        let differing: Vec<&str> =
+            cmp["differing_tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        assert!(
+            cmp["same_dataset"] == true || differing == ["(FFFC,FFFC)"],
+            "data set changed on the way: {cmp}"
+        );
+    }
+    c.wait(Duration::from_secs(30), "outbox drained", || {
+        (c.queue("fhir") == (0, 0, 0) && c.queue("dicom") == (0, 0, 0)).then_some(())
+    });
+
+    // Upstream changes reach the edge: an update, a new resource, a delete.
+    let mut changed = theirs.clone();
+    changed["name"][0]["family"] = json!("Byron");
+    assert_eq!(put_json(&up, &format!("{sekmet}/Patient/{pid}"), &changed), 200);
+    let new_id = "7d3c2b1a-0000-4000-8000-00000000abcd";
+    let org = json!({"resourceType": "Organization", "id": new_id, "name": "Cloud-made clinic"});
+    assert_eq!(put_json(&up, &format!("{sekmet}/Organization/{new_id}"), &org), 201);
+    wait_until(Duration::from_secs(60), "upstream update at the edge", || {
+        let (s, v) = get_json(&edge, &format!("{base}/Patient/{pid}"));
+        (s == 200 && v["name"][0]["family"] == "Byron").then_some(())
+    });
+    wait_until(Duration::from_secs(60), "upstream create at the edge", || {
+        let (s, v) = get_json(&edge, &format!("{base}/Organization/{new_id}"));
+        (s == 200 && v["name"] == "Cloud-made clinic").then_some(())
+    });
+    let del = up.delete(format!("{sekmet}/Organization/{new_id}")).send().unwrap();
+    assert!(del.status().is_success());
+    wait_until(Duration::from_secs(60), "upstream delete at the edge", || {
+        let (s, _) = get_json(&edge, &format!("{base}/Organization/{new_id}"));
+        (s == 410).then_some(())
+    });
+    // Pulled changes are not echoed back as edge changes.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(c.queue("fhir"), (0, 0, 0), "pulled data must not be pushed back");
+    let (_, hist) = get_json(&up, &format!("{sekmet}/Patient/{pid}/_history"));
+    assert_eq!(hist["total"], 2, "upstream wrote the patient exactly twice: {hist}");
+
+    // Events: study.received and sync.progress on the broker, without PHI.
+    let text = wait_until(Duration::from_secs(30), "events on the broker", || {
+        let t = std::fs::read_to_string(&messages).unwrap_or_default();
+        (t.contains("/events/study.received") && t.contains("/events/sync.progress")).then_some(t)
+    });
+    assert!(!text.contains("Lovelace") && !text.contains("Byron"), "PHI in events: {text}");
+    let _ = sub.kill();
+    let _ = sub.wait();
+
+    // Status as site IT sees it.
+    let s = c.status();
+    assert_eq!(s.tenant_id, TENANT);
+    assert_eq!(s.agent["fhir"]["link"], "up", "{:?}", s.agent);
+    assert!(s.agent["dicom"]["sent"].as_u64().unwrap() >= 2, "{:?}", s.agent);
+}
+
+/// Every resource of a type upstream: id → resource (sekmet search, paged).
+fn upstream_all(c: &Cluster, rtype: &str) -> std::collections::HashMap<String, Value> {
+    let up = plain_client();
+    let mut out = std::collections::HashMap::new();
+    let mut offset = 0;
+    loop {
+        let url = format!("{}/{rtype}?_count=1000&_offset={offset}", c.sekmet());
+        let (s, page) = get_json(&up, &url);
+        assert_eq!(s, 200, "{page}");
+        let entries = page["entry"].as_array().cloned().unwrap_or_default();
+        for e in &entries {
+            let r = &e["resource"];
+            let prev = out.insert(r["id"].as_str().unwrap().to_owned(), r.clone());
+            assert!(prev.is_none(), "{rtype}/{} listed twice upstream", r["id"]);
+        }
+        if entries.is_empty() {
+            return out;
+        }
+        offset += entries.len();
+    }
+}
+
+fn edge_transaction(c: &reqwest::blocking::Client, base: &str, resources: &[Value]) {
+    let entries: Vec<Value> = resources
+        .iter()
+        .map(|r| {
+            let url =
+                format!("{}/{}", r["resourceType"].as_str().unwrap(), r["id"].as_str().unwrap());
+            json!({"resource": r, "request": {"method": "PUT", "url": url}})
+        })
+        .collect();
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
+    let r =
+        c.post(base).header("content-type", "application/fhir+json").json(&bundle).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{}", r.text().unwrap());
+}
+
+fn uuid(prefix: u32, n: u32) -> String {
+    format!("{prefix:08x}-0000-4000-8000-{n:012x}")
+}
+
+/// The outage acceptance: ≥ 10k FHIR changes and ≥ 500 instances written while upstream is away,
+/// then drained while the agent and the daemon are killed with SIGKILL several times. Upstream
+/// ends with exactly the expected set and the outbox is empty.
+#[test]
+fn outage_backlog_drains_exactly_once_through_sigkills() {
+    const PATIENTS: u32 = 2000;
+    const OBSERVATIONS: u32 = 6000;
+    const INSTANCES: usize = 500;
+    let mut c = Cluster::start(&[]);
+    // The WAN is down: the gateway refuses connections, the PACS is frozen (a black hole).
+    c.gateway.control(json!({"down": "refuse"}));
+    let orthanc_pid = nix::unistd::Pid::from_raw(c.orthanc.info["pid"].as_i64().unwrap() as i32);
+    nix::sys::signal::kill(orthanc_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    c.start_agent();
+
+    let (edge, base) = c.edge();
+    let patients: Vec<Value> =
+        (0..PATIENTS).map(|i| patient(&uuid(1, i), &format!("P{i}"))).collect();
+    for chunk in patients.chunks(500) {
+        edge_transaction(&edge, &base, chunk);
+    }
+    let observations: Vec<Value> = (0..OBSERVATIONS)
+        .map(|i| {
+            json!({"resourceType": "Observation", "id": uuid(2, i), "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+                "subject": {"reference": format!("Patient/{}", uuid(1, i % PATIENTS))},
+                "valueQuantity": {"value": 60 + (i % 40), "unit": "/min",
+                                  "system": "http://unitsofmeasure.org", "code": "/min"}})
+        })
+        .collect();
+    for chunk in observations.chunks(500) {
+        edge_transaction(&edge, &base, chunk);
+    }
+    // Every patient changed a second time during the outage.
+    let updated: Vec<Value> =
+        (0..PATIENTS).map(|i| patient(&uuid(1, i), &format!("P{i}-v2"))).collect();
+    for chunk in updated.chunks(500) {
+        edge_transaction(&edge, &base, chunk);
+    }
+    let src = testfiles(&["CT_small.dcm"]);
+    let clones = c.dir.path().join("clones");
+    std::fs::create_dir_all(&clones).unwrap();
+    let sops: Vec<String> = serde_json::from_value(peer(&[
+        "clone",
+        src[0].to_str().unwrap(),
+        clones.to_str().unwrap(),
+        &INSTANCES.to_string(),
+        "100",
+    ]))
+    .unwrap();
+    let files: Vec<PathBuf> = (0..INSTANCES).map(|i| clones.join(format!("{i:06}.dcm"))).collect();
+    storescu(&c, &files);
+    let (pending, _, _) = c.queue("fhir");
+    assert!(pending + c.queue("fhir").1 >= 10_000, "{:?}", c.status());
+    assert_eq!(c.queue("dicom").0 + c.queue("dicom").1, INSTANCES as u64);
+    std::thread::sleep(Duration::from_secs(3));
+    let s = c.status();
+    assert_eq!(s.agent["fhir"]["link"], "down", "{:?}", s.agent);
+
+    // The link returns; both processes are killed while the backlog drains.
+    c.gateway.control(json!({"down": false}));
+    nix::sys::signal::kill(orthanc_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    for round in 0..4 {
+        std::thread::sleep(Duration::from_millis(1500));
+        if round % 2 == 0 {
+            c.agent.as_mut().unwrap().kill9();
+            c.start_agent();
+        } else {
+            c.daemon.as_ref().unwrap().signal(nix::sys::signal::Signal::SIGKILL);
+            c.restart_daemon();
+        }
+    }
+    c.wait(Duration::from_secs(120), "backlog drained", || {
+        (c.queue("fhir") == (0, 0, 0) && c.queue("dicom") == (0, 0, 0)).then_some(())
+    });
+
+    let mut up_patients = upstream_all(&c, "Patient");
+    // The ImagingStudy refresher made one Patient for the images' DICOM PatientID: it is an
+    // edge change too, and must be upstream exactly once.
+    let from_dicom: Vec<String> = up_patients
+        .iter()
+        .filter(|(_, p)| p["identifier"][0]["system"] == "urn:hms-edge:dev-site:patient-id")
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(from_dicom.len(), 1, "one Patient for the DICOM PatientID");
+    up_patients.remove(&from_dicom[0]);
+    assert_eq!(up_patients.len(), PATIENTS as usize, "patients upstream");
+    for p in &updated {
+        let theirs = &up_patients[p["id"].as_str().unwrap()];
+        assert_eq!(without_meta(theirs), *p, "latest edge version upstream");
+    }
+    let up_obs = upstream_all(&c, "Observation");
+    assert_eq!(up_obs.len(), OBSERVATIONS as usize, "observations upstream");
+    for o in &observations {
+        assert_eq!(without_meta(&up_obs[o["id"].as_str().unwrap()]), *o);
+    }
+    assert_eq!(orthanc_instance_count(&c.orthanc), INSTANCES, "instances in the PACS");
+    for sop in sops.iter().step_by(50) {
+        assert_eq!(orthanc_file(&c.orthanc, sop).unwrap(), edge_instance(&c, sop));
+    }
+}
