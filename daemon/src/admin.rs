@@ -78,5 +78,50 @@ async fn metrics_text(State(d): State<Arc<Daemon>>) -> impl IntoResponse {
     if let Some(free) = free_bytes(d.store.root()) {
         metrics::gauge!("hms_disk_free_bytes").set(free as f64);
     }
+    sync_metrics(&d).await;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], d.metrics.render())
+}
+
+/// Per sync channel: queue depth, leased and parked changes, age of the oldest unsynced change,
+/// and what the agent last reported (last success, bytes sent, conflicts, link state).
+async fn sync_metrics(d: &Daemon) {
+    let read = d
+        .store
+        .read(|c| {
+            let channels = crate::sync::outbox::status(c)?;
+            let conflicts = crate::sync::outbox::open_conflicts(c)?;
+            let mut agent = Vec::new();
+            for ch in &channels {
+                let key = format!("status.{}", ch.kind);
+                if let Some((v, _)) = Store::kv_get(c, crate::sync::internal::STATE_NS, &key)? {
+                    agent.push((
+                        ch.kind.clone(),
+                        serde_json::from_slice::<serde_json::Value>(&v).ok(),
+                    ));
+                }
+            }
+            Ok((channels, conflicts, agent))
+        })
+        .await;
+    let Ok((channels, conflicts, agent)) = read else { return };
+    for ch in channels {
+        let k = ch.kind.clone();
+        metrics::gauge!("hms_sync_queue_pending", "channel" => k.clone()).set(ch.pending as f64);
+        metrics::gauge!("hms_sync_queue_leased", "channel" => k.clone()).set(ch.leased as f64);
+        metrics::gauge!("hms_sync_parked", "channel" => k.clone()).set(ch.parked as f64);
+        metrics::gauge!("hms_sync_oldest_unsynced_seconds", "channel" => k)
+            .set(ch.oldest_age_ms.unwrap_or(0) as f64 / 1000.0);
+    }
+    metrics::gauge!("hms_sync_open_conflicts").set(conflicts as f64);
+    for (kind, v) in agent {
+        let Some(v) = v else { continue };
+        let num = |key: &str| v.get(key).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+        metrics::gauge!("hms_sync_last_success_timestamp_seconds", "channel" => kind.clone())
+            .set(num("last_success_ms") / 1000.0);
+        metrics::gauge!("hms_sync_bytes_sent", "channel" => kind.clone()).set(num("bytes_sent"));
+        metrics::gauge!("hms_sync_sent", "channel" => kind.clone()).set(num("sent"));
+        metrics::gauge!("hms_sync_conflicts", "channel" => kind.clone()).set(num("conflicts"));
+        let up = v.get("link").and_then(|l| l.as_str()) == Some("up");
+        metrics::gauge!("hms_sync_link_up", "channel" => kind).set(if up { 1.0 } else { 0.0 });
+    }
 }

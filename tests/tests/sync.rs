@@ -465,3 +465,160 @@ fn outage_backlog_drains_exactly_once_through_sigkills() {
         assert_eq!(orthanc_file(&c.orthanc, sop).unwrap(), edge_instance(&c, sop));
     }
 }
+
+fn hms_edge_cli(c: &Cluster, args: &[&str]) -> (bool, String) {
+    let out = Command::new(hms_edge_tests::bin("hms-edge"))
+        .args(args)
+        .env_clear()
+        .env("HMS_EDGE_PATHS_STATE_DIR", c.dir.path().join("state"))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+fn conflicts(c: &Cluster) -> Vec<hms_edge::sync::api::Conflict> {
+    let client = c.internal();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async { client.get("/v1/conflicts").await.unwrap() })
+}
+
+/// One resource changed at the edge and upstream during an outage, under each policy.
+#[test]
+fn conflicts_end_per_policy_with_the_loser_kept() {
+    let mut c = Cluster::start(&[]);
+    let (edge, base) = c.edge();
+    let up = plain_client();
+    let sekmet = c.sekmet();
+    let ids = [uuid(7, 1), uuid(7, 2), uuid(7, 3)];
+    for id in &ids {
+        assert_eq!(put_json(&edge, &format!("{base}/Patient/{id}"), &patient(id, "Original")), 201);
+    }
+    c.start_agent();
+    c.wait(Duration::from_secs(60), "first push", || (c.queue("fhir") == (0, 0, 0)).then_some(()));
+
+    for (id, policy) in ids.iter().zip(["server-wins", "client-wins", "manual"]) {
+        // Outage: the agent is gone, both sides change the same patient.
+        c.agent.as_mut().unwrap().kill9();
+        assert_eq!(put_json(&edge, &format!("{base}/Patient/{id}"), &patient(id, "EdgeName")), 200);
+        let (_, mut theirs) = get_json(&up, &format!("{sekmet}/Patient/{id}"));
+        theirs["name"][0]["family"] = json!("CloudName");
+        assert_eq!(put_json(&up, &format!("{sekmet}/Patient/{id}"), &theirs), 200);
+        c.agent_env.retain(|(k, _)| k != "HMS_EDGE_UPSTREAM_CONFLICT_POLICY");
+        c.agent_env.push(("HMS_EDGE_UPSTREAM_CONFLICT_POLICY".into(), policy.into()));
+        c.start_agent();
+        let conflict = c.wait(Duration::from_secs(60), "conflict recorded", || {
+            conflicts(&c).into_iter().find(|x| x.entity == format!("Patient/{id}"))
+        });
+        assert_eq!(conflict.policy, policy);
+        let family = |url: String, client: &reqwest::blocking::Client| {
+            get_json(client, &url).1["name"][0]["family"].as_str().unwrap_or("").to_owned()
+        };
+        match policy {
+            "server-wins" => {
+                c.wait(Duration::from_secs(30), "upstream version at the edge", || {
+                    (family(format!("{base}/Patient/{id}"), &edge) == "CloudName").then_some(())
+                });
+                // The edge's losing version is kept in its history.
+                let (_, hist) = get_json(&edge, &format!("{base}/Patient/{id}/_history"));
+                assert!(hist.to_string().contains("EdgeName"), "local version kept: {hist}");
+                std::thread::sleep(Duration::from_secs(2));
+                assert_eq!(family(format!("{sekmet}/Patient/{id}"), &up), "CloudName");
+            }
+            "client-wins" => {
+                c.wait(Duration::from_secs(30), "edge version upstream", || {
+                    (family(format!("{sekmet}/Patient/{id}"), &up) == "EdgeName").then_some(())
+                });
+                // Upstream's losing version stays in upstream's history, and the conflict says so.
+                let (_, hist) = get_json(&up, &format!("{sekmet}/Patient/{id}/_history"));
+                assert!(hist.to_string().contains("CloudName"), "{hist}");
+                assert_eq!(family(format!("{base}/Patient/{id}"), &edge), "EdgeName");
+                assert_eq!(conflict.state, "resolved");
+            }
+            _ => {
+                assert_eq!(conflict.state, "open");
+                assert_eq!(c.queue("fhir").2, 1, "the edge change is held");
+                let (ok, listed) = hms_edge_cli(&c, &["sync", "conflicts", "--open"]);
+                assert!(ok && listed.contains(&format!("Patient/{id}")), "{listed}");
+                std::thread::sleep(Duration::from_secs(2));
+                assert_eq!(family(format!("{sekmet}/Patient/{id}"), &up), "CloudName", "held");
+                assert_eq!(family(format!("{base}/Patient/{id}"), &edge), "EdgeName", "held");
+                // Site IT decides for the edge's version.
+                let (ok, out) = hms_edge_cli(
+                    &c,
+                    &["sync", "resolve", &conflict.id.to_string(), "--keep", "local"],
+                );
+                assert!(ok, "{out}");
+                c.wait(Duration::from_secs(30), "resolved version upstream", || {
+                    (family(format!("{sekmet}/Patient/{id}"), &up) == "EdgeName").then_some(())
+                });
+                let (ok, listed) = hms_edge_cli(&c, &["sync", "conflicts", "--open"]);
+                assert!(ok && !listed.contains(&format!("Patient/{id}")), "{listed}");
+            }
+        }
+    }
+    c.wait(Duration::from_secs(30), "queue empty", || (c.queue("fhir") == (0, 0, 0)).then_some(()));
+}
+
+/// 5xx, timeouts, truncated JSON and a refusing token endpoint never lose or duplicate a change,
+/// and a failing FHIR upstream does not hold up DICOM forwarding.
+#[test]
+fn bad_upstream_answers_lose_nothing_and_block_no_other_channel() {
+    let mut c = Cluster::start(&[("HMS_EDGE_UPSTREAM_REQUEST_TIMEOUT_SECS", "2")]);
+    let (edge, base) = c.edge();
+    c.start_agent();
+    let mut expected = Vec::new();
+    let mut write_batch = |n0: u32| {
+        let batch: Vec<Value> = (n0..n0 + 100)
+            .map(|i| json!({"resourceType": "Organization", "id": uuid(9, i), "name": format!("Org {i}")}))
+            .collect();
+        edge_transaction(&edge, &base, &batch);
+        expected.extend(batch);
+    };
+    // The token endpoint refuses: FHIR stalls, DICOM still goes out.
+    c.gateway.control(json!({"token_fail": 503}));
+    write_batch(0);
+    let files = testfiles(&["CT_small.dcm", "MR_small.dcm"]);
+    storescu(&c, &files);
+    c.wait(Duration::from_secs(60), "DICOM forwarded while FHIR fails", || {
+        (c.queue("dicom") == (0, 0, 0)).then_some(())
+    });
+    assert!(c.queue("fhir").0 + c.queue("fhir").1 > 0, "FHIR must still be waiting");
+    c.gateway.control(json!({"token_fail": null}));
+    // Server errors, then truncated answers (the upstream applied them, the agent cannot tell).
+    c.gateway.control(json!({"fail_next": 3, "fail_status": 500}));
+    write_batch(100);
+    c.wait(Duration::from_secs(60), "after 5xx", || (c.queue("fhir") == (0, 0, 0)).then_some(()));
+    c.gateway.control(json!({"malformed_next": 2}));
+    write_batch(200);
+    c.wait(Duration::from_secs(60), "after malformed", || {
+        (c.queue("fhir") == (0, 0, 0)).then_some(())
+    });
+    // Answers slower than the agent waits (timeouts; the upstream may still apply them).
+    c.gateway.control(json!({"delay_ms": 3000}));
+    write_batch(300);
+    std::thread::sleep(Duration::from_secs(5));
+    c.gateway.control(json!({"delay_ms": 0}));
+    c.wait(Duration::from_secs(90), "after timeouts", || {
+        (c.queue("fhir") == (0, 0, 0)).then_some(())
+    });
+
+    let orgs = upstream_all(&c, "Organization");
+    assert_eq!(orgs.len(), expected.len(), "exactly the edge's organizations upstream");
+    for o in &expected {
+        assert_eq!(without_meta(&orgs[o["id"].as_str().unwrap()]), *o);
+    }
+    assert_eq!(c.queue("fhir"), (0, 0, 0));
+    let counters = c.gateway.control(json!({}));
+    assert!(counters["stats"]["injected_failures"].as_u64().unwrap_or(0) > 0, "{counters}");
+    // Site IT sees the channels in `hms-edge status` and /metrics.
+    let (ok, status) = hms_edge_cli(&c, &["status"]);
+    assert!(ok && status.contains("fhir") && status.contains("dicom"), "{status}");
+    let (code, metrics) = hms_edge_tests::http_get(c.daemon().admin, "/metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("hms_sync_queue_pending{channel=\"fhir\"} 0"), "{metrics}");
+    assert!(metrics.contains("hms_sync_bytes_sent{channel=\"dicom\"}"), "{metrics}");
+}

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use hms_edge::config;
+use hms_edge::sync::api::{Affected, Conflict, ParkedChange, ResolveRequest, StatusResponse};
+use hms_edge::sync::client::{ClientError, InternalClient};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Administer an hms-edge box")]
@@ -20,6 +22,24 @@ enum Command {
     CheckConfig {
         /// The file to check.
         file: Option<PathBuf>,
+    },
+    /// Sync state as hms-edged knows it: per channel queue depth, age of the oldest unsynced
+    /// change, parked changes, and what the agent last reported (link, last success, bytes sent).
+    Status {
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Config file (default: $HMS_EDGE_CONFIG, /etc/hms-edge/edge.toml, or the defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Upstream sync: conflicts and parked changes.
+    Sync {
+        #[command(subcommand)]
+        command: SyncCommand,
+        /// Config file (default: $HMS_EDGE_CONFIG, /etc/hms-edge/edge.toml, or the defaults).
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
     },
     /// DICOM tools.
     Dicom {
@@ -46,9 +66,89 @@ enum DicomCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum SyncCommand {
+    /// List conflicts between edge and upstream changes (newest first).
+    Conflicts {
+        /// Only the ones waiting for a decision (policy "manual").
+        #[arg(long)]
+        open: bool,
+    },
+    /// Decide a held conflict: keep the edge's version (pushed over upstream's) or upstream's.
+    Resolve {
+        id: i64,
+        #[arg(long, value_parser = ["local", "upstream"])]
+        keep: String,
+    },
+    /// List changes parked after upstream refused them, with upstream's reason.
+    Parked,
+    /// Put parked changes back in the queue (all, or the given sequence numbers).
+    Retry { seqs: Vec<i64> },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Status { json, config: cfg } => internal(cfg, |c| async move {
+            let s: StatusResponse = c.get("/v1/status").await?;
+            if json {
+                return Ok(serde_json::to_string_pretty(&s).expect("json"));
+            }
+            Ok(status_table(&s))
+        }),
+        Command::Sync { command, config: cfg } => internal(cfg, |c| async move {
+            match command {
+                SyncCommand::Conflicts { open } => {
+                    let list: Vec<Conflict> = c.get(&format!("/v1/conflicts?open={open}")).await?;
+                    let mut out = format!(
+                        "{:>6}  {:<24}  {:<44}  {:<12}  {:<8}  {}\n",
+                        "ID", "WHEN (UTC)", "RESOURCE", "POLICY", "STATE", "RESOLUTION"
+                    );
+                    for x in list {
+                        out.push_str(&format!(
+                            "{:>6}  {:<24}  {:<44}  {:<12}  {:<8}  {}\n",
+                            x.id,
+                            hms_edge::fhir::date::format_instant(x.at_ms),
+                            x.entity,
+                            x.policy,
+                            x.state,
+                            x.resolution.unwrap_or_default()
+                        ));
+                    }
+                    Ok(out)
+                }
+                SyncCommand::Resolve { id, keep } => {
+                    let _: serde_json::Value = c
+                        .post(&format!("/v1/conflicts/{id}/resolve"), &ResolveRequest { keep })
+                        .await?;
+                    Ok(format!("conflict {id} resolved"))
+                }
+                SyncCommand::Parked => {
+                    let list: Vec<ParkedChange> = c.get("/v1/outbox/parked").await?;
+                    let mut out = format!(
+                        "{:>10}  {:<6}  {:<44}  {:<8}  {:>8}  {}\n",
+                        "SEQ", "KIND", "ENTITY", "OP", "ATTEMPTS", "LAST ERROR"
+                    );
+                    for p in list {
+                        out.push_str(&format!(
+                            "{:>10}  {:<6}  {:<44}  {:<8}  {:>8}  {}\n",
+                            p.seq,
+                            p.kind,
+                            p.entity,
+                            p.op,
+                            p.attempts,
+                            p.last_error.unwrap_or_default()
+                        ));
+                    }
+                    Ok(out)
+                }
+                SyncCommand::Retry { seqs } => {
+                    let a: Affected =
+                        c.post("/v1/outbox/retry", &serde_json::json!({ "seqs": seqs })).await?;
+                    Ok(format!("{} change(s) back in the queue", a.affected))
+                }
+            }
+        }),
         Command::Dicom {
             command: DicomCommand::Export { sop_instance_uid, file, version, config: cfg },
         } => dicom_export(cfg, &sop_instance_uid, version, &file),
@@ -69,6 +169,88 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Runs `f` against hms-edged's internal API socket and prints its text.
+fn internal<F, Fut>(config_file: Option<PathBuf>, f: F) -> ExitCode
+where
+    F: FnOnce(InternalClient) -> Fut,
+    Fut: std::future::Future<Output = Result<String, ClientError>>,
+{
+    let path = config::resolve_path(config_file);
+    let c = match config::load(path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hms-edge: {e}");
+            return ExitCode::from(78);
+        }
+    };
+    let socket = hms_edge::sync::internal::socket_path(&c.internal.socket, &c.state_dir());
+    let client = InternalClient::new(socket);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    match rt.block_on(f(client)) {
+        Ok(text) => {
+            print!("{text}");
+            if !text.ends_with('\n') {
+                println!();
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hms-edge: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn age(ms: Option<i64>) -> String {
+    match ms {
+        None => "-".into(),
+        Some(ms) if ms < 120_000 => format!("{}s", ms / 1000),
+        Some(ms) if ms < 7_200_000 => format!("{}m", ms / 60_000),
+        Some(ms) => format!("{}h", ms / 3_600_000),
+    }
+}
+
+fn status_table(s: &StatusResponse) -> String {
+    let mut out = format!(
+        "tenant {}  site {}  open conflicts {}\n\n{:<6}  {:>8}  {:>7}  {:>7}  {:>7}  {:<5}  {:<24}  {:>9}  {:>12}  {}\n",
+        s.tenant_id,
+        s.site_id,
+        s.open_conflicts,
+        "QUEUE",
+        "PENDING",
+        "LEASED",
+        "PARKED",
+        "OLDEST",
+        "LINK",
+        "LAST SUCCESS (UTC)",
+        "SENT",
+        "BYTES SENT",
+        "LAST ERROR"
+    );
+    for ch in &s.channels {
+        let a = s.agent.get(&ch.kind).cloned().unwrap_or_default();
+        let last = a
+            .get("last_success_ms")
+            .and_then(serde_json::Value::as_i64)
+            .filter(|t| *t > 0)
+            .map_or("never".into(), hms_edge::fhir::date::format_instant);
+        out.push_str(&format!(
+            "{:<6}  {:>8}  {:>7}  {:>7}  {:>7}  {:<5}  {:<24}  {:>9}  {:>12}  {}\n",
+            ch.kind,
+            ch.pending,
+            ch.leased,
+            ch.parked,
+            age(ch.oldest_age_ms),
+            a.get("link").and_then(|v| v.as_str()).unwrap_or("-"),
+            last,
+            a.get("sent").and_then(serde_json::Value::as_u64).unwrap_or(0),
+            a.get("bytes_sent").and_then(serde_json::Value::as_u64).unwrap_or(0),
+            a.get("last_error").and_then(|v| v.as_str()).unwrap_or("")
+        ));
+    }
+    out
 }
 
 fn dicom_export(

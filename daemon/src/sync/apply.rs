@@ -108,6 +108,18 @@ fn apply_inner(
         set_upstream_version(sql, rtype, id, &req.upstream_version)?;
         return Ok(ApplyResponse { outcome: ApplyOutcome::Applied, conflict_id: None });
     }
+    // Already held for site IT with this very upstream version (a later pull or push round
+    // meets the same conflict): one record, not one per round.
+    let held: Option<i64> = sql
+        .prepare_cached(
+            "SELECT id FROM sync_conflicts WHERE entity = ?1 AND state = 'open'
+             AND upstream_version = ?2",
+        )?
+        .query_row(params![entity, req.upstream_version], |r| r.get(0))
+        .optional()?;
+    if let Some(id) = held {
+        return Ok(ApplyResponse { outcome: ApplyOutcome::ConflictHeld, conflict_id: Some(id) });
+    }
     let local_version = current.as_ref().map(|c| c.version);
     let upstream_json = req.resource.as_ref().map(|r| r.to_string());
     let (outcome, state, resolution) = match req.policy {
