@@ -138,27 +138,50 @@ impl FhirSync {
         Ok(false)
     }
 
-    /// Pushes until nothing is due. Returns the number of resources pushed.
+    /// Pushes until nothing is due. Returns the number of resources pushed. The next batch is
+    /// leased while the current one is in flight (hms-edged never puts one resource in two live
+    /// leases), so the upstream server is kept busy; batches still reach it in order.
     async fn push_due(&self) -> Result<u64, RoundError> {
         let mut total = 0;
-        loop {
-            let lease: LeaseResponse = self
-                .internal
-                .post(
-                    "/v1/outbox/lease",
-                    &LeaseRequest {
-                        kind: "fhir".into(),
-                        max: self.cfg.batch_size,
-                        lease_secs: LEASE_SECS,
-                    },
-                )
-                .await?;
-            if lease.entries.is_empty() {
-                return Ok(total);
+        let mut next = self.lease().await?;
+        while !next.is_empty() {
+            let groups = squash(std::mem::take(&mut next));
+            let (pushed, following) = tokio::join!(self.push_batch(groups), self.lease());
+            match pushed {
+                Ok(n) => total += n,
+                Err(e) => {
+                    // Give the prefetched batch back untouched: it was never attempted.
+                    if let Ok(f) = following {
+                        let seqs: Vec<i64> = f.iter().map(|c| c.seq).collect();
+                        let _ = self
+                            .internal
+                            .post::<Affected>(
+                                "/v1/outbox/unlease",
+                                &json!({ "kind": "fhir", "seqs": seqs }),
+                            )
+                            .await;
+                    }
+                    return Err(e);
+                }
             }
-            let groups = squash(lease.entries);
-            total += self.push_batch(groups).await?;
+            next = following?;
         }
+        Ok(total)
+    }
+
+    async fn lease(&self) -> Result<Vec<LeasedChange>, RoundError> {
+        let lease: LeaseResponse = self
+            .internal
+            .post(
+                "/v1/outbox/lease",
+                &LeaseRequest {
+                    kind: "fhir".into(),
+                    max: self.cfg.batch_size,
+                    lease_secs: LEASE_SECS,
+                },
+            )
+            .await?;
+        Ok(lease.entries)
     }
 
     fn upstream_body(&self, g: &Group) -> Option<Value> {

@@ -100,6 +100,15 @@ fn apply_inner(
         set_upstream_version(sql, rtype, id, &req.upstream_version)?;
         return Ok(ApplyResponse { outcome: ApplyOutcome::Unchanged, conflict_id: None });
     }
+    // Upstream holds one of the edge's own earlier versions (our push landed but its
+    // acknowledgement was lost, then the resource changed again here): not a conflict. Remember
+    // upstream's version so the pending push goes through with If-Match on it.
+    if let Some(up) = &upstream_content
+        && local_history_has(sql, rtype, id, up)?
+    {
+        set_upstream_version(sql, rtype, id, &req.upstream_version)?;
+        return Ok(ApplyResponse { outcome: ApplyOutcome::Unchanged, conflict_id: None });
+    }
     let pending: i64 = sql
         .prepare_cached("SELECT count(*) FROM outbox WHERE kind = 'fhir' AND entity = ?1")?
         .query_row([&entity], |r| r.get(0))?;
@@ -169,6 +178,28 @@ fn apply_inner(
         resolution
     ])?;
     Ok(ApplyResponse { outcome, conflict_id: Some(sql.last_insert_rowid()) })
+}
+
+/// True when some version the edge wrote itself has exactly this content.
+fn local_history_has(
+    sql: &rusqlite::Connection,
+    rtype: &str,
+    id: &str,
+    content: &Value,
+) -> Result<bool, ApplyError> {
+    let mut stmt = sql.prepare_cached(
+        "SELECT json FROM fhir_history WHERE rtype = ?1 AND id = ?2 AND json IS NOT NULL
+         ORDER BY version DESC LIMIT 50",
+    )?;
+    let rows = stmt.query_map([rtype, id], |r| r.get::<_, String>(0))?;
+    for json in rows {
+        if let Ok(v) = serde_json::from_str::<Value>(&json?)
+            && content_of(&v) == *content
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 fn write_upstream(

@@ -86,6 +86,7 @@ pub fn router(ctx: Arc<InternalContext>) -> Router {
         .route("/v1/outbox/ack", post(ack))
         .route("/v1/outbox/fail", post(fail))
         .route("/v1/outbox/release", post(release))
+        .route("/v1/outbox/unlease", post(unlease))
         .route("/v1/outbox/parked", get(parked))
         .route("/v1/outbox/retry", post(retry))
         .route("/v1/fhir/apply", post(apply_upstream))
@@ -246,6 +247,21 @@ async fn release(
 ) -> ApiResult<axum::Json<Affected>> {
     check_kind(&req.kind)?;
     let affected = ctx.store.write(move |tx| outbox::release_all(tx, &req.kind)).await?;
+    Ok(axum::Json(Affected { affected }))
+}
+
+#[derive(Debug, Deserialize)]
+struct UnleaseBody {
+    kind: String,
+    seqs: Vec<i64>,
+}
+
+async fn unlease(
+    State(ctx): State<Arc<InternalContext>>,
+    axum::Json(req): axum::Json<UnleaseBody>,
+) -> ApiResult<axum::Json<Affected>> {
+    check_kind(&req.kind)?;
+    let affected = ctx.store.write(move |tx| outbox::unlease(tx, &req.kind, &req.seqs)).await?;
     Ok(axum::Json(Affected { affected }))
 }
 

@@ -9,7 +9,9 @@ use super::api::{
 };
 use crate::store::{StoreError, WriteTx, now_ms};
 
-/// Leases up to `max` due changes of `kind`, oldest first.
+/// Leases up to `max` due changes of `kind`, oldest first. A resource with changes under a live
+/// lease is skipped: one resource is never in two leases at once, so the agent may lease its next
+/// batch while the previous one is in flight and each lease's upstream versions stay true.
 pub fn lease(
     tx: &WriteTx<'_>,
     kind: &str,
@@ -19,8 +21,10 @@ pub fn lease(
     let sql = tx.sql();
     let now = now_ms();
     let mut stmt = sql.prepare_cached(
-        "SELECT seq, created_at, entity, op, version, attempts, detail FROM outbox
+        "SELECT seq, created_at, entity, op, version, attempts, detail FROM outbox o
          WHERE kind = ?1 AND state = 'pending' AND (lease_until IS NULL OR lease_until <= ?2)
+           AND NOT EXISTS (SELECT 1 FROM outbox l WHERE l.kind = o.kind AND l.entity = o.entity
+                           AND l.state = 'pending' AND l.lease_until > ?2)
          ORDER BY seq LIMIT ?3",
     )?;
     let mut entries: Vec<LeasedChange> = stmt
@@ -156,6 +160,18 @@ pub fn release_all(tx: &WriteTx<'_>, kind: &str) -> Result<u64, StoreError> {
            AND lease_until > ?2",
         params![kind, now_ms()],
     )? as u64)
+}
+
+/// Gives leased changes back untouched (not attempted: no attempt counted, no delay).
+pub fn unlease(tx: &WriteTx<'_>, kind: &str, seqs: &[i64]) -> Result<u64, StoreError> {
+    let mut n = 0;
+    for s in seqs {
+        n += tx.sql().execute(
+            "UPDATE outbox SET lease_until = NULL WHERE seq = ?1 AND kind = ?2 AND state = 'pending'",
+            params![s, kind],
+        )? as u64;
+    }
+    Ok(n)
 }
 
 /// Ends every lease and retry delay (at daemon start).
