@@ -485,14 +485,23 @@ impl FhirSync {
         let round = state.get("round").cloned().unwrap_or(Value::Null);
         // A round interrupted by a crash resumes at its page (pages already applied are
         // applied again at worst, which changes nothing).
-        let (mut offset, mut max_seen) = match (&round, &since) {
+        // `_since` is inclusive: the entries already handled at exactly `since` are remembered
+        // and skipped, so a refused entry is not refused (and reported) again every round.
+        let keys = |v: Option<&Value>| -> std::collections::HashSet<String> {
+            v.and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default()
+        };
+        let boundary = keys(state.get("boundary"));
+        let (mut offset, mut max_seen, mut at_max) = match (&round, &since) {
             (Value::Object(r), _) if r.get("since").and_then(Value::as_str) == since.as_deref() => {
                 (
                     r.get("offset").and_then(Value::as_u64).unwrap_or(0),
                     r.get("max").and_then(Value::as_str).map(str::to_owned),
+                    keys(r.get("at_max")),
                 )
             }
-            _ => (0, since.clone()),
+            _ => (0, since.clone(), boundary.clone()),
         };
         let mut applied = 0u64;
         loop {
@@ -522,12 +531,24 @@ impl FhirSync {
             let entries = page.get("entry").and_then(Value::as_array).cloned().unwrap_or_default();
             // Newest first upstream: apply oldest first within the page.
             for e in entries.iter().rev() {
-                if let Some(lm) = last_modified(e)
-                    && max_seen.as_deref().is_none_or(|m| lm.as_str() > m)
-                {
-                    max_seen = Some(lm);
+                let lm = last_modified(e);
+                let key = entry_key(e);
+                if lm.is_some() && lm == since && boundary.contains(&key) {
+                    continue;
                 }
                 applied += self.apply_entry(e).await?;
+                if let Some(lm) = lm {
+                    match max_seen.as_deref().map(|m| lm.as_str().cmp(m)) {
+                        None | Some(std::cmp::Ordering::Greater) => {
+                            max_seen = Some(lm);
+                            at_max = [key].into_iter().collect();
+                        }
+                        Some(std::cmp::Ordering::Equal) => {
+                            at_max.insert(key);
+                        }
+                        Some(std::cmp::Ordering::Less) => {}
+                    }
+                }
             }
             offset += entries.len() as u64;
             let has_next = !entries.is_empty()
@@ -535,9 +556,10 @@ impl FhirSync {
                     l.iter().any(|l| l.get("relation").and_then(Value::as_str) == Some("next"))
                 });
             let new_state = if has_next {
-                json!({ "since": since, "round": { "since": since, "offset": offset, "max": max_seen } })
+                json!({ "since": since, "boundary": boundary,
+                        "round": { "since": since, "offset": offset, "max": max_seen, "at_max": at_max } })
             } else {
-                json!({ "since": max_seen, "round": null })
+                json!({ "since": max_seen, "boundary": at_max, "round": null })
             };
             self.internal.put_state(PULL_STATE_KEY, &new_state).await?;
             if !has_next {
@@ -614,6 +636,24 @@ impl FhirSync {
             Err(err) => Err(err.into()),
         }
     }
+}
+
+/// Identity of a history entry: resource address and version.
+fn entry_key(e: &Value) -> String {
+    let url = e
+        .get("resource")
+        .and_then(|r| {
+            Some(format!("{}/{}", r.get("resourceType")?.as_str()?, r.get("id")?.as_str()?))
+        })
+        .or_else(|| e.pointer("/request/url").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_default();
+    let version = e
+        .pointer("/resource/meta/versionId")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .or_else(|| e.pointer("/response/etag").and_then(Value::as_str).and_then(etag_version))
+        .unwrap_or_default();
+    format!("{url}@{version}")
 }
 
 fn last_modified(e: &Value) -> Option<String> {

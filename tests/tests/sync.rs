@@ -307,6 +307,17 @@ fn workstation_writes_images_and_upstream_changes_flow_both_ways() {
     let (_, hist) = get_json(&up, &format!("{sekmet}/Patient/{pid}/_history"));
     assert_eq!(hist["total"], 2, "upstream wrote the patient exactly twice: {hist}");
 
+    // A resource upstream that carries another tenant's tag is refused at the edge and reported.
+    let foreign = "7d3c2b1a-0000-4000-8000-00000000beef";
+    let mut other = patient(foreign, "Foreign");
+    other["meta"] = json!({"tag": [{"system": "urn:hms-edge:tenant", "code": "tenant-b"}]});
+    assert_eq!(put_json(&up, &format!("{sekmet}/Patient/{foreign}"), &other), 201);
+    c.wait(Duration::from_secs(60), "foreign resource reported", || {
+        let t = std::fs::read_to_string(&messages).unwrap_or_default();
+        t.contains("/events/sync.rejected").then_some(())
+    });
+    assert_eq!(get_json(&edge, &format!("{base}/Patient/{foreign}")).0, 404, "never stored");
+
     // Events: study.received and sync.progress on the broker, without PHI.
     let text = wait_until(Duration::from_secs(30), "events on the broker", || {
         let t = std::fs::read_to_string(&messages).unwrap_or_default();
@@ -597,6 +608,15 @@ fn bad_upstream_answers_lose_nothing_and_block_no_other_channel() {
     c.wait(Duration::from_secs(60), "after malformed", || {
         (c.queue("fhir") == (0, 0, 0)).then_some(())
     });
+    // Every token revoked: the next call gets 401, the agent renews once and goes on.
+    let before = c.gateway.control(json!({}))["stats"]["tokens_issued"].as_u64().unwrap();
+    c.gateway.control(json!({"revoke_tokens": true}));
+    write_batch(400);
+    c.wait(Duration::from_secs(60), "after revocation", || {
+        (c.queue("fhir") == (0, 0, 0)).then_some(())
+    });
+    let after = c.gateway.control(json!({}))["stats"]["tokens_issued"].as_u64().unwrap();
+    assert!(after > before, "a new token was fetched ({before} → {after})");
     // Answers slower than the agent waits (timeouts; the upstream may still apply them).
     c.gateway.control(json!({"delay_ms": 3000}));
     write_batch(300);
@@ -621,4 +641,26 @@ fn bad_upstream_answers_lose_nothing_and_block_no_other_channel() {
     assert_eq!(code, 200);
     assert!(metrics.contains("hms_sync_queue_pending{channel=\"fhir\"} 0"), "{metrics}");
     assert!(metrics.contains("hms_sync_bytes_sent{channel=\"dicom\"}"), "{metrics}");
+}
+
+/// Header tenant mode: `X-Tenant-ID` instead of the tenant in the path.
+#[test]
+fn header_tenant_mode_reaches_the_tenant() {
+    let mut c = Cluster::start(&[("HMS_EDGE_UPSTREAM_TENANT_MODE", "header")]);
+    let url = format!("{}/fhir", c.gateway.str("url"));
+    c.agent_env.retain(|(k, _)| k != "HMS_EDGE_UPSTREAM_FHIR_BASE_URL");
+    c.agent_env.push(("HMS_EDGE_UPSTREAM_FHIR_BASE_URL".into(), url));
+    let (edge, base) = c.edge();
+    let id = uuid(5, 1);
+    assert_eq!(put_json(&edge, &format!("{base}/Patient/{id}"), &patient(&id, "Header")), 201);
+    c.start_agent();
+    let up = plain_client();
+    let theirs = c.wait(Duration::from_secs(60), "patient upstream", || {
+        let (s, v) = get_json(&up, &format!("{}/Patient/{id}", c.sekmet()));
+        (s == 200).then_some(v)
+    });
+    assert_eq!(without_meta(&theirs), patient(&id, "Header"));
+    // And nothing landed in the other tenant's server.
+    let (s, _) = get_json(&up, &format!("{}/Patient/{id}", c.gateway.sekmet_base("tenant-b")));
+    assert_eq!(s, 404);
 }
