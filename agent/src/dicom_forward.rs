@@ -28,11 +28,23 @@ struct Instance {
     sop: String,
     size: u64,
     attempts: i64,
+    sop_class: String,
+    transfer_syntax: String,
+}
+
+/// How instances reach the PACS.
+#[derive(Debug)]
+pub enum Transport {
+    /// STOW-RS, checked with QIDO-RS.
+    DicomWeb,
+    /// C-STORE SCU, checked with C-FIND.
+    CStore(crate::cstore::DicomPacs),
 }
 
 /// The DICOM forwarding channel.
 #[derive(Debug)]
 pub struct DicomForward {
+    pub transport: Transport,
     pub http: reqwest::Client,
     /// DICOMweb base, without a trailing slash.
     pub base: String,
@@ -65,11 +77,14 @@ impl DicomForward {
                 unusable.push(e.seq);
                 continue;
             };
+            let text = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
             studies.entry(study.to_owned()).or_default().push(Instance {
                 seq: e.seq,
                 sop: e.entity.clone(),
                 size,
                 attempts: e.attempts,
+                sop_class: text("sop_class"),
+                transfer_syntax: text("transfer_syntax"),
             });
         }
         if !unusable.is_empty() {
@@ -105,8 +120,97 @@ impl DicomForward {
         Ok(())
     }
 
-    /// Sends one STOW-RS request for instances of one study; acknowledges the confirmed ones.
     async fn forward(&self, study: &str, chunk: &[Instance]) -> Result<u64, RoundError> {
+        match &self.transport {
+            Transport::DicomWeb => self.stow(study, chunk).await,
+            Transport::CStore(pacs) => self.cstore(pacs, study, chunk).await,
+        }
+    }
+
+    /// Sends instances of one study over one association; acknowledges the confirmed ones.
+    async fn cstore(
+        &self,
+        pacs: &crate::cstore::DicomPacs,
+        study: &str,
+        chunk: &[Instance],
+    ) -> Result<u64, RoundError> {
+        let seqs: Vec<i64> = chunk.iter().map(|i| i.seq).collect();
+        let items = chunk
+            .iter()
+            .map(|i| crate::cstore::ToSend {
+                sop: i.sop.clone(),
+                sop_class: i.sop_class.clone(),
+                transfer_syntax: i.transfer_syntax.clone(),
+            })
+            .collect();
+        let results = match crate::cstore::store(pacs, &self.internal, items).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail(&seqs, &e, false).await?;
+                return Err(UpstreamError::Link(format!("C-STORE to the PACS: {e}")).into());
+            }
+        };
+        let stored: HashSet<String> = results
+            .iter()
+            .filter(|(_, r)| matches!(r, Ok(s) if *s == 0 || (0xB000..=0xBFFF).contains(s)))
+            .map(|(sop, _)| sop.clone())
+            .collect();
+        for (sop, r) in &results {
+            if !stored.contains(sop) {
+                tracing::warn!(%sop, result = ?r, "the PACS did not store an instance");
+            }
+        }
+        ChannelStats::add(&self.stats.bytes_sent, chunk.iter().map(|i| i.size).sum());
+        let present = if self.verify {
+            match crate::cstore::find_instances(pacs, study).await {
+                Ok(p) => p,
+                Err(e) => {
+                    self.fail(&seqs, &e, false).await?;
+                    return Err(UpstreamError::Link(format!("C-FIND on the PACS: {e}")).into());
+                }
+            }
+        } else {
+            stored
+        };
+        self.settle(chunk, &present, "C-STORE").await
+    }
+
+    /// Acknowledges the instances the PACS confirmed; the others are retried or parked.
+    async fn settle(
+        &self,
+        chunk: &[Instance],
+        present: &HashSet<String>,
+        how: &str,
+    ) -> Result<u64, RoundError> {
+        let mut ack = Vec::new();
+        let mut retry = Vec::new();
+        let mut park = Vec::new();
+        for i in chunk {
+            if present.contains(&i.sop) {
+                ack.push(AckItem { seq: i.seq, pushed_version: None, upstream_version: None });
+            } else if i.attempts + 1 >= MAX_ATTEMPTS {
+                park.push(i.seq);
+            } else {
+                retry.push(i.seq);
+            }
+        }
+        let n = ack.len() as u64;
+        if !ack.is_empty() {
+            let _: Affected = self
+                .internal
+                .post("/v1/outbox/ack", &AckRequest { kind: "dicom".into(), items: ack })
+                .await?;
+        }
+        let why = format!("not confirmed by the PACS after {how}");
+        self.fail(&retry, &why, false).await?;
+        self.fail(&park, &why, true).await?;
+        ChannelStats::add(&self.stats.parked, park.len() as u64);
+        ChannelStats::add(&self.stats.sent, n);
+        Ok(n)
+    }
+
+    /// Sends one STOW-RS request for instances of one study; acknowledges the confirmed ones.
+    async fn stow(&self, study: &str, chunk: &[Instance]) -> Result<u64, RoundError> {
         let boundary = format!("hms-edge-{:016x}", rand::random::<u64>());
         let part_head = "\r\nContent-Type: application/dicom\r\n\r\n";
         let mut length = 0u64;
@@ -228,31 +332,8 @@ impl DicomForward {
         } else {
             HashSet::new()
         };
-        let mut ack = Vec::new();
-        let mut retry = Vec::new();
-        let mut park = Vec::new();
-        for i in chunk {
-            if present.contains(&i.sop) {
-                ack.push(AckItem { seq: i.seq, pushed_version: None, upstream_version: None });
-            } else if i.attempts + 1 >= MAX_ATTEMPTS {
-                park.push(i.seq);
-            } else {
-                retry.push(i.seq);
-            }
-        }
-        let n = ack.len() as u64;
-        if !ack.is_empty() {
-            let _: Affected = self
-                .internal
-                .post("/v1/outbox/ack", &AckRequest { kind: "dicom".into(), items: ack })
-                .await?;
-        }
-        let why = format!("not confirmed by the PACS (STOW answered {status})");
-        self.fail(&retry, &why, false).await?;
-        self.fail(&park, &why, true).await?;
-        ChannelStats::add(&self.stats.parked, park.len() as u64);
-        ChannelStats::add(&self.stats.sent, n);
-        Ok(n)
+        let _ = status;
+        self.settle(chunk, &present, "STOW-RS").await
     }
 
     /// SOP Instance UIDs the PACS holds for a study (QIDO-RS).

@@ -8,6 +8,7 @@
 
 mod backoff;
 mod channel;
+mod cstore;
 mod dicom_forward;
 mod events;
 mod fhir_sync;
@@ -29,6 +30,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::{ChannelStats, run_loop};
+use crate::dicom_forward::Transport;
+use hms_edge::config::PacsMode;
 
 /// The WAN side of the hms-edge appliance: upstream FHIR sync, DICOM forwarding, MQTT events.
 #[derive(Debug, Parser)]
@@ -122,11 +125,19 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         tenant = %cfg.site.tenant_id,
         site = %cfg.site.site_id,
         fhir = %fhir.as_ref().map_or("off".to_owned(), |f| f.base.clone()),
-        pacs = %if cfg.pacs.dicomweb_url.is_empty() { "off" } else { cfg.pacs.dicomweb_url.as_str() },
+        pacs = %match cfg.pacs.mode {
+            PacsMode::Dicomweb if !cfg.pacs.dicomweb_url.is_empty() => cfg.pacs.dicomweb_url.clone(),
+            PacsMode::Cstore if !cfg.pacs.dicom_address.is_empty() => format!("C-STORE {}", cfg.pacs.dicom_address),
+            _ => "off".into(),
+        },
         mqtt = %if cfg.mqtt.url.is_empty() { "off" } else { cfg.mqtt.url.as_str() },
         "hms-edge-agent started"
     );
-    if fhir.is_none() && cfg.pacs.dicomweb_url.is_empty() && mqtt.is_none() {
+    if fhir.is_none()
+        && cfg.pacs.dicomweb_url.is_empty()
+        && cfg.pacs.dicom_address.is_empty()
+        && mqtt.is_none()
+    {
         tracing::info!("no upstream configured: changes wait in the outbox until one is");
     }
 
@@ -150,8 +161,19 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             .await
         });
     }
-    if !cfg.pacs.dicomweb_url.is_empty() {
+    let transport = match cfg.pacs.mode {
+        PacsMode::Dicomweb if !cfg.pacs.dicomweb_url.is_empty() => Some(Transport::DicomWeb),
+        PacsMode::Cstore if !cfg.pacs.dicom_address.is_empty() => {
+            Some(Transport::CStore(cstore::DicomPacs {
+                address: cfg.pacs.dicom_address.clone(),
+                calling_ae: cfg.pacs.calling_ae_title.clone(),
+            }))
+        }
+        _ => None,
+    };
+    if let Some(transport) = transport {
         let fwd = Arc::new(dicom_forward::DicomForward {
+            transport,
             http: http.clone(),
             base: cfg.pacs.dicomweb_url.trim_end_matches('/').to_owned(),
             batch: cfg.pacs.batch_instances,

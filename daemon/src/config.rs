@@ -440,9 +440,16 @@ pub enum TenantMode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PacsConfig {
-    /// DICOMweb base URL (STOW-RS and QIDO-RS), e.g. "https://pacs.example/dicom-web". Empty:
-    /// forwarding off (instances stay in the outbox until it is set).
+    /// How instances travel: `dicomweb` (STOW-RS, checked with QIDO-RS) or `cstore` (C-STORE SCU,
+    /// checked with C-FIND).
+    pub mode: PacsMode,
+    /// DICOMweb base URL (STOW-RS and QIDO-RS), e.g. "https://pacs.example/dicom-web". Empty (in
+    /// `dicomweb` mode): forwarding off (instances stay in the outbox until it is set).
     pub dicomweb_url: String,
+    /// The PACS's DICOM address for `cstore` mode, "AE_TITLE@host:port". Empty: forwarding off.
+    pub dicom_address: String,
+    /// Our calling AE title in `cstore` mode.
+    pub calling_ae_title: String,
     /// Instances per STOW-RS request.
     pub batch_instances: u32,
     /// Check each instance's arrival with QIDO-RS before acknowledging it.
@@ -452,11 +459,22 @@ pub struct PacsConfig {
 impl Default for PacsConfig {
     fn default() -> Self {
         Self {
+            mode: PacsMode::Dicomweb,
             dicomweb_url: String::new(),
+            dicom_address: String::new(),
+            calling_ae_title: DEFAULT_DICOM_AE_TITLE.into(),
             batch_instances: DEFAULT_PACS_BATCH_INSTANCES,
             verify: true,
         }
     }
+}
+
+/// How the agent forwards instances to the PACS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PacsMode {
+    Dicomweb,
+    Cstore,
 }
 
 /// Message broker for events (read by hms-edge-agent only).
@@ -728,6 +746,21 @@ impl Config {
         }
         if u.pull_page_size == 0 || u.max_attempts == 0 {
             return invalid("upstream.pull_page_size", "must be at least 1 (and max_attempts too)");
+        }
+        if !self.pacs.dicom_address.is_empty() {
+            let ok = self.pacs.dicom_address.split_once('@').is_some_and(|(ae, addr)| {
+                valid_ae_title(ae)
+                    && addr.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            });
+            if !ok {
+                return invalid("pacs.dicom_address", "must be AE_TITLE@host:port");
+            }
+        }
+        if !valid_ae_title(&self.pacs.calling_ae_title) {
+            return invalid(
+                "pacs.calling_ae_title",
+                "1-16 printable ASCII characters, no backslash",
+            );
         }
         if self.pacs.batch_instances == 0 {
             return invalid("pacs.batch_instances", "must be at least 1");

@@ -127,6 +127,9 @@ def orthanc_config(workdir, http_port, dicom_port):
         "DicomPort": dicom_port,
         "DicomAet": "HMSPACS",
         "DicomCheckCalledAet": False,
+        # Any calling AE may store and query (the agent's C-STORE mode confirms with C-FIND).
+        "DicomAlwaysAllowStore": True,
+        "DicomAlwaysAllowFind": True,
         "RemoteAccessAllowed": False,  # both ports bind 0.0.0.0; HTTP answers loopback clients only
         "AuthenticationEnabled": False,
         "StorageCompression": False,

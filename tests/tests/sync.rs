@@ -196,7 +196,7 @@ fn edge_instance(c: &Cluster, sop: &str) -> Vec<u8> {
 
 fn storescu(c: &Cluster, files: &[PathBuf]) {
     let port = c.daemon().dicom.port().to_string();
-    let out = run(dcmtk("storescu").args(["-aec", AE, "127.0.0.1", &port]).args(files));
+    let out = run(dcmtk("storescu").args(["-R", "-aec", AE, "127.0.0.1", &port]).args(files));
     assert!(out.status.success(), "storescu: {}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -663,4 +663,39 @@ fn header_tenant_mode_reaches_the_tenant() {
     // And nothing landed in the other tenant's server.
     let (s, _) = get_json(&up, &format!("{}/Patient/{id}", c.gateway.sekmet_base("tenant-b")));
     assert_eq!(s, 404);
+}
+
+/// C-STORE SCU forwarding (`pacs.mode = "cstore"`), confirmed with C-FIND: every instance
+/// reaches Orthanc's DICOM port with the data set the edge received.
+#[test]
+fn cstore_forwarding_reaches_the_pacs_and_is_confirmed_by_cfind() {
+    let mut c = Cluster::start(&[("HMS_EDGE_PACS_MODE", "cstore")]);
+    let address = format!("{}@127.0.0.1:{}", c.orthanc.str("aet"), c.orthanc.str("dicom_port"));
+    c.agent_env.push(("HMS_EDGE_PACS_DICOM_ADDRESS".into(), address));
+    let files = testfiles(&["CT_small.dcm", "MR_small.dcm", "US1_J2KR.dcm"]);
+    let facts = info(&files);
+    storescu(&c, &files[..2]);
+    // JPEG 2000 travels as received (storescu proposes it with -xv).
+    let port = c.daemon().dicom.port().to_string();
+    let out = run(dcmtk("storescu").args(["-xv", "-aec", AE, "127.0.0.1", &port]).arg(&files[2]));
+    assert!(out.status.success(), "storescu -xv: {}", String::from_utf8_lossy(&out.stderr));
+    c.start_agent();
+    c.wait(Duration::from_secs(60), "instances forwarded", || {
+        (c.queue("dicom") == (0, 0, 0)).then_some(())
+    });
+    for (file, fact) in files.iter().zip(&facts) {
+        let sop = fact["sop_instance"].as_str().unwrap();
+        let bytes = orthanc_file(&c.orthanc, sop).unwrap_or_else(|| panic!("{sop} not in Orthanc"));
+        let got = c.dir.path().join(format!("{sop}.dcm"));
+        std::fs::write(&got, &bytes).unwrap();
+        let cmp = peer(&["compare", file.to_str().unwrap(), got.to_str().unwrap()]);
+        let differing: Vec<&str> =
+            cmp["differing_tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        assert!(
+            cmp["same_dataset"] == true || differing == ["(FFFC,FFFC)"],
+            "data set changed on the way: {cmp}"
+        );
+    }
+    let s = c.status();
+    assert_eq!(s.agent["dicom"]["sent"], 3, "{:?}", s.agent);
 }
