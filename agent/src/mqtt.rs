@@ -150,6 +150,8 @@ impl Mqtt {
                     Err(e) => {
                         if p.connected {
                             tracing::warn!(error = %e, "MQTT broker connection lost");
+                        } else if backoff.failures() == 0 || backoff.failures().is_multiple_of(10) {
+                            tracing::warn!(error = %e, "cannot connect to the MQTT broker");
                         }
                         p.connected = false;
                         let _ = progress_tx.send(Progress { unacked: unacked.len(), ..p });

@@ -699,3 +699,97 @@ fn cstore_forwarding_reaches_the_pacs_and_is_confirmed_by_cfind() {
     let s = c.status();
     assert_eq!(s.agent["dicom"]["sent"], 3, "{:?}", s.agent);
 }
+
+/// MQTT over TLS with a client certificate: without one the broker refuses the agent and the
+/// events wait in the outbox; with one they all arrive.
+#[test]
+fn mqtt_over_tls_needs_the_client_certificate_and_events_wait_meanwhile() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use std::os::unix::fs::PermissionsExt;
+    let mut c = Cluster::start(&[]);
+    let pki = c.dir.path().join("mqtt-tls");
+    std::fs::create_dir_all(&pki).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct subject names: OpenSSL takes a leaf whose subject equals its issuer's for a
+    // self-signed certificate and fails to verify it.
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "hms-edge test broker CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    for (name, sans) in
+        [("server", vec!["localhost".to_string()]), ("client", vec!["edge".to_string()])]
+    {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(sans).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(pki.join(format!("{name}.crt")), cert.pem()).unwrap();
+        let kp = pki.join(format!("{name}.key"));
+        std::fs::write(&kp, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&kp, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    std::fs::write(pki.join("ca.crt"), ca_cert.pem()).unwrap();
+    let port = hms_edge_tests::free_port();
+    let conf = pki.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "user root\npersistence false\nlog_dest stderr\nlistener {port} 127.0.0.1\n\
+             cafile {0}/ca.crt\ncertfile {0}/server.crt\nkeyfile {0}/server.key\n\
+             require_certificate true\nallow_anonymous true\n",
+            pki.display()
+        ),
+    )
+    .unwrap();
+    let mut broker = Command::new("/usr/sbin/mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(10), "TLS broker", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let sub_out = c.dir.path().join("tls-messages.txt");
+    let mut sub = Command::new("mosquitto_sub")
+        .args(["-h", "localhost", "-p", &port.to_string(), "-v", "-q", "1"])
+        .arg("--cafile")
+        .arg(pki.join("ca.crt"))
+        .arg("--cert")
+        .arg(pki.join("client.crt"))
+        .arg("--key")
+        .arg(pki.join("client.key"))
+        .args(["-t", &format!("hms/{TENANT}/{SITE}/events/#")])
+        .stdout(Stdio::from(std::fs::File::create(&sub_out).unwrap()))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let set = |c: &mut Cluster, k: &str, v: String| {
+        c.agent_env.retain(|(k2, _)| k2 != k);
+        c.agent_env.push((k.to_owned(), v));
+    };
+    set(&mut c, "HMS_EDGE_MQTT_URL", format!("mqtts://localhost:{port}"));
+    set(&mut c, "HMS_EDGE_MQTT_CA_FILE", pki.join("ca.crt").display().to_string());
+    // First without a client certificate: refused by the broker.
+    c.start_agent();
+    storescu(&c, &testfiles(&["CT_small.dcm"]));
+    std::thread::sleep(Duration::from_secs(4));
+    let (pending, leased, _) = c.queue("event");
+    assert!(pending + leased > 0, "events wait in the outbox: {:?}", c.status());
+    assert_eq!(c.status().agent["event"]["link"], "down");
+    // With the certificate: everything that waited arrives.
+    c.agent.as_mut().unwrap().kill9();
+    set(&mut c, "HMS_EDGE_MQTT_CLIENT_CERT_FILE", pki.join("client.crt").display().to_string());
+    set(&mut c, "HMS_EDGE_MQTT_CLIENT_KEY_FILE", pki.join("client.key").display().to_string());
+    c.start_agent();
+    c.wait(Duration::from_secs(60), "events delivered over TLS", || {
+        let t = std::fs::read_to_string(&sub_out).unwrap_or_default();
+        (t.contains("/events/study.received") && c.queue("event") == (0, 0, 0)).then_some(())
+    });
+    let _ = sub.kill();
+    let _ = sub.wait();
+    let _ = broker.kill();
+    let _ = broker.wait();
+}
