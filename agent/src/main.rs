@@ -85,6 +85,23 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let http = upstream::http_client(&cfg.upstream.ca_file, timeout)?;
     let fhir = upstream::FhirUpstream::from_config(&cfg, http.clone())?;
     let shutdown = CancellationToken::new();
+    // The unit sets WatchdogSec=: feed it from the runtime (proves the agent is not wedged),
+    // from the start, as waiting for hms-edged may take longer than the period. Not tied to
+    // hms-edged or upstream answering: their outages must not restart the agent.
+    if let Some(period) = sd_notify::watchdog_enabled() {
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period / 2);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                    }
+                    () = s.cancelled() => return,
+                }
+            }
+        });
+    }
     let wake = Arc::new(Notify::new());
     let mqtt = mqtt::Mqtt::start(
         &cfg.mqtt,
