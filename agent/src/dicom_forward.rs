@@ -19,6 +19,8 @@ use crate::upstream::{UpstreamError, without_url};
 pub const LEASE_SECS: u32 = 900;
 /// Retry delay after an instance failed upstream, seconds.
 pub const RETRY_SECS: u32 = 60;
+/// Requests to the PACS in flight at once.
+pub const IN_FLIGHT: usize = 4;
 /// Failed attempts before an instance is parked for site IT.
 pub const MAX_ATTEMPTS: i64 = 8;
 
@@ -61,7 +63,11 @@ impl DicomForward {
             .internal
             .post(
                 "/v1/outbox/lease",
-                &LeaseRequest { kind: "dicom".into(), max: self.batch * 4, lease_secs: LEASE_SECS },
+                &LeaseRequest {
+                    kind: "dicom".into(),
+                    max: self.batch * IN_FLIGHT as u32 * 2,
+                    lease_secs: LEASE_SECS,
+                },
             )
             .await?;
         if lease.entries.is_empty() {
@@ -90,11 +96,30 @@ impl DicomForward {
         if !unusable.is_empty() {
             self.fail(&unusable, "change without study/series/size detail", true).await?;
         }
+        // Several requests in flight (order does not matter between instances): the PACS's
+        // ingest, not our round trips, sets the pace.
+        use futures_util::StreamExt;
+        let chunks: Vec<(String, Vec<Instance>)> = studies
+            .iter()
+            .flat_map(|(study, instances)| {
+                instances.chunks(self.batch as usize).map(move |c| (study.clone(), c.to_vec()))
+            })
+            .collect();
+        let results: Vec<Result<u64, RoundError>> = futures_util::stream::iter(chunks)
+            .map(|(study, chunk)| async move { self.forward(&study, &chunk).await })
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
         let mut sent = 0;
-        for (study, instances) in studies {
-            for chunk in instances.chunks(self.batch as usize) {
-                sent += self.forward(&study, chunk).await?;
+        let mut first_error = None;
+        for r in results {
+            match r {
+                Ok(n) => sent += n,
+                Err(e) => first_error = first_error.or(Some(e)),
             }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
         }
         crate::events::record(
             &self.internal,
