@@ -34,6 +34,15 @@ struct Instance {
     transfer_syntax: String,
 }
 
+/// What sending one chunk came to.
+#[derive(Debug)]
+enum Sent {
+    /// Already failed or parked in the outbox (nothing to check).
+    Handled,
+    /// The PACS said it stored these (still to be checked when `verify`).
+    Accepted(HashSet<String>),
+}
+
 /// How instances reach the PACS.
 #[derive(Debug)]
 pub enum Transport {
@@ -97,7 +106,7 @@ impl DicomForward {
             self.fail(&unusable, "change without study/series/size detail", true).await?;
         }
         // Several requests in flight (order does not matter between instances): the PACS's
-        // ingest, not our round trips, sets the pace.
+        // ingest, not our round trips, sets the pace. Then one check per study.
         use futures_util::StreamExt;
         let chunks: Vec<(String, Vec<Instance>)> = studies
             .iter()
@@ -105,17 +114,52 @@ impl DicomForward {
                 instances.chunks(self.batch as usize).map(move |c| (study.clone(), c.to_vec()))
             })
             .collect();
-        let results: Vec<Result<u64, RoundError>> = futures_util::stream::iter(chunks)
-            .map(|(study, chunk)| async move { self.forward(&study, &chunk).await })
-            .buffer_unordered(IN_FLIGHT)
-            .collect()
-            .await;
+        let sent_chunks: Vec<(String, Vec<Instance>, Result<Sent, RoundError>)> =
+            futures_util::stream::iter(chunks)
+                .map(|(study, chunk)| async move {
+                    let r = self.send(&study, &chunk).await;
+                    (study, chunk, r)
+                })
+                .buffer_unordered(IN_FLIGHT)
+                .collect()
+                .await;
+        let to_verify: BTreeMap<String, ()> = sent_chunks
+            .iter()
+            .filter(|(_, _, r)| matches!(r, Ok(Sent::Accepted(_))))
+            .map(|(s, _, _)| (s.clone(), ()))
+            .collect();
+        let verified: BTreeMap<String, Result<HashSet<String>, String>> = if self.verify {
+            futures_util::stream::iter(to_verify.into_keys())
+                .map(|study| async move {
+                    let r = self.present(&study).await;
+                    (study, r)
+                })
+                .buffer_unordered(IN_FLIGHT)
+                .collect()
+                .await
+        } else {
+            BTreeMap::new()
+        };
         let mut sent = 0;
-        let mut first_error = None;
-        for r in results {
+        let mut first_error: Option<RoundError> = None;
+        for (study, chunk, r) in sent_chunks {
             match r {
-                Ok(n) => sent += n,
                 Err(e) => first_error = first_error.or(Some(e)),
+                Ok(Sent::Handled) => {}
+                Ok(Sent::Accepted(accepted)) => {
+                    let present = match verified.get(&study) {
+                        None => accepted,
+                        Some(Ok(p)) => p.clone(),
+                        Some(Err(e)) => {
+                            let seqs: Vec<i64> = chunk.iter().map(|i| i.seq).collect();
+                            self.fail(&seqs, e, false).await?;
+                            first_error =
+                                first_error.or(Some(UpstreamError::Link(e.clone()).into()));
+                            continue;
+                        }
+                    };
+                    sent += self.settle(&chunk, &present, self.how()).await?;
+                }
             }
         }
         if let Some(e) = first_error {
@@ -145,10 +189,25 @@ impl DicomForward {
         Ok(())
     }
 
-    async fn forward(&self, study: &str, chunk: &[Instance]) -> Result<u64, RoundError> {
+    async fn send(&self, study: &str, chunk: &[Instance]) -> Result<Sent, RoundError> {
         match &self.transport {
             Transport::DicomWeb => self.stow(study, chunk).await,
-            Transport::CStore(pacs) => self.cstore(pacs, study, chunk).await,
+            Transport::CStore(pacs) => self.cstore(pacs, chunk).await,
+        }
+    }
+
+    fn how(&self) -> &'static str {
+        match self.transport {
+            Transport::DicomWeb => "STOW-RS",
+            Transport::CStore(_) => "C-STORE",
+        }
+    }
+
+    /// SOP Instance UIDs the PACS holds for a study (QIDO-RS or C-FIND).
+    async fn present(&self, study: &str) -> Result<HashSet<String>, String> {
+        match &self.transport {
+            Transport::DicomWeb => self.qido_instances(study).await.map_err(|e| e.to_string()),
+            Transport::CStore(pacs) => crate::cstore::find_instances(pacs, study).await,
         }
     }
 
@@ -156,9 +215,8 @@ impl DicomForward {
     async fn cstore(
         &self,
         pacs: &crate::cstore::DicomPacs,
-        study: &str,
         chunk: &[Instance],
-    ) -> Result<u64, RoundError> {
+    ) -> Result<Sent, RoundError> {
         let seqs: Vec<i64> = chunk.iter().map(|i| i.seq).collect();
         let items = chunk
             .iter()
@@ -186,18 +244,7 @@ impl DicomForward {
             }
         }
         ChannelStats::add(&self.stats.bytes_sent, chunk.iter().map(|i| i.size).sum());
-        let present = if self.verify {
-            match crate::cstore::find_instances(pacs, study).await {
-                Ok(p) => p,
-                Err(e) => {
-                    self.fail(&seqs, &e, false).await?;
-                    return Err(UpstreamError::Link(format!("C-FIND on the PACS: {e}")).into());
-                }
-            }
-        } else {
-            stored
-        };
-        self.settle(chunk, &present, "C-STORE").await
+        Ok(Sent::Accepted(stored))
     }
 
     /// Acknowledges the instances the PACS confirmed; the others are retried or parked.
@@ -235,7 +282,7 @@ impl DicomForward {
     }
 
     /// Sends one STOW-RS request for instances of one study; acknowledges the confirmed ones.
-    async fn stow(&self, study: &str, chunk: &[Instance]) -> Result<u64, RoundError> {
+    async fn stow(&self, study: &str, chunk: &[Instance]) -> Result<Sent, RoundError> {
         let boundary = format!("hms-edge-{:016x}", rand::random::<u64>());
         let part_head = "\r\nContent-Type: application/dicom\r\n\r\n";
         let mut length = 0u64;
@@ -294,7 +341,7 @@ impl DicomForward {
         let seqs: Vec<i64> = chunk.iter().map(|i| i.seq).collect();
         let resp = self
             .http
-            .post(format!("{}/studies", self.base))
+            .post(format!("{}/studies/{study}", self.base))
             .header(
                 "content-type",
                 format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
@@ -310,7 +357,7 @@ impl DicomForward {
                 // The instance is gone from the edge: nothing to forward, ever. Park, report.
                 self.fail(&seqs, &e, true).await?;
                 ChannelStats::add(&self.stats.parked, seqs.len() as u64);
-                return Ok(0);
+                return Ok(Sent::Handled);
             }
             self.fail(&seqs, &e, false).await?;
             return Err(
@@ -344,21 +391,12 @@ impl DicomForward {
                 }
             }
         }
-        let present: HashSet<String> = if self.verify {
-            match self.qido_instances(study).await {
-                Ok(p) => p,
-                Err(e) => {
-                    self.fail(&seqs, &e.to_string(), false).await?;
-                    return Err(e.into());
-                }
-            }
-        } else if status.is_success() {
+        let accepted: HashSet<String> = if status.is_success() {
             chunk.iter().map(|i| i.sop.clone()).filter(|s| !failed.contains(s)).collect()
         } else {
             HashSet::new()
         };
-        let _ = status;
-        self.settle(chunk, &present, "STOW-RS").await
+        Ok(Sent::Accepted(accepted))
     }
 
     /// SOP Instance UIDs the PACS holds for a study (QIDO-RS).

@@ -199,16 +199,17 @@ async fn lease(
         .store
         .write(move |tx| {
             let entries = outbox::lease(tx, &kind, max, lease_secs)?;
-            if kind == "fhir" && !entries.is_empty() {
-                // One audit event per lease: resources handed to the agent for upstream.
+            if kind != "event" && !entries.is_empty() {
+                // One audit event per lease: resources or instances handed to the agent for
+                // upstream (the instance reads that follow are covered by it).
                 let ids: Vec<&str> = entries.iter().map(|e| e.entity.as_str()).collect();
+                let (action, what) = match kind.as_str() {
+                    "fhir" => ("sync-push", "resources"),
+                    _ => ("sync-forward", "instances"),
+                };
                 audit(
                     tx,
-                    &agent_audit(
-                        "sync-push",
-                        format!("{} resources", ids.len()),
-                        Some(ids.join(",")),
-                    ),
+                    &agent_audit(action, format!("{} {what}", ids.len()), Some(ids.join(","))),
                 )
                 .map_err(fhir_err)?;
             }
@@ -334,7 +335,7 @@ struct VersionQuery {
 }
 
 /// Streams the Part 10 file of an instance: 64 KiB chunks, each authenticated before it is sent,
-/// never the whole instance in memory.
+/// never the whole instance in memory. (Audited with the lease that handed it to the agent.)
 async fn dicom_instance(
     State(ctx): State<Arc<InternalContext>>,
     UrlPath(sop): UrlPath<String>,
@@ -383,14 +384,6 @@ async fn dicom_instance(
             }
         }
     });
-    let store = ctx.store.clone();
-    let sop_audit = sop.clone();
-    let _ = store
-        .write(move |tx| {
-            audit(tx, &agent_audit("sync-forward", format!("dicom:{sop_audit}"), None))
-                .map_err(fhir_err)
-        })
-        .await;
     let stream =
         futures_util::stream::unfold(
             rx,
