@@ -23,6 +23,7 @@ pub mod index;
 pub mod negotiate;
 pub mod pdu;
 pub mod query;
+pub mod quickack;
 pub mod sink;
 pub mod uids;
 
@@ -255,6 +256,7 @@ async fn handle(
     slot: bool,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
+    let sock = quickack::QuickAck(sock);
     match tls {
         None => assoc::serve_connection(sock, peer, ctx, stop, slot).await,
         Some(acceptor) => {

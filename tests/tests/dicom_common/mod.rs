@@ -103,12 +103,14 @@ impl Scp {
         (n, tmp)
     }
 
-    /// Rows in the `blobs` and `outbox` tables.
+    /// Rows in the `blobs` table and DICOM changes in the `outbox` (a new study also adds a
+    /// `study.received` event, which is not an instance change).
     pub fn rows(&self) -> (i64, i64) {
         self.store
             .read_blocking(|c| {
                 Ok(c.query_row(
-                    "SELECT (SELECT count(*) FROM blobs), (SELECT count(*) FROM outbox)",
+                    "SELECT (SELECT count(*) FROM blobs),
+                            (SELECT count(*) FROM outbox WHERE kind = 'dicom')",
                     [],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )?)
