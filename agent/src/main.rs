@@ -103,6 +103,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         });
     }
     let wake = Arc::new(Notify::new());
+    events::ENABLED.store(!cfg.mqtt.url.is_empty(), std::sync::atomic::Ordering::Relaxed);
     let mqtt = mqtt::Mqtt::start(
         &cfg.mqtt,
         &cfg.site.tenant_id,
