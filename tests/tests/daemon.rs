@@ -198,10 +198,12 @@ fn snapshot(dir: &std::path::Path) -> Vec<(String, u64, u64)> {
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
+            let e = e.unwrap();
+            let p = e.path();
+            let kind = e.file_type().unwrap();
+            if kind.is_dir() {
                 stack.push(p);
-            } else {
+            } else if kind.is_file() {
                 let data = std::fs::read(&p).unwrap();
                 let mut h = std::collections::hash_map::DefaultHasher::new();
                 data.hash(&mut h);
