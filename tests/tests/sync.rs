@@ -194,6 +194,20 @@ fn edge_instance(c: &Cluster, sop: &str) -> Vec<u8> {
     })
 }
 
+/// The PACS's file carries the data set the modality sent. (storescu drops a data set's trailing
+/// padding (FFFC,FFFC) when it sends; every other element must be what the modality had.)
+fn assert_same_dataset(c: &Cluster, original: &Path, sop: &str, pacs_bytes: &[u8]) {
+    let got = c.dir.path().join(format!("{sop}.dcm"));
+    std::fs::write(&got, pacs_bytes).unwrap();
+    let cmp = peer(&["compare", original.to_str().unwrap(), got.to_str().unwrap()]);
+    let differing: Vec<&str> =
+        cmp["differing_tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert!(
+        cmp["same_dataset"] == true || differing == ["(FFFC,FFFC)"],
+        "data set changed on the way: {cmp}"
+    );
+}
+
 fn storescu(c: &Cluster, files: &[PathBuf]) {
     let port = c.daemon().dicom.port().to_string();
     let out = run(dcmtk("storescu").args(["-R", "-aec", AE, "127.0.0.1", &port]).args(files));
@@ -264,17 +278,7 @@ fn workstation_writes_images_and_upstream_changes_flow_both_ways() {
             orthanc_file(&c.orthanc, sop)
         });
         assert_eq!(bytes, edge_instance(&c, sop), "Orthanc holds other bytes than the edge stored");
-        let got = c.dir.path().join(format!("{sop}.dcm"));
-        std::fs::write(&got, &bytes).unwrap();
-        let cmp = peer(&["compare", file.to_str().unwrap(), got.to_str().unwrap()]);
-        // storescu drops a data set's trailing padding (FFFC,FFFC) when it sends; every other
-        // element must be what the modality had.
-        let differing: Vec<&str> =
-            cmp["differing_tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
-        assert!(
-            cmp["same_dataset"] == true || differing == ["(FFFC,FFFC)"],
-            "data set changed on the way: {cmp}"
-        );
+        assert_same_dataset(&c, file, sop, &bytes);
     }
     c.wait(Duration::from_secs(30), "outbox drained", || {
         (c.queue("fhir") == (0, 0, 0) && c.queue("dicom") == (0, 0, 0)).then_some(())
@@ -686,15 +690,7 @@ fn cstore_forwarding_reaches_the_pacs_and_is_confirmed_by_cfind() {
     for (file, fact) in files.iter().zip(&facts) {
         let sop = fact["sop_instance"].as_str().unwrap();
         let bytes = orthanc_file(&c.orthanc, sop).unwrap_or_else(|| panic!("{sop} not in Orthanc"));
-        let got = c.dir.path().join(format!("{sop}.dcm"));
-        std::fs::write(&got, &bytes).unwrap();
-        let cmp = peer(&["compare", file.to_str().unwrap(), got.to_str().unwrap()]);
-        let differing: Vec<&str> =
-            cmp["differing_tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
-        assert!(
-            cmp["same_dataset"] == true || differing == ["(FFFC,FFFC)"],
-            "data set changed on the way: {cmp}"
-        );
+        assert_same_dataset(&c, file, sop, &bytes);
     }
     let s = c.status();
     assert_eq!(s.agent["dicom"]["sent"], 3, "{:?}", s.agent);
