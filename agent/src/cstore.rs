@@ -9,7 +9,7 @@ use std::time::Duration;
 use dicom_ul::ClientAssociationOptions;
 use dicom_ul::pdu::{PDataValue, PDataValueType, Pdu, PresentationContextResultReason};
 use hms_edge::dicom::dataset::part10_dataset_offset;
-use hms_edge::dicom::dimse::{Command, NO_DATA_SET, field, status, tag};
+use hms_edge::dicom::dimse::{Command, field, status, tag};
 use hms_edge::sync::client::InternalClient;
 use http_body_util::BodyExt;
 
@@ -284,7 +284,6 @@ pub async fn find_instances(pacs: &DicomPacs, study: &str) -> Result<HashSet<Str
             if st != status::SUCCESS {
                 return Err(format!("C-FIND failed with status {st:04X}"));
             }
-            let _ = NO_DATA_SET;
             return Ok(found);
         }
     })

@@ -14,7 +14,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use hms_edge::config::UpstreamConfig;
 use hms_edge::sync::api::*;
@@ -211,17 +210,17 @@ impl FhirSync {
         let mut entries = Vec::with_capacity(groups.len());
         for g in &groups {
             let url = g.entity();
-            let mut request = match self.upstream_body(g) {
-                Some(_) => json!({ "method": "PUT", "url": url }),
-                None => json!({ "method": "DELETE", "url": url }),
+            let entry = match self.upstream_body(g) {
+                Some(body) => {
+                    let mut request = json!({ "method": "PUT", "url": url });
+                    if let Some(m) = Self::if_match(g) {
+                        request["ifMatch"] = json!(m);
+                    }
+                    json!({ "fullUrl": self.up.url(&url), "request": request, "resource": body })
+                }
+                None => json!({ "fullUrl": self.up.url(&url),
+                                "request": { "method": "DELETE", "url": url } }),
             };
-            if let (Some(m), Some(_)) = (Self::if_match(g), &g.resource) {
-                request["ifMatch"] = json!(m);
-            }
-            let mut entry = json!({ "fullUrl": self.up.url(&url), "request": request });
-            if let Some(body) = self.upstream_body(g) {
-                entry["resource"] = body;
-            }
             entries.push(entry);
         }
         let bundle = json!({ "resourceType": "Bundle", "type": "transaction", "entry": entries });
@@ -624,7 +623,6 @@ impl FhirSync {
                 // Another tenant's resource, or one the edge cannot hold: refused and reported.
                 tracing::warn!(entity = %format!("{rtype}/{id}"), error = %err, "upstream resource refused");
                 ChannelStats::add(&self.stats.rejected, 1);
-                self.stats.rejected.load(Ordering::Relaxed);
                 crate::events::record(
                     &self.internal,
                     "sync.rejected",

@@ -31,11 +31,10 @@ struct Cluster {
     agent_env: Vec<(String, String)>,
 }
 
-fn daemon_opts(dir: &Path) -> DaemonOptions {
+fn daemon_opts() -> DaemonOptions {
     let mut opts = DaemonOptions { explicit_state_dir: true, ..Default::default() };
     opts.env.insert("HMS_EDGE_SITE_TENANT_ID".into(), TENANT.into());
     opts.env.insert("HMS_EDGE_SITE_SITE_ID".into(), SITE.into());
-    let _ = dir;
     opts
 }
 
@@ -50,7 +49,7 @@ impl Cluster {
         let gateway = Peer::gateway(&peers.join("gw"), &[TENANT, "tenant-b"], &[&client]);
         let orthanc = Peer::orthanc(&peers.join("orthanc"));
         let mqtt = Peer::mosquitto(&peers.join("mqtt"));
-        let daemon = DaemonProc::start(dir.path(), &daemon_opts(dir.path()));
+        let daemon = DaemonProc::start(dir.path(), &daemon_opts());
         let secret = hms_edge_tests::write_secret(dir.path(), "client-secret", SECRET);
         let mut agent_env: Vec<(String, String)> = [
             ("HMS_EDGE_PATHS_STATE_DIR", dir.path().join("state").display().to_string()),
@@ -86,7 +85,7 @@ impl Cluster {
 
     fn restart_daemon(&mut self) {
         self.daemon = None;
-        self.daemon = Some(DaemonProc::start(self.dir.path(), &daemon_opts(self.dir.path())));
+        self.daemon = Some(DaemonProc::start(self.dir.path(), &daemon_opts()));
     }
 
     fn edge(&self) -> (reqwest::blocking::Client, String) {
