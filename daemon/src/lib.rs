@@ -8,6 +8,7 @@ pub mod https;
 pub mod keys;
 pub mod logging;
 pub mod server;
+pub mod site_status;
 pub mod store;
 pub mod sync;
 pub mod tls;
