@@ -37,10 +37,6 @@ const TAG_LEN: usize = 16;
 const SALT_LEN: usize = 32;
 const HEADER_LEN: usize = 4 + 1 + 1 + SALT_LEN;
 const CHUNK_KEY_LABEL: &[u8] = b"hms-edge/v1/blob-chunk";
-/// Written bytes after which a blob write asks the kernel to start writing them out
-/// (`sync_file_range`), so the disk works while the rest of the object is still arriving and the
-/// final fsync only waits for the tail.
-const WRITEBACK_STEP: u64 = 256 * 1024;
 
 /// A blob's identity: 128 random bits, hex. Also its file name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -136,8 +132,6 @@ impl BlobStore {
             chunk_index: 0,
             size: 0,
             hasher: Sha256::new(),
-            written: HEADER_LEN as u64,
-            writeback_from: 0,
         };
         writer.append(unhashed, false)?;
         Ok(writer)
@@ -225,22 +219,6 @@ fn chunk_nonce(index: u64, last: bool) -> Nonce<aes_gcm::aead::consts::U12> {
     n.into()
 }
 
-/// Starts asynchronous writeback of a written range (a hint: errors surface at the fsync).
-#[allow(unsafe_code)]
-fn start_writeback(file: &File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: sync_file_range only reads its integer arguments; the descriptor is open for the
-    // duration of the call because `file` is borrowed.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as libc::off64_t,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
-    }
-}
-
 fn integrity_error(id: &BlobId) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
@@ -260,9 +238,6 @@ pub struct BlobWriter {
     chunk_index: u64,
     size: u64,
     hasher: Sha256,
-    /// File bytes written so far, and the offset up to which writeback has been started.
-    written: u64,
-    writeback_from: u64,
 }
 
 impl BlobWriter {
@@ -301,13 +276,7 @@ impl BlobWriter {
                 Payload { msg: &self.buf[..len], aad: self.id.0.as_bytes() },
             )
             .map_err(|_| io::Error::other("blob encryption failed"))?;
-        let file = self.file.as_mut().expect("open until finish");
-        file.write_all(&ct)?;
-        self.written += ct.len() as u64;
-        if !last && self.written - self.writeback_from >= WRITEBACK_STEP {
-            start_writeback(file, self.writeback_from, self.written - self.writeback_from);
-            self.writeback_from = self.written;
-        }
+        self.file.as_mut().expect("open until finish").write_all(&ct)?;
         self.buf.drain(..len);
         self.chunk_index += 1;
         Ok(())
