@@ -146,7 +146,7 @@ pub async fn start(
     std::fs::create_dir_all(&state_dir)?;
     // One process per state folder: `hms-edge restore`/`rotate-key` and a second daemon are
     // kept out while this one runs.
-    let state_lock = crate::ops::StateLock::acquire(&state_dir, "hms-edged")?;
+    let state_lock = crate::ops::StateLock::acquire(&state_dir)?;
     if crate::ops::restore::recover(&state_dir)? {
         tracing::warn!(state_dir = %state_dir.display(), "finished an interrupted restore");
     }

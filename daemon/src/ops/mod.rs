@@ -28,8 +28,11 @@ pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 /// Why the state folder could not be locked.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("{holder} is using the state folder {dir}; stop it first (systemctl stop hms-edged)")]
-    Busy { dir: PathBuf, holder: String },
+    #[error(
+        "the state folder {dir} is in use (hms-edged is running, or an hms-edge restore or \
+         rotate-key is under way); stop it first (systemctl stop hms-edged)"
+    )]
+    Busy { dir: PathBuf },
     #[error("cannot lock the state folder {dir}: {source}")]
     Io { dir: PathBuf, source: io::Error },
 }
@@ -41,15 +44,15 @@ pub struct StateLock {
 }
 
 impl StateLock {
-    /// Takes the lock without waiting; `holder` (e.g. `hms-edged`) is written into the file so
-    /// that whoever finds it taken can say who holds it.
-    pub fn acquire(state_dir: &Path, holder: &str) -> Result<StateLock, LockError> {
+    /// Takes the lock without waiting. The lock file's content is never written, so taking the
+    /// lock (or failing to) leaves the state folder byte-identical.
+    pub fn acquire(state_dir: &Path) -> Result<StateLock, LockError> {
         let io_err = |source| LockError::Io { dir: state_dir.to_owned(), source };
         let path = state_dir.join(LOCK_FILE);
         let existed = path.exists();
-        // Read-write when we may (to record the holder); read-only is enough for flock, and is
-        // all the daemon's user gets on a lock file that root's CLI created.
-        let (file, writable) = match std::fs::OpenOptions::new()
+        // flock works on a read-only descriptor: all the daemon's user gets on a lock file
+        // that root's CLI created.
+        let file = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -57,35 +60,22 @@ impl StateLock {
             .mode(0o600)
             .open(&path)
         {
-            Ok(f) => (f, true),
+            Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                (File::open(&path).map_err(io_err)?, false)
+                File::open(&path).map_err(io_err)?
             }
             Err(e) => return Err(io_err(e)),
         };
         if !existed {
             match_owner(&path, state_dir).map_err(io_err)?;
         }
-        let mut lock =
-            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-                Ok(l) => l,
-                Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
-                    let mut who = String::new();
-                    let _ = file.read_to_string(&mut who);
-                    let who = who.trim();
-                    return Err(LockError::Busy {
-                        dir: state_dir.to_owned(),
-                        holder: if who.is_empty() { "another process".into() } else { who.into() },
-                    });
-                }
-                Err((_, e)) => return Err(io_err(e.into())),
-            };
-        if writable {
-            let _ = lock.set_len(0);
-            let _ = write!(&mut *lock, "{holder} (pid {})", std::process::id());
-            let _ = lock.flush();
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(StateLock { _lock: lock }),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                Err(LockError::Busy { dir: state_dir.to_owned() })
+            }
+            Err((_, e)) => Err(io_err(e.into())),
         }
-        Ok(StateLock { _lock: lock })
     }
 }
 
@@ -176,12 +166,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lock_is_exclusive_and_names_its_holder() {
+    fn lock_is_exclusive_and_leaves_the_folder_unchanged() {
         let dir = tempfile::tempdir().unwrap();
-        let held = StateLock::acquire(dir.path(), "hms-edged").unwrap();
-        let err = StateLock::acquire(dir.path(), "hms-edge restore").unwrap_err().to_string();
-        assert!(err.contains("hms-edged (pid") && err.contains("stop it first"), "{err}");
+        let held = StateLock::acquire(dir.path()).unwrap();
+        let before = std::fs::read(dir.path().join(LOCK_FILE)).unwrap();
+        let err = StateLock::acquire(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("is in use") && err.contains("stop it first"), "{err}");
+        assert_eq!(std::fs::read(dir.path().join(LOCK_FILE)).unwrap(), before);
         drop(held);
-        StateLock::acquire(dir.path(), "hms-edge restore").unwrap();
+        StateLock::acquire(dir.path()).unwrap();
     }
 }

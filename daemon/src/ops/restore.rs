@@ -136,7 +136,7 @@ pub fn restore(
         });
     }
     super::private_dir(state_dir).map_err(io_at(state_dir))?;
-    let _lock = StateLock::acquire(state_dir, "hms-edge restore")?;
+    let _lock = StateLock::acquire(state_dir)?;
     // Finish (or discard) an earlier interrupted restore before starting a new one.
     recover(state_dir).map_err(io_at(state_dir))?;
     let staging = state_dir.join(STAGING_DIR);

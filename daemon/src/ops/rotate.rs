@@ -220,7 +220,7 @@ pub fn rotate(
     stop_after: Option<Step>,
 ) -> Result<RotateReport, RotateError> {
     let started = Instant::now();
-    let _lock = StateLock::acquire(state_dir, "hms-edge rotate-key")?;
+    let _lock = StateLock::acquire(state_dir)?;
     let mut report = RotateReport::default();
     let current = loc.read_at(loc.path())?;
     let next_path = loc.next_path();
