@@ -186,7 +186,17 @@ pub async fn start(
     let store = tokio::task::spawn_blocking(move || Store::open(&store_dir, &master, &opts))
         .await
         .map_err(std::io::Error::other)?
-        .map_err(|source| StartError::Store { dir: state_dir.clone(), source })?;
+        .map_err(|source| {
+            if matches!(source, crate::store::StoreError::WrongKey)
+                && matches!(key_source, KeySource::Credential(_))
+            {
+                tracing::error!(
+                    "the master-key credential does not open the store; if `hms-edge rotate-key` \
+                     was interrupted, run it again to finish it"
+                );
+            }
+            StartError::Store { dir: state_dir.clone(), source }
+        })?;
     // Leases held when the daemon stopped belong to requests that died with it: the agent may
     // take those changes again at once (every push is idempotent, see `sync`).
     let released = store
