@@ -405,6 +405,18 @@ fn key_rotation_loses_nothing_and_the_old_key_no_longer_opens_the_store() {
     assert_patients(&d, &patients, 200);
     let all: Vec<&PathBuf> = files.iter().collect();
     assert_exports_identical(w, &all, &uid_of);
+
+    // A backup under the rotated key (blob keys now re-wrapped in the database) restores.
+    let new_backup = w.join("backup-new-key");
+    let out = cli(w, &["backup", new_backup.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (status, _, log) = d.stop();
+    assert!(status.success(), "{log}");
+    let out = cli(w, &["restore", new_backup.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let d = DaemonProc::start(w, &opts);
+    assert_exports_identical(w, &all, &uid_of);
+    assert_patients(&d, &patients, 200);
     let (status, _, log) = d.stop();
     assert!(status.success(), "{log}");
 }
