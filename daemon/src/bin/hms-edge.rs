@@ -78,9 +78,9 @@ struct KeyArgs {
     /// Config file (default: $HMS_EDGE_CONFIG, /etc/hms-edge/edge.toml, or the defaults).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// The master key file (default: `keys.master_key_file`, else the packaged key:
-    /// /etc/hms-edge/credstore.encrypted/master-key or /etc/hms-edge/master-key, else
-    /// <state_dir>/master.key).
+    /// The master key file (default: `keys.master_key_file`, else $CREDENTIALS_DIRECTORY/master-key,
+    /// else <state_dir>/master.key if present, else the packaged key:
+    /// /etc/hms-edge/credstore.encrypted/master-key (via systemd-creds) or /etc/hms-edge/master-key).
     #[arg(long, conflicts_with = "credential")]
     key_file: Option<PathBuf>,
     /// The master key as a systemd encrypted credential (read and written with systemd-creds).
