@@ -303,3 +303,104 @@ fn rename_if_exists(from: &Path, to: &Path) -> std::io::Result<()> {
         r => r,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state folder with a "current" store and a staged one, as `restore` leaves them just
+    /// before or after its commit marker.
+    fn layout(dir: &Path, committed: bool) {
+        std::fs::write(dir.join(DB_FILE), b"old-db").unwrap();
+        std::fs::write(dir.join("index.db-wal"), b"old-wal").unwrap();
+        std::fs::create_dir_all(dir.join("blobs/aa")).unwrap();
+        std::fs::write(dir.join("blobs/aa/old"), b"old-blob").unwrap();
+        let st = dir.join(STAGING_DIR);
+        std::fs::create_dir_all(st.join("blobs/bb")).unwrap();
+        std::fs::write(st.join(DB_FILE), b"new-db").unwrap();
+        std::fs::write(st.join("blobs/bb/new"), b"new-blob").unwrap();
+        if committed {
+            std::fs::write(dir.join(COMMIT_MARKER), b"t").unwrap();
+        }
+    }
+
+    fn assert_new(dir: &Path) {
+        assert_eq!(std::fs::read(dir.join(DB_FILE)).unwrap(), b"new-db");
+        assert!(!dir.join("index.db-wal").exists(), "the old WAL must not meet the new database");
+        assert_eq!(std::fs::read(dir.join("blobs/bb/new")).unwrap(), b"new-blob");
+        assert!(!dir.join("blobs/aa/old").exists());
+        for gone in [STAGING_DIR, OLD_DIR, COMMIT_MARKER] {
+            assert!(!dir.join(gone).exists(), "{gone} left behind");
+        }
+    }
+
+    #[test]
+    fn without_the_marker_the_old_store_stays_and_staging_goes() {
+        let d = tempfile::tempdir().unwrap();
+        layout(d.path(), false);
+        assert!(!recover(d.path()).unwrap());
+        assert_eq!(std::fs::read(d.path().join(DB_FILE)).unwrap(), b"old-db");
+        assert_eq!(std::fs::read(d.path().join("index.db-wal")).unwrap(), b"old-wal");
+        assert_eq!(std::fs::read(d.path().join("blobs/aa/old")).unwrap(), b"old-blob");
+        assert!(!d.path().join(STAGING_DIR).exists());
+    }
+
+    #[test]
+    fn with_the_marker_every_partial_swap_rolls_forward() {
+        // Crash points inside the swap: nothing moved yet; WAL moved; database swapped; the
+        // blobs moved out but not in; everything swapped but the marker still there.
+        type Partial = fn(&Path);
+        let partials: [Partial; 5] = [
+            |_| {},
+            |d| {
+                std::fs::rename(d.join("index.db-wal"), d.join(OLD_DIR).join("index.db-wal"))
+                    .unwrap()
+            },
+            |d| {
+                std::fs::remove_file(d.join("index.db-wal")).unwrap();
+                std::fs::rename(d.join(DB_FILE), d.join(OLD_DIR).join(DB_FILE)).unwrap();
+                std::fs::rename(d.join(STAGING_DIR).join(DB_FILE), d.join(DB_FILE)).unwrap();
+            },
+            |d| {
+                std::fs::remove_file(d.join("index.db-wal")).unwrap();
+                std::fs::remove_file(d.join(DB_FILE)).unwrap();
+                std::fs::rename(d.join(STAGING_DIR).join(DB_FILE), d.join(DB_FILE)).unwrap();
+                std::fs::rename(d.join(BLOB_DIR), d.join(OLD_DIR).join(BLOB_DIR)).unwrap();
+            },
+            |d| {
+                std::fs::remove_file(d.join("index.db-wal")).unwrap();
+                std::fs::remove_file(d.join(DB_FILE)).unwrap();
+                std::fs::remove_dir_all(d.join(BLOB_DIR)).unwrap();
+                std::fs::rename(d.join(STAGING_DIR).join(DB_FILE), d.join(DB_FILE)).unwrap();
+                std::fs::rename(d.join(STAGING_DIR).join(BLOB_DIR), d.join(BLOB_DIR)).unwrap();
+            },
+        ];
+        for (i, partial) in partials.iter().enumerate() {
+            let d = tempfile::tempdir().unwrap();
+            layout(d.path(), true);
+            std::fs::create_dir_all(d.path().join(OLD_DIR)).unwrap();
+            partial(d.path());
+            assert!(recover(d.path()).unwrap(), "crash point {i}");
+            assert_new(d.path());
+            // Running it again is harmless.
+            assert!(!recover(d.path()).unwrap());
+            assert_new(d.path());
+        }
+    }
+
+    #[test]
+    fn manifest_paths_cannot_escape_the_backup() {
+        assert!(valid_rel_path("index.db"));
+        assert!(valid_rel_path("blobs/0a/0a1b2c3d4e5f60718293a4b5c6d7e8f9"));
+        for bad in [
+            "../index.db",
+            "blobs/0b/0a1b2c3d4e5f60718293a4b5c6d7e8f9",
+            "blobs/0a/../../etc/passwd",
+            "/etc/passwd",
+            "blobs/tmp/x",
+            "master.key",
+        ] {
+            assert!(!valid_rel_path(bad), "{bad}");
+        }
+    }
+}
