@@ -280,6 +280,14 @@ pub fn rotate(
     let db_path = state_dir.join(DB_FILE);
     let expected = {
         let mut conn = db::open(&db_path, &current.derive(KeyPurpose::Database), false, 2048)?;
+        // Run as root on a packaged box: a WAL or shared-memory file created just now must stay
+        // usable by the daemon's user should we be interrupted before they are removed below.
+        for side in ["index.db-wal", "index.db-shm"] {
+            let p = state_dir.join(side);
+            if p.exists() {
+                super::match_owner(&p, &db_path).map_err(io_at(&p))?;
+            }
+        }
         db::migrate(&mut conn)?;
         let dk = crate::store::data_keys(&conn, &current)?;
         conn.execute(
