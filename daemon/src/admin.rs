@@ -1,4 +1,5 @@
-//! Admin listener (default 127.0.0.1:9464): `/healthz`, `/readyz`, `/metrics` (Prometheus text).
+//! Admin listener (default 127.0.0.1:9464): `/healthz`, `/readyz`, `/metrics` (Prometheus text),
+//! and the site IT status page at `/` and `/status` ([`crate::site_status`]).
 //! Unauthenticated by design, so it must stay on loopback; it never serves patient data.
 
 use std::path::Path;
@@ -6,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -28,11 +29,35 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Counters that exist from the start at 0, so `/metrics` always lists them (a rate over a
+/// counter that appears only at its first event misses that event, and the Grafana dashboard's
+/// queries stay valid on a quiet box).
+pub fn register_counters() {
+    for name in [
+        "hms_store_writes_total",
+        "hms_store_commits_total",
+        "hms_dicom_associations_total",
+        "hms_dicom_aborts_total",
+        "hms_dicom_bytes_received_total",
+        "hms_dicom_store_abandoned_total",
+        "hms_dicom_echo_total",
+        "hms_dicom_find_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for reason in ["busy", "policy"] {
+        metrics::counter!("hms_dicom_associations_rejected_total", "reason" => reason).increment(0);
+    }
+    metrics::gauge!("hms_dicom_associations_active").increment(0.0);
+}
+
 pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .route("/", get(status_page))
+        .route("/status", get(status_page))
         .with_state(daemon)
 }
 
@@ -65,6 +90,51 @@ async fn readyz(State(d): State<Arc<Daemon>>) -> impl IntoResponse {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", problems.join("; ")))
     }
+}
+
+/// The status page: HTML, no script, nothing loaded from elsewhere (the CSP says so too).
+async fn status_page(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> impl IntoResponse {
+    // A browser is the one client that can be steered here by another site (DNS rebinding: a
+    // name of theirs resolving to 127.0.0.1); it then sends that name as Host. Loopback users
+    // and SSH tunnels send an address or `localhost`.
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    if !host_is_address_or_localhost(host) {
+        return (
+            StatusCode::MISDIRECTED_REQUEST,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "use an IP address or localhost to reach the admin listener\n".to_string(),
+        )
+            .into_response();
+    }
+    let page = crate::site_status::render(&crate::site_status::gather(&d).await);
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; \
+                 form-action 'none'; base-uri 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        page,
+    )
+        .into_response()
+}
+
+/// `127.0.0.1:9464`, `[::1]:9464`, `localhost`, `10.1.2.3`… but not `evil.example:9464`.
+fn host_is_address_or_localhost(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((v6, _)) => return v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => return false,
+        }
+    } else {
+        host.rsplit_once(':').map_or(host, |(n, _)| n)
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
 }
 
 async fn metrics_text(State(d): State<Arc<Daemon>>) -> impl IntoResponse {
@@ -123,5 +193,33 @@ async fn sync_metrics(d: &Daemon) {
         metrics::gauge!("hms_sync_conflicts", "channel" => kind.clone()).set(num("conflicts"));
         let up = v.get("link").and_then(|l| l.as_str()) == Some("up");
         metrics::gauge!("hms_sync_link_up", "channel" => kind).set(if up { 1.0 } else { 0.0 });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn status_page_hosts() {
+        use super::host_is_address_or_localhost as ok;
+        for h in [
+            "127.0.0.1:9464",
+            "127.0.0.1",
+            "[::1]:9464",
+            "localhost:9464",
+            "LOCALHOST",
+            "10.0.0.5:80",
+        ] {
+            assert!(ok(h), "{h}");
+        }
+        for h in [
+            "",
+            "evil.example",
+            "evil.example:9464",
+            "localhost.evil.example",
+            "[::1",
+            "127.0.0.1.nip.io:9464",
+        ] {
+            assert!(!ok(h), "{h}");
+        }
     }
 }

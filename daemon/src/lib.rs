@@ -9,6 +9,7 @@ pub mod keys;
 pub mod logging;
 pub mod ops;
 pub mod server;
+pub mod site_status;
 pub mod store;
 pub mod sync;
 pub mod tls;

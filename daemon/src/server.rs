@@ -243,9 +243,7 @@ pub async fn start(
     let listeners = Listeners { admin, fhir, dicom, dicom_tls, internal, internal_path };
 
     let metrics = crate::admin::metrics_handle();
-    for name in ["hms_store_writes_total", "hms_store_commits_total"] {
-        metrics::counter!(name).increment(0);
-    }
+    crate::admin::register_counters();
     let config = Arc::new(config);
     let (config_tx, _) = tokio::sync::watch::channel(config.clone());
     let daemon = Arc::new(Daemon {

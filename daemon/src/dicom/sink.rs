@@ -1,5 +1,5 @@
 //! Where a C-STORE data set goes while it arrives: straight into an encrypted blob (as a Part 10
-//! file), through the [`DatasetScanner`] and a SHA-256 of the data set bytes.
+//! file), through the [`DatasetScanner`]; the blob's SHA-256 covers exactly the data set bytes.
 //!
 //! [`InstanceSink`] is synchronous and knows nothing of the network. [`SinkHandle`] runs one on a
 //! blocking thread fed through a small bounded channel, so encryption and file writes overlap
@@ -8,7 +8,6 @@
 use std::io::Write;
 
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::dataset::{DatasetScanner, FileMeta, IndexAttrs, part10_header};
@@ -44,7 +43,6 @@ pub struct ReceivedInstance {
 pub struct InstanceSink {
     blob: BlobWriter,
     scanner: DatasetScanner,
-    hasher: Sha256,
     inflater: Option<Inflater>,
     dataset_size: u64,
 }
@@ -62,12 +60,11 @@ const MAX_DEFLATE_TRAILER: usize = 8;
 impl InstanceSink {
     /// Starts a blob and writes the File Meta Information.
     pub fn new(blobs: &BlobStore, meta: &FileMeta, enc: DatasetEncoding) -> std::io::Result<Self> {
-        let mut blob = blobs.create()?;
-        blob.write_all(&part10_header(meta))?;
+        // The File Meta Information is ours, not the modality's: stored, but not hashed.
+        let blob = blobs.create_with_header(&part10_header(meta))?;
         Ok(Self {
             blob,
             scanner: DatasetScanner::new(enc.explicit_vr),
-            hasher: Sha256::new(),
             inflater: enc.deflated.then(|| Inflater {
                 z: flate2::Decompress::new(false),
                 out: vec![0; 64 * 1024],
@@ -81,7 +78,6 @@ impl InstanceSink {
     /// Appends data set bytes exactly as received.
     pub fn write(&mut self, data: &[u8]) -> Result<(), SinkError> {
         self.blob.write_all(data)?;
-        self.hasher.update(data);
         self.dataset_size += data.len() as u64;
         match &mut self.inflater {
             None => self.scanner.feed(data),
@@ -148,9 +144,9 @@ impl InstanceSink {
         let attrs = self.scanner.finish().map_err(SinkError::Malformed)?;
         let blob = self.blob.finish()?;
         Ok(ReceivedInstance {
+            dataset_sha256: blob.sha256.clone(),
             blob,
             attrs,
-            dataset_sha256: hex::encode(self.hasher.finalize()),
             dataset_size: self.dataset_size,
         })
     }

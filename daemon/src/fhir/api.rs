@@ -86,7 +86,33 @@ pub fn router(ctx: Arc<FhirContext>) -> Router {
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(vread))
         .route("/fhir/Patient/{id}/$everything", get(everything))
         .fallback(|| async { FhirError::NotFound("no such FHIR endpoint".into()) })
+        .layer(axum::middleware::from_fn(count_request))
         .with_state(ctx)
+}
+
+/// `hms_fhir_requests_total{method, code}` (code: the status class, `2xx`…`5xx`) and the
+/// `hms_fhir_request_seconds` summary, for `/metrics` and the Grafana dashboard.
+async fn count_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = match *req.method() {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    };
+    let started = Instant::now();
+    let res = next.run(req).await;
+    let code = match res.status().as_u16() {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!("hms_fhir_requests_total", "method" => method, "code" => code).increment(1);
+    metrics::histogram!("hms_fhir_request_seconds").record(started.elapsed().as_secs_f64());
+    res
 }
 
 impl IntoResponse for FhirError {
