@@ -70,6 +70,13 @@ impl Key {
         self.derive_with(purpose.label(), &[])
     }
 
+    /// A public fingerprint of this key: 128 bits of an HKDF derivation under its own label, hex.
+    /// It identifies the key (backup manifests, rotation reports) and reveals nothing about it
+    /// or about any key derived for another purpose.
+    pub fn fingerprint(&self) -> String {
+        hex::encode(&self.derive_with(b"hms-edge/v1/key-fingerprint", &[]).expose()[..16])
+    }
+
     /// HKDF-SHA256 derivation with an explicit label and salt (per-blob keys).
     pub fn derive_with(&self, label: &[u8], salt: &[u8]) -> Key {
         let hk = Hkdf::<Sha256>::new(Some(salt), &self.0[..]);
@@ -164,7 +171,8 @@ pub fn load_key_file(path: &Path) -> Result<Key, KeyError> {
     parse_key(&raw).ok_or_else(|| KeyError::BadFormat { path: path.to_owned() })
 }
 
-fn parse_key(raw: &[u8]) -> Option<Key> {
+/// Parses key material: 32 raw bytes or 64 hex digits (surrounding whitespace allowed).
+pub fn parse_key(raw: &[u8]) -> Option<Key> {
     let mut out = Zeroizing::new([0u8; KEY_LEN]);
     if raw.len() == KEY_LEN {
         out.copy_from_slice(raw);
@@ -185,6 +193,13 @@ fn generate_key_file(path: &Path) -> Result<Key, KeyError> {
         std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
     }
     let key = Key::random();
+    write_new_key_file(path, &key)?;
+    Ok(key)
+}
+
+/// Writes `key` as hex to a new 0600 file (never overwriting one), fsynced with its folder.
+pub fn write_new_key_file(path: &Path, key: &Key) -> Result<(), KeyError> {
+    let io = |source| KeyError::Io { path: path.to_owned(), source };
     // create_new: never overwrite a key that appeared meanwhile.
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -197,7 +212,7 @@ fn generate_key_file(path: &Path) -> Result<Key, KeyError> {
     f.write_all(b"\n").map_err(io)?;
     f.sync_all().map_err(io)?;
     crate::store::fsync_parent(path).map_err(io)?;
-    Ok(key)
+    Ok(())
 }
 
 /// Keeps key material out of core dumps (no core files, not dumpable, which also blocks ptrace

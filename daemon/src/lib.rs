@@ -7,6 +7,7 @@ pub mod fhir;
 pub mod https;
 pub mod keys;
 pub mod logging;
+pub mod ops;
 pub mod server;
 pub mod site_status;
 pub mod store;

@@ -53,6 +53,14 @@ pub enum StartError {
     Socket { path: PathBuf, source: std::io::Error },
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Lock(#[from] crate::ops::LockError),
+    #[error(
+        "the store in {dir} is under the new master key in {next}, not under {key}: a key \
+         rotation was interrupted after the database was switched; run `hms-edge rotate-key` to \
+         finish it"
+    )]
+    RotationInterrupted { dir: PathBuf, key: PathBuf, next: PathBuf },
 }
 
 /// Everything the running daemon shares between its tasks.
@@ -71,6 +79,8 @@ pub struct Daemon {
     config_tx: tokio::sync::watch::Sender<Arc<Config>>,
     /// FHIR token verifier (None: authentication off, development on loopback).
     pub fhir_verifier: Option<crate::fhir::auth::Verifier>,
+    /// The state-folder lock, held while the daemon lives (see `ops`).
+    _state_lock: crate::ops::StateLock,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -134,8 +144,32 @@ pub async fn start(
 ) -> Result<(Arc<Daemon>, Listeners), StartError> {
     let state_dir = config.state_dir();
     std::fs::create_dir_all(&state_dir)?;
+    // One process per state folder: `hms-edge restore`/`rotate-key` and a second daemon are
+    // kept out while this one runs.
+    let state_lock = crate::ops::StateLock::acquire(&state_dir)?;
+    if crate::ops::restore::recover(&state_dir)? {
+        tracing::warn!(state_dir = %state_dir.display(), "finished an interrupted restore");
+    }
     let key_source = KeySource::resolve(&config.keys.master_key_file, &state_dir);
     let (master, generated) = keys::load_or_generate(&key_source, config.keys.generate_if_missing)?;
+    if let KeySource::File(p) = &key_source {
+        let next = crate::ops::with_suffix(p, ".next");
+        if next.exists() {
+            if let Some(next) = crate::ops::rotate::interrupted_rotation_key(&state_dir, p) {
+                return Err(StartError::RotationInterrupted {
+                    dir: state_dir.clone(),
+                    key: p.clone(),
+                    next,
+                });
+            }
+            tracing::warn!(
+                key = %p.display(),
+                next = %next.display(),
+                "an interrupted key rotation left a new key that was never used; the store is \
+                 still under the current key; run `hms-edge rotate-key` to clean up and rotate"
+            );
+        }
+    }
     if generated {
         tracing::warn!(
             path = %key_source.path().display(),
@@ -152,7 +186,17 @@ pub async fn start(
     let store = tokio::task::spawn_blocking(move || Store::open(&store_dir, &master, &opts))
         .await
         .map_err(std::io::Error::other)?
-        .map_err(|source| StartError::Store { dir: state_dir.clone(), source })?;
+        .map_err(|source| {
+            if matches!(source, crate::store::StoreError::WrongKey)
+                && matches!(key_source, KeySource::Credential(_))
+            {
+                tracing::error!(
+                    "the master-key credential does not open the store; if `hms-edge rotate-key` \
+                     was interrupted, run it again to finish it"
+                );
+            }
+            StartError::Store { dir: state_dir.clone(), source }
+        })?;
     // Leases held when the daemon stopped belong to requests that died with it: the agent may
     // take those changes again at once (every push is idempotent, see `sync`).
     let released = store
@@ -214,6 +258,7 @@ pub async fn start(
         tasks: TaskTracker::new(),
         config_tx,
         fhir_verifier,
+        _state_lock: state_lock,
     });
     tracing::info!(
         state_dir = %state_dir.display(),

@@ -50,9 +50,9 @@ fn main() -> ExitCode {
             tracing::error!("{e}");
             eprintln!("hms-edged: {e}");
             match e {
-                server::StartError::Config(_) | server::StartError::Key(_) => {
-                    ExitCode::from(EXIT_CONFIG)
-                }
+                server::StartError::Config(_)
+                | server::StartError::Key(_)
+                | server::StartError::RotationInterrupted { .. } => ExitCode::from(EXIT_CONFIG),
                 _ => ExitCode::FAILURE,
             }
         }

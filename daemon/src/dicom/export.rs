@@ -120,7 +120,8 @@ pub fn export_offline(
         db::open(&state_dir.join(DB_FILE), &master.derive(KeyPurpose::Database), true, 2048)?;
     let inst = index::find_instance(&conn, sop_uid, version)?
         .ok_or_else(|| ExportError::NotFound(sop_uid.to_owned()))?;
-    let blobs = BlobStore::open(&state_dir.join(BLOB_DIR), master.derive(KeyPurpose::Blobs))?;
+    let blobs =
+        BlobStore::open(&state_dir.join(BLOB_DIR), crate::store::data_keys(&conn, master)?.blobs)?;
     let dir = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => std::path::PathBuf::from("."),

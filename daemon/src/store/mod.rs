@@ -244,7 +244,8 @@ impl Store {
         let db_path = root.join(DB_FILE);
         let mut conn = db::open(&db_path, &db_key, false, opts.db_cache_kib)?;
         db::migrate(&mut conn)?;
-        let blobs = BlobStore::open(&root.join(BLOB_DIR), master.derive(KeyPurpose::Blobs))?;
+        let keys = data_keys(&conn, master)?;
+        let blobs = BlobStore::open(&root.join(BLOB_DIR), keys.blobs)?;
         sweep_orphans(&conn, &blobs)?;
         let mut readers = Vec::with_capacity(opts.db_readers);
         for _ in 0..opts.db_readers.max(1) {
@@ -265,7 +266,7 @@ impl Store {
             reader_permits: Semaphore::new(readers.len()),
             readers: Mutex::new(readers),
             stats,
-            audit_key: master.derive(KeyPurpose::AuditHmac),
+            audit_key: keys.audit,
         }))
     }
 
@@ -483,6 +484,41 @@ fn outcome_metrics(
         stats.write_errors.fetch_add(n as u64, Ordering::Relaxed);
     }
     took
+}
+
+/// `kv` namespace holding the store's data keys once a master-key rotation ran.
+pub const KEYS_NS: &str = "keys";
+
+/// The keys the store's content is encrypted or authenticated with, apart from the database key.
+#[derive(Debug, Clone)]
+pub struct DataKeys {
+    /// Key-derivation key of the blob files.
+    pub blobs: Key,
+    /// HMAC key of audit events and record commitments.
+    pub audit: Key,
+}
+
+/// The data keys of a store. A store that never had its master key rotated derives them from the
+/// master key (HKDF). `hms-edge rotate-key` first records them in `kv` (namespace [`KEYS_NS`]),
+/// inside the SQLCipher database, then re-keys the database: the data keys are thereby re-wrapped
+/// under the new master key and the blob files never need re-encrypting.
+pub fn data_keys(conn: &Connection, master: &Key) -> Result<DataKeys, StoreError> {
+    let stored = |name: &str, purpose: KeyPurpose| -> Result<Key, StoreError> {
+        match Store::kv_get(conn, KEYS_NS, name)? {
+            Some((bytes, _)) => {
+                let raw = zeroize::Zeroizing::new(bytes);
+                let arr: [u8; crate::keys::KEY_LEN] = raw[..]
+                    .try_into()
+                    .map_err(|_| StoreError::Rejected(format!("stored {name} key is malformed")))?;
+                Ok(Key::from_bytes(arr))
+            }
+            None => Ok(master.derive(purpose)),
+        }
+    };
+    Ok(DataKeys {
+        blobs: stored("blob", KeyPurpose::Blobs)?,
+        audit: stored("audit", KeyPurpose::AuditHmac)?,
+    })
 }
 
 /// Removes blob files that no `blobs` row references (written before a crash, never committed).
