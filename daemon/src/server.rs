@@ -71,6 +71,8 @@ pub struct Daemon {
     config_tx: tokio::sync::watch::Sender<Arc<Config>>,
     /// FHIR token verifier (None: authentication off, development on loopback).
     pub fhir_verifier: Option<crate::fhir::auth::Verifier>,
+    /// The integrity ledger (Merkle log, checkpoints, proofs).
+    pub ledger: Arc<crate::ledger::Ledger>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -148,6 +150,7 @@ pub async fn start(
         db_cache_kib: config.store.db_cache_kib,
         db_readers: config.store.db_readers as usize,
     };
+    let ledger = crate::ledger::Ledger::new(&master, &config.ledger_origin());
     let store_dir = state_dir.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&store_dir, &master, &opts))
         .await
@@ -161,6 +164,13 @@ pub async fn start(
         .map_err(|source| StartError::Store { dir: state_dir.clone(), source })?;
     if released > 0 {
         tracing::info!(released, "released the agent's leases from before the restart");
+    }
+    let adopted = ledger
+        .adopt_existing(&store)
+        .await
+        .map_err(|source| StartError::Store { dir: state_dir.clone(), source })?;
+    if adopted > 0 {
+        tracing::info!(adopted, "records stored before the integrity ledger existed were logged");
     }
 
     let tls_paths = TlsPaths::resolve(&config.tls, &state_dir);
@@ -216,6 +226,7 @@ pub async fn start(
         tasks: TaskTracker::new(),
         config_tx,
         fhir_verifier,
+        ledger,
     });
     tracing::info!(
         state_dir = %state_dir.display(),
@@ -267,6 +278,7 @@ pub async fn run(
         daemon.store.clone(),
         cfg.fhir.max_body_bytes as usize,
         daemon.fhir_verifier.clone(),
+        daemon.ledger.clone(),
     );
     tokio::spawn(crate::https::serve(
         listeners.fhir,
@@ -284,6 +296,13 @@ pub async fn run(
         site_id: cfg.site.site_id.clone(),
     });
     tokio::spawn(crate::sync::internal::serve(listeners.internal, internal_ctx, token.clone()));
+
+    // Signed checkpoints of the integrity ledger, offline, whenever the log grew.
+    daemon.tasks.spawn(daemon.ledger.clone().checkpointer(
+        daemon.store.clone(),
+        Duration::from_secs(cfg.ledger.checkpoint_interval_secs),
+        token.clone(),
+    ));
 
     // ImagingStudy resources follow the studies the DICOM receiver stores.
     let link = crate::fhir::imaging::ImagingLink {

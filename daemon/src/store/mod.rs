@@ -96,12 +96,18 @@ pub struct OutboxEntry {
 /// The transaction handed to a write closure: plain SQL plus the store's shared tables.
 pub struct WriteTx<'a> {
     tx: &'a Transaction<'a>,
+    ledger_key: &'a Key,
 }
 
 impl<'a> WriteTx<'a> {
     /// The underlying transaction, for module-specific tables.
     pub fn sql(&self) -> &Transaction<'a> {
         self.tx
+    }
+
+    /// The HMAC key of the integrity ledger's record commitments (see [`crate::ledger`]).
+    pub fn ledger_key(&self) -> &Key {
+        self.ledger_key
     }
 
     /// Appends a change to the outbox in this transaction; returns its sequence number.
@@ -254,9 +260,10 @@ impl Store {
         let (tx, rx) = mpsc::unbounded_channel();
         let max_batch = opts.group_commit_max_batch.max(1);
         let thread_stats = stats.clone();
+        let ledger_key = master.derive(KeyPurpose::AuditHmac);
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(conn, rx, max_batch, &thread_stats))?;
+            .spawn(move || writer_loop(conn, rx, max_batch, &thread_stats, &ledger_key))?;
         Ok(Arc::new(Store {
             root: root.to_owned(),
             blobs,
@@ -409,6 +416,7 @@ fn writer_loop(
     mut rx: mpsc::UnboundedReceiver<Job>,
     max_batch: usize,
     stats: &StoreStats,
+    ledger_key: &Key,
 ) {
     let mut queue: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
     loop {
@@ -437,7 +445,7 @@ fn writer_loop(
             while completions.len() < max_batch {
                 let Some(job) = queue.pop_front() else { break };
                 tx.execute_batch("SAVEPOINT w")?;
-                let (ok, completion) = job.run(&WriteTx { tx: &tx });
+                let (ok, completion) = job.run(&WriteTx { tx: &tx, ledger_key });
                 completions.push(completion);
                 if !ok {
                     // A failed write leaves no trace; the others in the batch go on.
