@@ -85,6 +85,12 @@ pub const DEFAULT_UPSTREAM_MAX_ATTEMPTS: u32 = 5;
 pub const DEFAULT_PACS_BATCH_INSTANCES: u32 = 50;
 /// MQTT keep-alive, seconds.
 pub const DEFAULT_MQTT_KEEP_ALIVE_SECS: u64 = 30;
+/// Default seconds between chain anchors (when the log grew).
+pub const DEFAULT_CHAIN_ANCHOR_INTERVAL_SECS: u64 = 600;
+/// Default number of new leaves that triggers an anchor before the interval is up.
+pub const DEFAULT_CHAIN_ANCHOR_EVERY_LEAVES: u64 = 10_000;
+/// Default confirmations before an anchor counts.
+pub const DEFAULT_CHAIN_CONFIRMATIONS: u64 = 2;
 /// Default interval between signed ledger checkpoints, seconds.
 pub const DEFAULT_LEDGER_CHECKPOINT_INTERVAL_SECS: u64 = 60;
 
@@ -107,6 +113,7 @@ pub struct Config {
     pub pacs: PacsConfig,
     pub mqtt: MqttConfig,
     pub ledger: LedgerConfig,
+    pub chain: ChainConfig,
 }
 
 /// Who this box is in the multi-tenant cloud.
@@ -532,6 +539,39 @@ impl Default for LedgerConfig {
     }
 }
 
+/// Anchoring of ledger checkpoints on an Ethereum chain (read by hms-edge-agent only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChainConfig {
+    /// Ethereum JSON-RPC URL. Empty: anchoring off (proofs say `pending`).
+    pub rpc_url: String,
+    /// Address of the LedgerAnchor contract (`hms-edge-agent chain deploy` prints it). Empty:
+    /// anchoring off.
+    pub contract: String,
+    /// File with the anchoring account's secp256k1 private key (64 hex digits, mode 0600). Empty:
+    /// the systemd credential `chain-key` (`$CREDENTIALS_DIRECTORY/chain-key`).
+    pub key_file: PathBuf,
+    /// Anchor the newest checkpoint at most this often (seconds), when the log grew.
+    pub anchor_interval_secs: u64,
+    /// …or as soon as this many leaves were added since the last anchor.
+    pub anchor_every_leaves: u64,
+    /// Blocks (including the anchor's own) before an anchor counts as confirmed.
+    pub confirmations: u64,
+}
+
+impl Default for ChainConfig {
+    fn default() -> Self {
+        Self {
+            rpc_url: String::new(),
+            contract: String::new(),
+            key_file: PathBuf::new(),
+            anchor_interval_secs: DEFAULT_CHAIN_ANCHOR_INTERVAL_SECS,
+            anchor_every_leaves: DEFAULT_CHAIN_ANCHOR_EVERY_LEAVES,
+            confirmations: DEFAULT_CHAIN_CONFIRMATIONS,
+        }
+    }
+}
+
 impl Config {
     /// The ledger's origin line after the default.
     pub fn ledger_origin(&self) -> String {
@@ -691,6 +731,12 @@ impl Config {
         }
         if self.ledger.origin.contains('\n') || self.ledger.origin.contains('+') {
             return invalid("ledger.origin", "must be one line without '+'");
+        }
+        if self.chain.anchor_interval_secs == 0 || self.chain.confirmations == 0 {
+            return invalid(
+                "chain.anchor_interval_secs",
+                "anchor_interval_secs and confirmations must be at least 1",
+            );
         }
         if self.store.group_commit_max_batch == 0 {
             return invalid("store.group_commit_max_batch", "must be at least 1");

@@ -294,6 +294,7 @@ pub async fn run(
         store: daemon.store.clone(),
         tenant_id: cfg.site.tenant_id.clone(),
         site_id: cfg.site.site_id.clone(),
+        ledger: daemon.ledger.clone(),
     });
     tokio::spawn(crate::sync::internal::serve(listeners.internal, internal_ctx, token.clone()));
 

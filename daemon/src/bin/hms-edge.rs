@@ -316,17 +316,34 @@ fn verify(proof: &std::path::Path, key: Option<&str>, rpc: Option<&str>) -> Exit
                 v.key_name,
                 if key.is_some() { " (pinned key)" } else { " (key from the document)" }
             );
-            if let Some(url) = rpc {
-                if doc.anchor.as_str() == Some("pending") {
-                    eprintln!(
-                        "hms-edge: not anchored on chain yet (anchor: pending); {url} not asked"
-                    );
-                    return ExitCode::FAILURE;
-                }
-                eprintln!("hms-edge: on-chain verification is not built yet");
-                return ExitCode::FAILURE;
+            match &v.anchor {
+                None => println!("anchor: pending (not anchored on chain yet)"),
+                Some(a) => println!(
+                    "anchor: checkpoint consistent with the tree of size {} anchored on chain {} \
+                     by transaction {} in block {} (contract {})",
+                    a.size, a.chain_id, a.tx_hash, a.block_number, a.contract
+                ),
             }
-            println!("anchor: {}", doc.anchor);
+            if let Some(url) = rpc {
+                let Some(a) = &v.anchor else {
+                    eprintln!("hms-edge: not anchored on chain yet (anchor: pending)");
+                    return ExitCode::FAILURE;
+                };
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                match rt.block_on(hms_edge::ledger::rpc::check_anchor(url, a)) {
+                    Ok(c) => println!(
+                        "OK on chain: Anchored event found in block {} ({} confirmation(s), gas used {})",
+                        c.block_number, c.confirmations, c.gas_used
+                    ),
+                    Err(e) => {
+                        eprintln!("hms-edge: anchor does NOT verify on chain: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -368,11 +385,12 @@ fn audit(config_file: Option<PathBuf>, command: AuditCommand) -> ExitCode {
                     out.push_str(&format!("FAIL {p}\n"));
                 }
                 out.push_str(&format!(
-                    "{}: {} leaves recomputed from the store, {} signed checkpoint(s) checked, \
-                     newest valid checkpoint at size {}; {} problem(s)\n",
+                    "{}: {} leaves recomputed from the store, {} signed checkpoint(s) and {} chain \
+                     anchor(s) checked, newest valid checkpoint at size {}; {} problem(s)\n",
                     if r.ok() { "OK" } else { "TAMPERED" },
                     r.leaves,
                     r.checkpoints,
+                    r.anchors,
                     r.checked_size,
                     r.problems.len()
                 ));

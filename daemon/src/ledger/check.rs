@@ -17,6 +17,8 @@ pub struct Report {
     pub leaves: u64,
     /// Signed checkpoints checked.
     pub checkpoints: u64,
+    /// Confirmed chain anchors checked.
+    pub anchors: u64,
     /// Size of the newest valid checkpoint.
     pub checked_size: u64,
     /// One line per problem; empty means the store matches the log and its checkpoints.
@@ -131,6 +133,18 @@ pub fn run(conn: &Connection, key: &Key, vkey: &VKey) -> Result<Report, StoreErr
             continue;
         }
         report.checked_size = size;
+    }
+
+    // Every confirmed chain anchor must be the recomputed root at its size (the chain itself is
+    // checked by `hms-edge verify --rpc`).
+    for a in super::anchor::confirmed(conn)? {
+        report.anchors += 1;
+        if a.size > recomputed.len() || hex::encode(recomputed.root(a.size)) != a.root {
+            report.problems.push(format!(
+                "chain anchor at size {} (transaction {}): the recomputed log does not match the anchored root",
+                a.size, a.tx_hash
+            ));
+        }
     }
     Ok(report)
 }

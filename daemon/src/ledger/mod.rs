@@ -18,9 +18,11 @@
 //! - Checkpoints are signed with an Ed25519 key derived from the master key (C2SP signed note) and
 //!   made every `ledger.checkpoint_interval_secs` when the log grew, offline.
 
+pub mod anchor;
 pub mod check;
 pub mod note;
 pub mod proof;
+pub mod rpc;
 pub mod tree;
 
 use std::sync::{Arc, Mutex};
@@ -57,8 +59,9 @@ pub const MIGRATION: &str = r#"
         contract      TEXT NOT NULL,
         nonce         INTEGER,
         tx_hash       TEXT,
+        raw_tx        TEXT,
         block_number  INTEGER,
-        state         TEXT NOT NULL DEFAULT 'prepared',
+        state         TEXT NOT NULL DEFAULT 'sent',
         created_at    INTEGER NOT NULL,
         updated_at    INTEGER NOT NULL
     ) STRICT;
@@ -474,6 +477,21 @@ impl Ledger {
             .optional()?)
     }
 
+    /// The smallest stored checkpoint that includes leaf `idx`.
+    pub fn first_checkpoint_covering(
+        conn: &Connection,
+        idx: u64,
+    ) -> Result<Option<StoredCheckpoint>, StoreError> {
+        Ok(conn
+            .query_row(
+                "SELECT size, root, at, note FROM ledger_checkpoints WHERE size > ?1
+                 ORDER BY size LIMIT 1",
+                [idx as i64],
+                checkpoint_row,
+            )
+            .optional()?)
+    }
+
     /// Makes and stores a signed checkpoint of the current log unless the newest one already
     /// covers it; returns the newest checkpoint (None: the log is empty).
     pub async fn checkpoint(
@@ -511,8 +529,9 @@ impl Ledger {
     }
 
     /// A proof document for a stored record version: checks the record still matches its leaf
-    /// and the log its checkpoint, then proves inclusion at the newest checkpoint (made now when
-    /// none covers the leaf yet).
+    /// and the log its checkpoint, then proves inclusion in the first checkpoint covering the leaf
+    /// (made now when none does yet) and, when a confirmed chain anchor covers that checkpoint,
+    /// consistency from it to the newest such anchor.
     pub async fn prove(
         self: &Arc<Self>,
         store: &Arc<Store>,
@@ -545,12 +564,15 @@ impl Ledger {
                 rec.name()
             )));
         }
-        let mut cp = self.checkpoint(store).await?.ok_or_else(|| {
-            LedgerError::Tampered("the log is empty but the record has a leaf".into())
-        })?;
-        if cp.size <= idx {
-            cp = self.checkpoint(store).await?.expect("non-empty");
-        }
+        // The first checkpoint that covers the leaf (the same one every time: a record's proof
+        // is stable), made now when none does yet.
+        let first = store.read(move |c| Ledger::first_checkpoint_covering(c, idx)).await?;
+        let cp = match first {
+            Some(cp) => cp,
+            None => self.checkpoint(store).await?.filter(|c| c.size > idx).ok_or_else(|| {
+                LedgerError::Tampered(format!("no checkpoint can cover leaf #{idx}"))
+            })?,
+        };
         let (path, root) = {
             let tree = self.tree.lock().expect("tree lock");
             if tree.len() < cp.size {
@@ -571,9 +593,51 @@ impl Ledger {
                 cp.size
             )));
         }
-        let doc = ProofDoc::new(rec.name(), &leaf, idx, cp.size, &path, &cp.note, &self.vkey());
+        let mut doc = ProofDoc::new(rec.name(), &leaf, idx, cp.size, &path, &cp.note, &self.vkey());
+        // The newest confirmed chain anchor covering the checkpoint, with the consistency proof
+        // from the checkpoint to the anchored tree.
+        let min = cp.size;
+        let anchored = store.read(move |c| anchor::newest_confirmed(c, min)).await?;
+        if let Some(a) = anchored {
+            let tree = self.tree.lock().expect("tree lock");
+            if a.size > tree.len() || hex::encode(tree.root(a.size)) != a.root {
+                return Err(LedgerError::Tampered(format!(
+                    "the log no longer matches its chain anchor at size {}",
+                    a.size
+                )));
+            }
+            let consistency: Vec<String> = if a.size > cp.size {
+                tree.consistency_proof(cp.size, a.size).iter().map(hex::encode).collect()
+            } else {
+                Vec::new()
+            };
+            doc.anchor = serde_json::json!({
+                "chain_id": a.chain_id,
+                "contract": a.contract,
+                "tx_hash": a.tx_hash,
+                "block_number": a.block_number,
+                "log_id": hex::encode(anchor::log_id(&self.origin)),
+                "size": a.size,
+                "root": a.root,
+                "consistency": consistency,
+            });
+        }
         doc.verify(None).map_err(LedgerError::Tampered)?;
         Ok(doc)
+    }
+
+    /// Makes a checkpoint if the log grew and describes the newest one (for the agent).
+    pub async fn checkpoint_info(
+        self: &Arc<Self>,
+        store: &Arc<Store>,
+    ) -> Result<anchor::CheckpointInfo, StoreError> {
+        let cp = self.checkpoint(store).await?;
+        Ok(anchor::CheckpointInfo {
+            origin: self.origin.clone(),
+            log_id: hex::encode(anchor::log_id(&self.origin)),
+            size: cp.as_ref().map_or(0, |c| c.size),
+            root: cp.map_or_else(String::new, |c| hex::encode(c.root)),
+        })
     }
 
     /// Makes checkpoints every `interval` until cancelled (and one at shutdown).

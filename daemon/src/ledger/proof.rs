@@ -58,6 +58,22 @@ pub struct Verified {
     pub root: Hash,
     pub leaf_index: u64,
     pub kind: String,
+    /// The chain anchor the checkpoint was shown consistent with (None: pending).
+    pub anchor: Option<Anchor>,
+}
+
+/// A chain anchor as carried in a proof document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Anchor {
+    pub chain_id: u64,
+    pub contract: String,
+    pub tx_hash: String,
+    pub block_number: u64,
+    pub log_id: String,
+    pub size: u64,
+    pub root: String,
+    /// Consistency proof from the checkpoint's tree to the anchored tree (hex hashes).
+    pub consistency: Vec<String>,
 }
 
 impl ProofDoc {
@@ -123,6 +139,28 @@ impl ProofDoc {
             .collect::<Option<Vec<Hash>>>()
             .ok_or("inclusion path holds something that is not a SHA-256 hash")?;
         tree::verify_inclusion(&leaf, self.leaf.index, cp.size, &cp.root, &path)?;
+        let anchor = if self.anchor.as_str() == Some("pending") {
+            None
+        } else {
+            let a: Anchor = serde_json::from_value(self.anchor.clone())
+                .map_err(|e| format!("malformed anchor: {e}"))?;
+            if a.log_id != hex::encode(super::anchor::log_id(&cp.origin)) {
+                return Err("the anchor's log id is not this log's".into());
+            }
+            let root = hex::decode(&a.root)
+                .ok()
+                .and_then(|b| <Hash>::try_from(b).ok())
+                .ok_or("anchored root is not a SHA-256 hash")?;
+            let path = a
+                .consistency
+                .iter()
+                .map(|h| hex::decode(h).ok().and_then(|b| <Hash>::try_from(b).ok()))
+                .collect::<Option<Vec<Hash>>>()
+                .ok_or("consistency proof holds something that is not a SHA-256 hash")?;
+            tree::verify_consistency(cp.size, &cp.root, a.size, &root, &path)
+                .map_err(|e| format!("checkpoint is not consistent with the anchor: {e}"))?;
+            Some(a)
+        };
         Ok(Verified {
             origin: cp.origin,
             key_name: vkey.name,
@@ -130,6 +168,7 @@ impl ProofDoc {
             root: cp.root,
             leaf_index: self.leaf.index,
             kind: self.leaf.kind.clone(),
+            anchor,
         })
     }
 }
