@@ -31,8 +31,16 @@ impl Report {
     }
 }
 
-/// Runs the check on a (read-only) connection with the ledger HMAC key and the verifier key.
+/// Runs the check on a (read-only) connection with the ledger HMAC key and the verifier key, in
+/// one read transaction: a consistent snapshot even while hms-edged keeps writing.
 pub fn run(conn: &Connection, key: &Key, vkey: &VKey) -> Result<Report, StoreError> {
+    conn.execute_batch("BEGIN")?;
+    let out = run_in_snapshot(conn, key, vkey);
+    let _ = conn.execute_batch("COMMIT");
+    out
+}
+
+fn run_in_snapshot(conn: &Connection, key: &Key, vkey: &VKey) -> Result<Report, StoreError> {
     let mut report = Report::default();
     // The log as recomputed from the records; where a record is gone, its stored leaf stands in.
     let mut recomputed = Tree::new();

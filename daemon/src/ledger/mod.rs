@@ -543,14 +543,15 @@ impl Ledger {
             .read(move |c| {
                 let found = find_subject(c, &subject).map_err(|e| match e {
                     LedgerError::Store(s) => s,
-                    other => StoreError::Rejected(other.to_string()),
+                    other => StoreError::Commit(other.to_string()),
                 })?;
                 this.sync_tree(c)?;
                 Ok(found)
             })
             .await
             .map_err(|e| match e {
-                StoreError::Rejected(m) => LedgerError::NotFound(m),
+                // The only refusal here: a hole in the stored log.
+                StoreError::Rejected(m) => LedgerError::Tampered(m),
                 e => e.into(),
             })?
             .ok_or_else(|| LedgerError::NotFound("no such record".into()))
