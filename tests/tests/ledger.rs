@@ -273,4 +273,25 @@ fn proofs_verify_offline_and_tampering_is_named() {
         "{t}"
     );
     assert!(t.contains("was modified"), "{t}");
+
+    // 4. The log itself edited to hide a record: its leaf row removed together with the row.
+    let s4 = copy_state(&state, &work.path().join("tamper-log"));
+    let hidden: i64 = {
+        let db = open_db(&s4);
+        let (idx, seq): (i64, i64) = db
+            .query_row(
+                "SELECT idx, ref FROM ledger_leaves WHERE kind = 'audit' ORDER BY idx LIMIT 1 OFFSET 2",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        db.execute("DELETE FROM audit_events WHERE seq = ?1", [seq]).unwrap();
+        db.execute("DELETE FROM ledger_leaves WHERE idx = ?1", [idx]).unwrap();
+        idx
+    };
+    let o = cli(&s4, &["audit", "check"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains(&format!("leaf #{hidden}: missing from the log")), "{t}");
+    assert!(t.contains("does not match its signed root"), "{t}");
 }
