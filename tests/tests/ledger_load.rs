@@ -109,3 +109,56 @@ async fn concurrent_appends_stay_dense_checkable_and_provable() {
     assert_eq!(report.leaves, n as u64 + 1);
     store.close();
 }
+
+/// A store upgraded from before the ledger: its records are logged once at the first start, in
+/// table order, and the check then passes; records added later behind the ledger's back are not
+/// adopted but reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_from_before_the_ledger_are_adopted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = Key::from_bytes([5; 32]);
+    let store = Store::open(dir.path(), &master, &StoreOptions::default()).unwrap();
+    let ledger = Ledger::new(&master, "hms-edge/test/upgrade");
+    // Rows as an older build wrote them: no leaves.
+    store
+        .write(|tx| {
+            for i in 0..3 {
+                tx.sql().execute(
+                    "INSERT INTO audit_events (at, actor, source, action, entity, outcome)
+                     VALUES (?1, 'old', '127.0.0.1', 'read', 'Patient/x', 'success')",
+                    [i],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(ledger.adopt_existing(&store).await.unwrap(), 3);
+    assert_eq!(ledger.adopt_existing(&store).await.unwrap(), 0, "only once");
+    ledger.checkpoint(&store).await.unwrap().unwrap();
+    let key = master.derive(KeyPurpose::AuditHmac);
+    let vkey = ledger.vkey_parsed();
+    let (k2, v2) = (key.clone(), vkey.clone());
+    let report = store.read(move |c| hms_edge::ledger::check::run(c, &k2, &v2)).await.unwrap();
+    assert!(report.ok() && report.leaves == 3, "{:?}", report.problems);
+    store
+        .write(|tx| {
+            tx.sql().execute(
+                "INSERT INTO audit_events (at, actor, source, action, entity, outcome)
+                 VALUES (9, 'sneaky', '127.0.0.1', 'delete', 'Patient/y', 'success')",
+                [],
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(ledger.adopt_existing(&store).await.unwrap(), 0);
+    let report = store.read(move |c| hms_edge::ledger::check::run(c, &key, &vkey)).await.unwrap();
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert!(
+        report.problems[0].contains("(delete Patient/y) is not in the log"),
+        "{:?}",
+        report.problems
+    );
+    store.close();
+}

@@ -432,7 +432,7 @@ impl Ledger {
             .write(|tx| {
                 let sql = tx.sql();
                 let n: i64 =
-                    sql.query_row("SELECT count(*) FROM ledger_leaves", [], |r| r.get(0))?;
+                    sql.query_row("SELECT EXISTS (SELECT 1 FROM ledger_leaves)", [], |r| r.get(0))?;
                 if n > 0 {
                     return Ok(0);
                 }
