@@ -19,10 +19,14 @@ use serde_json::{Value, json};
 /// anvil's first development account (a public, well-known test key).
 const DEV_KEY: &str = "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
 
+/// The anvil binary itself (the npm package's platform binary, not its Node launcher: a signal
+/// to the launcher would not reach the chain, and a killed launcher would leave it running).
 fn anvil_bin() -> PathBuf {
-    let p = std::env::var_os("HMS_ANVIL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/hms-edge/anvil/node_modules/.bin/anvil"));
+    let p = std::env::var_os("HMS_ANVIL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(
+            "/var/cache/hms-edge/anvil/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil",
+        )
+    });
     assert!(p.exists(), "{} missing: run scripts/setup-test-deps", p.display());
     p
 }
@@ -157,7 +161,7 @@ fn anchors_verify_on_chain_survive_an_outage_and_carry_no_phi() {
         ("HMS_EDGE_CHAIN_RPC_URL".into(), rpc_url.clone()),
         ("HMS_EDGE_CHAIN_KEY_FILE".into(), key.display().to_string()),
         ("HMS_EDGE_CHAIN_CONFIRMATIONS".into(), "1".into()),
-        ("HMS_EDGE_CHAIN_ANCHOR_INTERVAL_SECS".into(), "4".into()),
+        ("HMS_EDGE_CHAIN_ANCHOR_INTERVAL_SECS".into(), "10".into()),
     ];
 
     // Deploy the committed bytecode.
