@@ -7,6 +7,7 @@
 //! never holds up FHIR sync and a missing broker never holds up either.
 
 mod backoff;
+mod chain;
 mod channel;
 mod cstore;
 mod dicom_forward;
@@ -41,6 +42,24 @@ struct Args {
     /// /etc/hms-edge/edge.toml when it exists, else the embedded development defaults.
     #[arg(long, short)]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Chain anchoring of the integrity ledger.
+    Chain {
+        #[command(subcommand)]
+        command: ChainCommand,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ChainCommand {
+    /// Deploy the LedgerAnchor contract with the anchoring key (chain.key_file or the systemd
+    /// credential chain-key) through chain.rpc_url; prints the address to set as chain.contract.
+    Deploy,
 }
 
 /// sysexits EX_CONFIG (the unit does not restart on it).
@@ -51,7 +70,7 @@ const HEALTH_EVERY: Duration = Duration::from_secs(300);
 fn main() -> ExitCode {
     let args = Args::parse();
     keys::harden_process();
-    let path = config::resolve_path(args.config);
+    let path = config::resolve_path(args.config.clone());
     let config = match config::load(path.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -68,6 +87,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(Command::Chain { command: ChainCommand::Deploy }) = args.command {
+        return match runtime.block_on(chain::deploy(&config.chain)) {
+            Ok((addr, gas)) => {
+                println!("{addr:#x}");
+                eprintln!(
+                    "hms-edge-agent: LedgerAnchor deployed at {addr:#x} (gas {gas}); set chain.contract"
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("hms-edge-agent: deploy failed: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -220,6 +254,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             })
             .await
         });
+    }
+    if !cfg.chain.rpc_url.is_empty() && !cfg.chain.contract.is_empty() {
+        let anchorer = chain::Anchorer::new(&cfg.chain, internal.clone())?;
+        tracing::info!(rpc = %cfg.chain.rpc_url, contract = %cfg.chain.contract, "chain anchoring on");
+        tasks.spawn(anchorer.run(shutdown.clone()));
     }
     {
         let (i, s) = (internal.clone(), shutdown.clone());

@@ -85,6 +85,14 @@ pub const DEFAULT_UPSTREAM_MAX_ATTEMPTS: u32 = 5;
 pub const DEFAULT_PACS_BATCH_INSTANCES: u32 = 50;
 /// MQTT keep-alive, seconds.
 pub const DEFAULT_MQTT_KEEP_ALIVE_SECS: u64 = 30;
+/// Default seconds between chain anchors (when the log grew).
+pub const DEFAULT_CHAIN_ANCHOR_INTERVAL_SECS: u64 = 600;
+/// Default number of new leaves that triggers an anchor before the interval is up.
+pub const DEFAULT_CHAIN_ANCHOR_EVERY_LEAVES: u64 = 10_000;
+/// Default confirmations before an anchor counts.
+pub const DEFAULT_CHAIN_CONFIRMATIONS: u64 = 2;
+/// Default interval between signed ledger checkpoints, seconds.
+pub const DEFAULT_LEDGER_CHECKPOINT_INTERVAL_SECS: u64 = 60;
 
 /// The whole daemon configuration. Field docs are the reference; `config/edge.toml` repeats them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -104,6 +112,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub pacs: PacsConfig,
     pub mqtt: MqttConfig,
+    pub ledger: LedgerConfig,
+    pub chain: ChainConfig,
 }
 
 /// Who this box is in the multi-tenant cloud.
@@ -508,6 +518,71 @@ impl Default for MqttConfig {
     }
 }
 
+/// Integrity ledger: the RFC 6962 Merkle log of audit events and record commitments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// Origin line of the signed checkpoints (the log's name). Empty:
+    /// "hms-edge/<tenant_id>/<site_id>".
+    pub origin: String,
+    /// Seconds between signed checkpoints (made only when the log grew; also made on demand by
+    /// `$verify`). Fully offline.
+    pub checkpoint_interval_secs: u64,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            origin: String::new(),
+            checkpoint_interval_secs: DEFAULT_LEDGER_CHECKPOINT_INTERVAL_SECS,
+        }
+    }
+}
+
+/// Anchoring of ledger checkpoints on an Ethereum chain (read by hms-edge-agent only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChainConfig {
+    /// Ethereum JSON-RPC URL. Empty: anchoring off (proofs say `pending`).
+    pub rpc_url: String,
+    /// Address of the LedgerAnchor contract (`hms-edge-agent chain deploy` prints it). Empty:
+    /// anchoring off.
+    pub contract: String,
+    /// File with the anchoring account's secp256k1 private key (64 hex digits, mode 0600). Empty:
+    /// the systemd credential `chain-key` (`$CREDENTIALS_DIRECTORY/chain-key`).
+    pub key_file: PathBuf,
+    /// Anchor the newest checkpoint at most this often (seconds), when the log grew.
+    pub anchor_interval_secs: u64,
+    /// …or as soon as this many leaves were added since the last anchor.
+    pub anchor_every_leaves: u64,
+    /// Blocks (including the anchor's own) before an anchor counts as confirmed.
+    pub confirmations: u64,
+}
+
+impl Default for ChainConfig {
+    fn default() -> Self {
+        Self {
+            rpc_url: String::new(),
+            contract: String::new(),
+            key_file: PathBuf::new(),
+            anchor_interval_secs: DEFAULT_CHAIN_ANCHOR_INTERVAL_SECS,
+            anchor_every_leaves: DEFAULT_CHAIN_ANCHOR_EVERY_LEAVES,
+            confirmations: DEFAULT_CHAIN_CONFIRMATIONS,
+        }
+    }
+}
+
+impl Config {
+    /// The ledger's origin line after the default.
+    pub fn ledger_origin(&self) -> String {
+        if self.ledger.origin.is_empty() {
+            format!("hms-edge/{}/{}", self.site.tenant_id, self.site.site_id)
+        } else {
+            self.ledger.origin.clone()
+        }
+    }
+}
+
 /// What happens when an instance arrives whose SOP Instance UID is stored with other content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -650,6 +725,18 @@ impl Config {
         }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
             return invalid("log.level", &e.to_string());
+        }
+        if self.ledger.checkpoint_interval_secs == 0 {
+            return invalid("ledger.checkpoint_interval_secs", "must be at least 1");
+        }
+        if self.ledger.origin.contains('\n') || self.ledger.origin.contains('+') {
+            return invalid("ledger.origin", "must be one line without '+'");
+        }
+        if self.chain.anchor_interval_secs == 0 || self.chain.confirmations == 0 {
+            return invalid(
+                "chain.anchor_interval_secs",
+                "anchor_interval_secs and confirmations must be at least 1",
+            );
         }
         if self.store.group_commit_max_batch == 0 {
             return invalid("store.group_commit_max_batch", "must be at least 1");

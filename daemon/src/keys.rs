@@ -31,6 +31,8 @@ pub enum KeyPurpose {
     Blobs,
     /// HMAC key for audit events and record commitments.
     AuditHmac,
+    /// Ed25519 seed of the integrity ledger's checkpoint signing key.
+    LedgerSigning,
 }
 
 impl KeyPurpose {
@@ -39,6 +41,7 @@ impl KeyPurpose {
             KeyPurpose::Database => b"hms-edge/v1/database",
             KeyPurpose::Blobs => b"hms-edge/v1/blobs",
             KeyPurpose::AuditHmac => b"hms-edge/v1/audit-hmac",
+            KeyPurpose::LedgerSigning => b"hms-edge/v1/ledger-signing",
         }
     }
 }

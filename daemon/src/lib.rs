@@ -6,6 +6,7 @@ pub mod dicom;
 pub mod fhir;
 pub mod https;
 pub mod keys;
+pub mod ledger;
 pub mod logging;
 pub mod ops;
 pub mod server;

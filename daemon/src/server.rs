@@ -81,6 +81,8 @@ pub struct Daemon {
     pub fhir_verifier: Option<crate::fhir::auth::Verifier>,
     /// The state-folder lock, held while the daemon lives (see `ops`).
     _state_lock: crate::ops::StateLock,
+    /// The integrity ledger (Merkle log, checkpoints, proofs).
+    pub ledger: Arc<crate::ledger::Ledger>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -197,6 +199,7 @@ pub async fn start(
             }
             StartError::Store { dir: state_dir.clone(), source }
         })?;
+    let ledger = crate::ledger::Ledger::new(store.ledger_signing_key(), &config.ledger_origin());
     // Leases held when the daemon stopped belong to requests that died with it: the agent may
     // take those changes again at once (every push is idempotent, see `sync`).
     let released = store
@@ -205,6 +208,13 @@ pub async fn start(
         .map_err(|source| StartError::Store { dir: state_dir.clone(), source })?;
     if released > 0 {
         tracing::info!(released, "released the agent's leases from before the restart");
+    }
+    let adopted = ledger
+        .adopt_existing(&store)
+        .await
+        .map_err(|source| StartError::Store { dir: state_dir.clone(), source })?;
+    if adopted > 0 {
+        tracing::info!(adopted, "records stored before the integrity ledger existed were logged");
     }
 
     let tls_paths = TlsPaths::resolve(&config.tls, &state_dir);
@@ -259,6 +269,7 @@ pub async fn start(
         config_tx,
         fhir_verifier,
         _state_lock: state_lock,
+        ledger,
     });
     tracing::info!(
         state_dir = %state_dir.display(),
@@ -310,6 +321,7 @@ pub async fn run(
         daemon.store.clone(),
         cfg.fhir.max_body_bytes as usize,
         daemon.fhir_verifier.clone(),
+        daemon.ledger.clone(),
     );
     tokio::spawn(crate::https::serve(
         listeners.fhir,
@@ -325,8 +337,16 @@ pub async fn run(
         store: daemon.store.clone(),
         tenant_id: cfg.site.tenant_id.clone(),
         site_id: cfg.site.site_id.clone(),
+        ledger: daemon.ledger.clone(),
     });
     tokio::spawn(crate::sync::internal::serve(listeners.internal, internal_ctx, token.clone()));
+
+    // Signed checkpoints of the integrity ledger, offline, whenever the log grew.
+    daemon.tasks.spawn(daemon.ledger.clone().checkpointer(
+        daemon.store.clone(),
+        Duration::from_secs(cfg.ledger.checkpoint_interval_secs),
+        token.clone(),
+    ));
 
     // ImagingStudy resources follow the studies the DICOM receiver stores.
     let link = crate::fhir::imaging::ImagingLink {

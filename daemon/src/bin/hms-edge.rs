@@ -41,6 +41,27 @@ enum Command {
         #[arg(long, global = true)]
         config: Option<PathBuf>,
     },
+    /// Check an integrity proof document (from `$verify`) offline: the checkpoint's Ed25519
+    /// signature, the leaf, and its inclusion path up to the signed root. Exit 0 when it holds.
+    Verify {
+        /// The proof document (JSON file; `-` for standard input).
+        proof: PathBuf,
+        /// Pin the log's verifier key (`hms-edge audit key` prints it) instead of trusting the
+        /// key named in the document.
+        #[arg(long)]
+        key: Option<String>,
+        /// Also check the anchor on chain through this Ethereum JSON-RPC URL.
+        #[arg(long)]
+        rpc: Option<String>,
+    },
+    /// The integrity ledger's audit tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+        /// Config file (default: $HMS_EDGE_CONFIG, /etc/hms-edge/edge.toml, or the defaults).
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+    },
     /// DICOM tools.
     Dicom {
         #[command(subcommand)]
@@ -108,6 +129,16 @@ enum DicomCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Recompute the integrity log from the stored records (read-only; needs the master key)
+    /// and compare it with the stored leaves and every signed checkpoint. Lists each modified,
+    /// deleted, moved or unlogged record by name and log position; exit 1 if any.
+    Check,
+    /// Print the log's checkpoint verifier key (public; give it to auditors for `verify --key`).
+    Key,
 }
 
 #[derive(Debug, Subcommand)]
@@ -258,6 +289,8 @@ fn main() -> ExitCode {
             }
             Ok(out)
         }),
+        Command::Verify { proof, key, rpc } => verify(&proof, key.as_deref(), rpc.as_deref()),
+        Command::Audit { command, config: cfg } => audit(cfg, command),
         Command::Dicom {
             command: DicomCommand::Export { sop_instance_uid, file, version, config: cfg },
         } => dicom_export(cfg, &sop_instance_uid, version, &file),
@@ -360,6 +393,149 @@ fn status_table(s: &StatusResponse) -> String {
         ));
     }
     out
+}
+
+fn verify(proof: &std::path::Path, key: Option<&str>, rpc: Option<&str>) -> ExitCode {
+    let text = if proof.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map(|_| s)
+    } else {
+        std::fs::read_to_string(proof)
+    };
+    let doc: hms_edge::ledger::proof::ProofDoc = match text
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| format!("not a proof document: {e}")))
+    {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("hms-edge: {}: {e}", proof.display());
+            return ExitCode::from(2);
+        }
+    };
+    match doc.verify(key) {
+        Ok(v) => {
+            println!(
+                "OK: {} is leaf #{} ({}) of {} at tree size {} (root {}), checkpoint signed by {}{}",
+                doc.subject,
+                v.leaf_index,
+                v.kind,
+                v.origin,
+                v.tree_size,
+                hex::encode(v.root),
+                v.key_name,
+                if key.is_some() { " (pinned key)" } else { " (key from the document)" }
+            );
+            match &v.anchor {
+                None => println!("anchor: pending (not anchored on chain yet)"),
+                Some(a) => println!(
+                    "anchor: checkpoint consistent with the tree of size {} anchored on chain {} \
+                     by transaction {} in block {} (contract {})",
+                    a.size, a.chain_id, a.tx_hash, a.block_number, a.contract
+                ),
+            }
+            if let Some(url) = rpc {
+                let Some(a) = &v.anchor else {
+                    eprintln!("hms-edge: not anchored on chain yet (anchor: pending)");
+                    return ExitCode::FAILURE;
+                };
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                match rt.block_on(hms_edge::ledger::rpc::check_anchor(url, a)) {
+                    Ok(c) => println!(
+                        "OK on chain: Anchored event found in block {} ({} confirmation(s), gas used {})",
+                        c.block_number, c.confirmations, c.gas_used
+                    ),
+                    Err(e) => {
+                        eprintln!("hms-edge: anchor does NOT verify on chain: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("hms-edge: proof does NOT verify: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn audit(config_file: Option<PathBuf>, command: AuditCommand) -> ExitCode {
+    let run = || -> Result<(bool, String), String> {
+        let path = config::resolve_path(config_file);
+        let c = config::load(path.as_deref()).map_err(|e| e.to_string())?;
+        let state_dir = c.state_dir();
+        let source = hms_edge::keys::KeySource::resolve(&c.keys.master_key_file, &state_dir);
+        let (master, _) =
+            hms_edge::keys::load_or_generate(&source, false).map_err(|e| e.to_string())?;
+        use hms_edge::keys::KeyPurpose;
+        let db_path = state_dir.join(hms_edge::store::DB_FILE);
+        // The data keys live in the store once the master key was rotated; a box without a
+        // store yet (`audit key` before the first start) derives them from the master key.
+        let conn = if db_path.exists() {
+            Some(
+                hms_edge::store::db::open(
+                    &db_path,
+                    &master.derive(KeyPurpose::Database),
+                    true,
+                    8192,
+                )
+                .map_err(|e| format!("cannot open the store in {}: {e}", state_dir.display()))?,
+            )
+        } else {
+            None
+        };
+        let (audit_key, signing_seed) = match &conn {
+            Some(conn) => {
+                let dk = hms_edge::store::data_keys(conn, &master).map_err(|e| e.to_string())?;
+                (dk.audit, dk.ledger_signing)
+            }
+            None => {
+                (master.derive(KeyPurpose::AuditHmac), master.derive(KeyPurpose::LedgerSigning))
+            }
+        };
+        let signer =
+            hms_edge::ledger::note::NoteSigner::from_seed(&signing_seed, &c.ledger_origin());
+        match command {
+            AuditCommand::Key => Ok((true, signer.vkey())),
+            AuditCommand::Check => {
+                let conn = conn.ok_or_else(|| format!("no store in {}", state_dir.display()))?;
+                let vkey = hms_edge::ledger::note::VKey::parse(&signer.vkey())?;
+                let r = hms_edge::ledger::check::run(&conn, &audit_key, &vkey)
+                    .map_err(|e| e.to_string())?;
+                let mut out = String::new();
+                for p in &r.problems {
+                    out.push_str(&format!("FAIL {p}\n"));
+                }
+                out.push_str(&format!(
+                    "{}: {} leaves recomputed from the store, {} signed checkpoint(s) and {} chain \
+                     anchor(s) checked, newest valid checkpoint at size {}; {} problem(s)\n",
+                    if r.ok() { "OK" } else { "TAMPERED" },
+                    r.leaves,
+                    r.checkpoints,
+                    r.anchors,
+                    r.checked_size,
+                    r.problems.len()
+                ));
+                Ok((r.ok(), out))
+            }
+        }
+    };
+    match run() {
+        Ok((ok, text)) => {
+            print!("{text}");
+            if !text.ends_with('\n') {
+                println!();
+            }
+            if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Err(e) => {
+            eprintln!("hms-edge: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn dicom_export(

@@ -157,6 +157,20 @@ pub fn record_instance(
         calling_ae,
         now
     ])?;
+    crate::ledger::append(
+        tx,
+        &crate::ledger::Record::Dicom {
+            pk: sql.last_insert_rowid(),
+            sop_uid: a.sop_instance_uid.clone(),
+            version,
+            series_uid: a.series_instance_uid.clone(),
+            sop_class_uid: a.sop_class_uid.clone(),
+            transfer_syntax: transfer_syntax.into(),
+            size: inst.blob.size as i64,
+            dataset_sha256: inst.dataset_sha256.clone(),
+            blob: inst.blob.id.as_str().into(),
+        },
+    )?;
     // The study's FHIR ImagingStudy is rebuilt shortly after, by `fhir::imaging::refresher`.
     crate::fhir::imaging::mark_dirty(tx, &a.study_instance_uid)?;
     let detail = serde_json::json!({

@@ -35,6 +35,8 @@ pub struct FhirContext {
     pub verifier: Option<Verifier>,
     /// Largest request body accepted (bytes); larger gets 413.
     pub max_body_bytes: usize,
+    /// The integrity ledger, for `$verify`.
+    pub ledger: Arc<crate::ledger::Ledger>,
     pages: Mutex<HashMap<String, Arc<Snapshot>>>,
 }
 
@@ -45,8 +47,19 @@ impl std::fmt::Debug for FhirContext {
 }
 
 impl FhirContext {
-    pub fn new(store: Arc<Store>, max_body_bytes: usize, verifier: Option<Verifier>) -> Arc<Self> {
-        Arc::new(FhirContext { store, verifier, max_body_bytes, pages: Mutex::new(HashMap::new()) })
+    pub fn new(
+        store: Arc<Store>,
+        max_body_bytes: usize,
+        verifier: Option<Verifier>,
+        ledger: Arc<crate::ledger::Ledger>,
+    ) -> Arc<Self> {
+        Arc::new(FhirContext {
+            store,
+            verifier,
+            max_body_bytes,
+            ledger,
+            pages: Mutex::new(HashMap::new()),
+        })
     }
 }
 
@@ -84,6 +97,8 @@ pub fn router(ctx: Arc<FhirContext>) -> Router {
         .route("/fhir/{rtype}/{id}", get(read).put(update).delete(delete))
         .route("/fhir/{rtype}/{id}/_history", get(instance_history))
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(vread))
+        .route("/fhir/{rtype}/{id}/_history/{vid}/$verify", get(verify_version))
+        .route("/fhir/$verify-dicom", get(verify_dicom))
         .route("/fhir/Patient/{id}/$everything", get(everything))
         .fallback(|| async { FhirError::NotFound("no such FHIR endpoint".into()) })
         .layer(axum::middleware::from_fn(count_request))
@@ -423,6 +438,79 @@ async fn vread(
             version_headers(&mut r, ver.version, ver.last_updated);
             Ok(r)
         }
+    }
+}
+
+/// `GET /fhir/{type}/{id}/_history/{vid}/$verify`: the integrity proof of one stored version
+/// (see `crate::ledger::proof`). A version that no longer matches its ledger leaf is answered
+/// 409 with an OperationOutcome naming it.
+async fn verify_version(
+    State(ctx): State<Arc<FhirContext>>,
+    Path((rtype, id, vid)): Path<(String, String, String)>,
+    Query(q): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    addr: Option<axum::Extension<ClientAddr>>,
+) -> ApiResult {
+    check_format(&q, &headers)?;
+    check_type(&rtype)?;
+    check_id(&id)?;
+    let v: i64 = vid.parse().map_err(|_| FhirError::NotFound(format!("no version {vid:?}")))?;
+    let who = authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Read)?;
+    let subject = crate::ledger::Subject::Fhir { rtype: rtype.clone(), id: id.clone(), version: v };
+    let out = ctx.ledger.prove(&ctx.store, subject).await;
+    proof_response(&ctx, &who, format!("{rtype}/{id}/_history/{v}"), out, &q)
+}
+
+/// `GET /fhir/$verify-dicom?sop=<SOP Instance UID>[&version=<n>]`: the integrity proof of a
+/// stored DICOM instance (newest version unless given). Needs read access to ImagingStudy.
+async fn verify_dicom(
+    State(ctx): State<Arc<FhirContext>>,
+    Query(q): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    addr: Option<axum::Extension<ClientAddr>>,
+) -> ApiResult {
+    check_format(&q, &headers)?;
+    let who = authorize(&ctx, &headers, addr.as_deref(), "ImagingStudy", Interaction::Read)?;
+    let sop = query_flag(&q, "sop")
+        .filter(|s| !s.is_empty() && s.len() <= 64)
+        .ok_or_else(|| FhirError::BadRequest("parameter sop (SOP Instance UID) required".into()))?
+        .to_owned();
+    let version = match query_flag(&q, "version") {
+        None => None,
+        Some(v) => Some(
+            v.parse::<i64>()
+                .map_err(|_| FhirError::BadRequest(format!("version {v:?} is not a number")))?,
+        ),
+    };
+    let subject = crate::ledger::Subject::Dicom { sop_uid: sop.clone(), version };
+    let out = ctx.ledger.prove(&ctx.store, subject).await;
+    proof_response(&ctx, &who, format!("dicom:{sop}"), out, &q)
+}
+
+fn proof_response(
+    ctx: &FhirContext,
+    who: &Caller,
+    entity: String,
+    out: Result<crate::ledger::proof::ProofDoc, crate::ledger::LedgerError>,
+    q: &[(String, String)],
+) -> ApiResult {
+    use crate::ledger::LedgerError;
+    let outcome = match &out {
+        Ok(_) => "success".to_string(),
+        Err(LedgerError::NotFound(_)) => "404".into(),
+        Err(LedgerError::Tampered(_)) => "409 integrity check failed".into(),
+        Err(LedgerError::Store(_)) => "500".into(),
+    };
+    audit_read(ctx, who, "verify", entity, &outcome);
+    match out {
+        Ok(doc) => {
+            let body =
+                serde_json::to_value(&doc).map_err(|e| FhirError::Internal(e.to_string()))?;
+            Ok(json_response(StatusCode::OK, &body, q))
+        }
+        Err(LedgerError::NotFound(m)) => Err(FhirError::NotFound(m)),
+        Err(e @ LedgerError::Tampered(_)) => Err(FhirError::Conflict(e.to_string())),
+        Err(LedgerError::Store(e)) => Err(e.into()),
     }
 }
 

@@ -237,6 +237,18 @@ pub fn put(
     )?
     .execute(params![rtype, id, version, last_updated, method, json])?;
     let seq = conn.last_insert_rowid();
+    crate::ledger::append(
+        tx,
+        &crate::ledger::Record::Fhir {
+            seq,
+            rtype: rtype.into(),
+            id: id.into(),
+            version,
+            last_updated,
+            method: method.into(),
+            json: Some(json.clone()),
+        },
+    )?;
     conn.prepare_cached(
         "INSERT INTO fhir_current (rtype, id, version, last_updated, deleted, origin, seq)
          VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6)
@@ -287,6 +299,18 @@ pub fn delete(
     )?
     .execute(params![rtype, id, version, last_updated])?;
     let seq = conn.last_insert_rowid();
+    crate::ledger::append(
+        tx,
+        &crate::ledger::Record::Fhir {
+            seq,
+            rtype: rtype.into(),
+            id: id.into(),
+            version,
+            last_updated,
+            method: "DELETE".into(),
+            json: None,
+        },
+    )?;
     conn.prepare_cached(
         "UPDATE fhir_current SET version = ?3, last_updated = ?4, deleted = 1, origin = ?5, seq = ?6
          WHERE rtype = ?1 AND id = ?2",
@@ -372,14 +396,16 @@ fn write_index(
 }
 
 /// Appends an audit event (who, from where, what, outcome) in the caller's transaction.
+/// Its ledger leaf (a keyed commitment, see `crate::ledger`) is appended in the same transaction.
 pub fn audit(tx: &WriteTx<'_>, event: &AuditRecord) -> Result<(), FhirError> {
+    let at = now_ms();
     tx.sql()
         .prepare_cached(
             "INSERT INTO audit_events (at, actor, source, action, entity, outcome, detail)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?
         .execute(params![
-            now_ms(),
+            at,
             event.actor,
             event.source,
             event.action,
@@ -387,6 +413,20 @@ pub fn audit(tx: &WriteTx<'_>, event: &AuditRecord) -> Result<(), FhirError> {
             event.outcome,
             event.detail
         ])?;
+    let seq = tx.sql().last_insert_rowid();
+    crate::ledger::append(
+        tx,
+        &crate::ledger::Record::Audit {
+            seq,
+            at,
+            actor: event.actor.clone(),
+            source: event.source.clone(),
+            action: event.action.clone(),
+            entity: event.entity.clone(),
+            outcome: event.outcome.clone(),
+            detail: event.detail.clone(),
+        },
+    )?;
     Ok(())
 }
 

@@ -291,11 +291,13 @@ pub fn rotate(
         db::migrate(&mut conn)?;
         let dk = crate::store::data_keys(&conn, &current)?;
         conn.execute(
-            "INSERT OR IGNORE INTO kv (ns, key, value) VALUES (?1, 'blob', ?2), (?1, 'audit', ?3)",
+            "INSERT OR IGNORE INTO kv (ns, key, value) \
+             VALUES (?1, 'blob', ?2), (?1, 'audit', ?3), (?1, 'ledger-signing', ?4)",
             rusqlite::params![
                 crate::store::KEYS_NS,
                 &dk.blobs.expose()[..],
-                &dk.audit.expose()[..]
+                &dk.audit.expose()[..],
+                &dk.ledger_signing.expose()[..]
             ],
         )?;
         conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); PRAGMA journal_mode = DELETE;")?;
@@ -413,7 +415,7 @@ fn verify(
     }
     let dk = crate::store::data_keys(&conn, new)?;
     let has_stored: bool = conn.query_row(
-        "SELECT count(*) = 2 FROM kv WHERE ns = ?1",
+        "SELECT count(*) = 3 FROM kv WHERE ns = ?1 AND key IN ('blob', 'audit', 'ledger-signing')",
         [crate::store::KEYS_NS],
         |r| r.get(0),
     )?;

@@ -55,6 +55,8 @@ pub const MIGRATIONS: &[&str] = &[
     crate::fhir::imaging::MIGRATION,
     // 5: sync state — outbox indexes per channel, upstream versions, conflicts (see `sync`).
     crate::sync::MIGRATION,
+    // 6: integrity ledger — Merkle log leaves, signed checkpoints, chain anchors (see `ledger`).
+    crate::ledger::MIGRATION,
 ];
 
 /// Marker row proving a database is an hms-edge store.

@@ -96,12 +96,18 @@ pub struct OutboxEntry {
 /// The transaction handed to a write closure: plain SQL plus the store's shared tables.
 pub struct WriteTx<'a> {
     tx: &'a Transaction<'a>,
+    ledger_key: &'a Key,
 }
 
 impl<'a> WriteTx<'a> {
     /// The underlying transaction, for module-specific tables.
     pub fn sql(&self) -> &Transaction<'a> {
         self.tx
+    }
+
+    /// The HMAC key of the integrity ledger's record commitments (see [`crate::ledger`]).
+    pub fn ledger_key(&self) -> &Key {
+        self.ledger_key
     }
 
     /// Appends a change to the outbox in this transaction; returns its sequence number.
@@ -209,6 +215,7 @@ pub struct Store {
     reader_permits: Semaphore,
     stats: Arc<StoreStats>,
     audit_key: Key,
+    ledger_signing_key: Key,
 }
 
 impl std::fmt::Debug for Store {
@@ -255,9 +262,10 @@ impl Store {
         let (tx, rx) = mpsc::unbounded_channel();
         let max_batch = opts.group_commit_max_batch.max(1);
         let thread_stats = stats.clone();
+        let ledger_key = keys.audit.clone();
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(conn, rx, max_batch, &thread_stats))?;
+            .spawn(move || writer_loop(conn, rx, max_batch, &thread_stats, &ledger_key))?;
         Ok(Arc::new(Store {
             root: root.to_owned(),
             blobs,
@@ -267,6 +275,7 @@ impl Store {
             readers: Mutex::new(readers),
             stats,
             audit_key: keys.audit,
+            ledger_signing_key: keys.ledger_signing,
         }))
     }
 
@@ -285,6 +294,11 @@ impl Store {
     /// The HMAC key for audit events and record commitments (ledger).
     pub fn audit_key(&self) -> &Key {
         &self.audit_key
+    }
+
+    /// The seed of the ledger's checkpoint-signing key (see [`DataKeys::ledger_signing`]).
+    pub fn ledger_signing_key(&self) -> &Key {
+        &self.ledger_signing_key
     }
 
     /// The durability API: runs `f` in a transaction and resolves once it is committed and
@@ -410,6 +424,7 @@ fn writer_loop(
     mut rx: mpsc::UnboundedReceiver<Job>,
     max_batch: usize,
     stats: &StoreStats,
+    ledger_key: &Key,
 ) {
     let mut queue: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
     loop {
@@ -438,7 +453,7 @@ fn writer_loop(
             while completions.len() < max_batch {
                 let Some(job) = queue.pop_front() else { break };
                 tx.execute_batch("SAVEPOINT w")?;
-                let (ok, completion) = job.run(&WriteTx { tx: &tx });
+                let (ok, completion) = job.run(&WriteTx { tx: &tx, ledger_key });
                 completions.push(completion);
                 if !ok {
                     // A failed write leaves no trace; the others in the batch go on.
@@ -496,6 +511,9 @@ pub struct DataKeys {
     pub blobs: Key,
     /// HMAC key of audit events and record commitments.
     pub audit: Key,
+    /// Seed of the Ed25519 key that signs the ledger's checkpoints: kept across master-key
+    /// rotations so that checkpoints signed before a rotation still verify.
+    pub ledger_signing: Key,
 }
 
 /// The data keys of a store. A store that never had its master key rotated derives them from the
@@ -518,6 +536,7 @@ pub fn data_keys(conn: &Connection, master: &Key) -> Result<DataKeys, StoreError
     Ok(DataKeys {
         blobs: stored("blob", KeyPurpose::Blobs)?,
         audit: stored("audit", KeyPurpose::AuditHmac)?,
+        ledger_signing: stored("ledger-signing", KeyPurpose::LedgerSigning)?,
     })
 }
 

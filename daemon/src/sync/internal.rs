@@ -39,6 +39,8 @@ pub struct InternalContext {
     pub store: Arc<Store>,
     pub tenant_id: String,
     pub site_id: String,
+    /// The integrity ledger (checkpoints to anchor, anchors recorded by the agent).
+    pub ledger: Arc<crate::ledger::Ledger>,
 }
 
 /// Binds the socket: a stale file from a previous run is replaced, the mode is set to 0660.
@@ -95,6 +97,9 @@ pub fn router(ctx: Arc<InternalContext>) -> Router {
         .route("/v1/dicom/instances/{sop}", get(dicom_instance))
         .route("/v1/state/{key}", get(get_state).put(put_state))
         .route("/v1/events", post(event))
+        .route("/v1/ledger/checkpoint", post(ledger_checkpoint))
+        .route("/v1/ledger/anchors", get(ledger_anchors).post(ledger_record_anchor))
+        .route("/v1/ledger/anchors/{id}", post(ledger_update_anchor))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(ctx)
 }
@@ -156,6 +161,47 @@ fn agent_audit(action: &str, entity: String, detail: Option<String>) -> AuditRec
 
 fn fhir_err(e: crate::fhir::FhirError) -> StoreError {
     StoreError::Caller(Box::new(e))
+}
+
+/// The newest signed checkpoint (made now when the log grew), for the agent to anchor.
+async fn ledger_checkpoint(
+    State(ctx): State<Arc<InternalContext>>,
+) -> ApiResult<axum::Json<crate::ledger::anchor::CheckpointInfo>> {
+    Ok(axum::Json(ctx.ledger.checkpoint_info(&ctx.store).await?))
+}
+
+async fn ledger_anchors(
+    State(ctx): State<Arc<InternalContext>>,
+) -> ApiResult<axum::Json<crate::ledger::anchor::AnchorsView>> {
+    Ok(axum::Json(ctx.store.read(crate::ledger::anchor::view).await?))
+}
+
+/// Records an anchor transaction before the agent broadcasts it.
+async fn ledger_record_anchor(
+    State(ctx): State<Arc<InternalContext>>,
+    axum::Json(a): axum::Json<crate::ledger::anchor::NewAnchor>,
+) -> ApiResult<axum::Json<crate::ledger::anchor::AnchorRow>> {
+    let row = ctx.store.write(move |tx| crate::ledger::anchor::record(tx, &a)).await.map_err(
+        |e| match e {
+            StoreError::Rejected(m) => bad(m),
+            e => e.into(),
+        },
+    )?;
+    Ok(axum::Json(row))
+}
+
+async fn ledger_update_anchor(
+    State(ctx): State<Arc<InternalContext>>,
+    UrlPath(id): UrlPath<i64>,
+    axum::Json(u): axum::Json<crate::ledger::anchor::AnchorUpdate>,
+) -> ApiResult<axum::Json<crate::ledger::anchor::AnchorRow>> {
+    let row = ctx.store.write(move |tx| crate::ledger::anchor::update(tx, id, &u)).await.map_err(
+        |e| match e {
+            StoreError::Rejected(m) => bad(m),
+            e => e.into(),
+        },
+    )?;
+    Ok(axum::Json(row))
 }
 
 async fn status(State(ctx): State<Arc<InternalContext>>) -> ApiResult<axum::Json<StatusResponse>> {
