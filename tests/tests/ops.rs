@@ -428,3 +428,76 @@ fn key_rotation_loses_nothing_and_the_old_key_no_longer_opens_the_store() {
     let (status, _, log) = d.stop();
     assert!(status.success(), "{log}");
 }
+
+/// Key rotation on a box under load: two modalities keep sending (retrying whatever was not
+/// acknowledged, as modalities do) while site IT stops hms-edged, runs `rotate-key` and starts
+/// it again. Every instance ends up acknowledged and exports byte-identical under the new key,
+/// and the integrity ledger still checks.
+#[test]
+fn key_rotation_while_modalities_keep_sending_loses_nothing() {
+    const N: usize = 200;
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let (files, uid_of) = instances(&w.join("send"), N);
+    let port = free_port();
+    let opts = daemon_opts(port);
+    let key_file = w.join("state/master.key");
+
+    let d = DaemonProc::start(w, &opts);
+    let acked: Arc<Mutex<BTreeSet<PathBuf>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = (0..2)
+        .map(|s| {
+            let mut queue: VecDeque<PathBuf> = files.iter().skip(s).step_by(2).cloned().collect();
+            let (acked, stop) = (acked.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !queue.is_empty() && !stop.load(Ordering::Relaxed) {
+                    let chunk: Vec<PathBuf> = queue.drain(..10.min(queue.len())).collect();
+                    let ok: BTreeSet<PathBuf> = storescu(port, &chunk).into_iter().collect();
+                    for f in chunk.iter().rev().filter(|f| !ok.contains(*f)) {
+                        queue.push_front(f.clone());
+                    }
+                    if ok.is_empty() {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    acked.lock().unwrap().extend(ok);
+                }
+            })
+        })
+        .collect();
+
+    let wait_for = |n: usize, secs: u64| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while acked.lock().unwrap().len() < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        acked.lock().unwrap().len()
+    };
+    let before = wait_for(N / 4, 60);
+    assert!(before >= N / 4, "only {before} acknowledged before the rotation");
+    let key_before = std::fs::read(&key_file).unwrap();
+    d.stop();
+    let during = acked.lock().unwrap().len();
+    let out = cli(w, &["rotate-key"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("master key rotated"), "{}", text(&out));
+    assert_ne!(std::fs::read(&key_file).unwrap(), key_before, "the key file did not change");
+    let d = DaemonProc::start(w, &opts);
+    let total = wait_for(N, 120);
+    stop.store(true, Ordering::Relaxed);
+    for t in senders {
+        t.join().unwrap();
+    }
+    eprintln!("acknowledged: {before} before the stop, {during} at the rotation, {total} in all");
+    assert_eq!(total, N, "not every instance was acknowledged after the rotation");
+    assert!(during < N, "the load ended before the rotation; the test proves nothing");
+    let all: Vec<&PathBuf> = files.iter().collect();
+    assert_exports_identical(w, &all, &uid_of);
+    let out = cli(w, &["audit", "check"], &[]);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("OK"),
+        "audit check after rotation under load: {}",
+        text(&out)
+    );
+    d.stop();
+}
