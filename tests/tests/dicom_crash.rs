@@ -27,29 +27,6 @@ const CHUNK: usize = 25;
 const MIN_KILLS: usize = 10;
 const MAX_KILLS: usize = 40;
 
-/// One storescu association over `files`; returns the files it got a Success response for.
-fn storescu(port: u16, files: &[PathBuf]) -> Vec<PathBuf> {
-    let out = run(dcmtk("storescu")
-        .env("TCP_NODELAY", "1")
-        .args(["-v", "-to", "10", "-ta", "10", "-td", "10", "-aec", AE, "127.0.0.1"])
-        .arg(port.to_string())
-        .args(files));
-    let mut acked = Vec::new();
-    for stream in [&out.stdout, &out.stderr] {
-        let mut current: Option<PathBuf> = None;
-        for line in String::from_utf8_lossy(stream).lines() {
-            if let Some(f) = line.strip_prefix("I: Sending file: ") {
-                current = Some(PathBuf::from(f.trim()));
-            } else if line.starts_with("I: Received Store Response (Success)") {
-                acked.push(current.take().expect("a response names no file"));
-            } else if line.starts_with("I: Received Store Response") {
-                current = None;
-            }
-        }
-    }
-    acked
-}
-
 /// Every finished blob file under `blobs/xx/` (not `tmp/`).
 fn blob_files(root: &Path) -> BTreeSet<String> {
     let mut out = BTreeSet::new();

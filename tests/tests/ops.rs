@@ -46,29 +46,6 @@ fn daemon_opts(port: u16) -> DaemonOptions {
     opts
 }
 
-/// One storescu association over `files`; returns the files it got a Success response for.
-fn storescu(port: u16, files: &[PathBuf]) -> Vec<PathBuf> {
-    let out = run(dcmtk("storescu")
-        .env("TCP_NODELAY", "1")
-        .args(["-v", "-to", "10", "-ta", "10", "-td", "10", "-aec", AE, "127.0.0.1"])
-        .arg(port.to_string())
-        .args(files));
-    let mut acked = Vec::new();
-    for stream in [&out.stdout, &out.stderr] {
-        let mut current: Option<PathBuf> = None;
-        for line in String::from_utf8_lossy(stream).lines() {
-            if let Some(f) = line.strip_prefix("I: Sending file: ") {
-                current = Some(PathBuf::from(f.trim()));
-            } else if line.starts_with("I: Received Store Response (Success)") {
-                acked.push(current.take().expect("a response names no file"));
-            } else if line.starts_with("I: Received Store Response") {
-                current = None;
-            }
-        }
-    }
-    acked
-}
-
 /// `n` clones of CT_small with fresh SOP Instance UIDs: (files, file → SOP Instance UID).
 fn instances(dir: &Path, n: usize) -> (Vec<PathBuf>, HashMap<PathBuf, String>) {
     let src = testfiles(&["CT_small.dcm"]).remove(0);

@@ -364,3 +364,27 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+/// One DCMTK storescu association over `files` (TCP_NODELAY, 10 s timeouts); returns the files it
+/// got a Success response for, parsed from its verbose log.
+pub fn storescu(port: u16, files: &[PathBuf]) -> Vec<PathBuf> {
+    let out = run(dcmtk("storescu")
+        .env("TCP_NODELAY", "1")
+        .args(["-v", "-to", "10", "-ta", "10", "-td", "10", "-aec", AE, "127.0.0.1"])
+        .arg(port.to_string())
+        .args(files));
+    let mut acked = Vec::new();
+    for stream in [&out.stdout, &out.stderr] {
+        let mut current: Option<PathBuf> = None;
+        for line in String::from_utf8_lossy(stream).lines() {
+            if let Some(f) = line.strip_prefix("I: Sending file: ") {
+                current = Some(PathBuf::from(f.trim()));
+            } else if line.starts_with("I: Received Store Response (Success)") {
+                acked.push(current.take().expect("a response names no file"));
+            } else if line.starts_with("I: Received Store Response") {
+                current = None;
+            }
+        }
+    }
+    acked
+}
