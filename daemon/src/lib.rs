@@ -1,6 +1,7 @@
 //! hms-edged: the LAN side of the hms-edge appliance. See `ARCHITECTURE.md` for the map.
 
 pub mod admin;
+pub mod audit;
 pub mod config;
 pub mod dicom;
 pub mod fhir;

@@ -137,6 +137,16 @@ enum AuditCommand {
     /// and compare it with the stored leaves and every signed checkpoint. Lists each modified,
     /// deleted, moved or unlogged record by name and log position; exit 1 if any.
     Check,
+    /// Write the audit trail as FHIR AuditEvent resources (IHE BALP style), one JSON object per
+    /// line (NDJSON), oldest first. The export itself is recorded as an audit event.
+    Export {
+        /// Only events recorded at or after this FHIR date/dateTime (e.g. 2026-11-01).
+        #[arg(long)]
+        since: Option<String>,
+        /// Write to this file (created 0600) instead of standard output.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
     /// Print the log's checkpoint verifier key (public; give it to auditors for `verify --key`).
     Key,
 }
@@ -233,6 +243,17 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string())?;
             bar.finish();
             let m = &r.manifest;
+            // After the snapshot: the event says where the copy went (the copy itself holds
+            // every earlier event).
+            hms_edge::ops::audit_admin(
+                state_dir,
+                &master,
+                "backup",
+                "store",
+                "success",
+                Some(format!("to {}", r.dest.display())),
+            )
+            .map_err(|e| format!("backup written, but its audit event failed: {e}"))?;
             Ok(format!(
                 "backup written to {}: {} DICOM instances, {} FHIR resources, {} blobs, \
                  {} files, {:.1} MB in {:.2} s ({:.1} MB/s); key fingerprint {}",
@@ -256,6 +277,15 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string())?;
             bar.finish();
             let m = &r.manifest;
+            hms_edge::ops::audit_admin(
+                state_dir,
+                &master,
+                "restore",
+                "store",
+                "success",
+                Some(format!("from {} (backup of {})", src.display(), m.created_at)),
+            )
+            .map_err(|e| format!("restored, but the audit event failed: {e}"))?;
             Ok(format!(
                 "restored the backup of {} into {}: {} DICOM instances, {} FHIR resources, \
                  {} blobs, {:.1} MB in {:.2} s ({:.1} MB/s)",
@@ -277,6 +307,16 @@ fn main() -> ExitCode {
                 out.push_str(&format!("{rec}\n"));
             }
             if r.rotated {
+                let master = loc.read_at(loc.path()).map_err(|e| e.to_string())?;
+                hms_edge::ops::audit_admin(
+                    state_dir,
+                    &master,
+                    "rotate-key",
+                    "master-key",
+                    "success",
+                    Some(format!("{} -> {}", r.old_fingerprint, r.new_fingerprint)),
+                )
+                .map_err(|e| format!("key rotated, but the audit event failed: {e}"))?;
                 out.push_str(&format!(
                     "master key rotated in {} ({} -> {}): database re-keyed, blob and audit keys \
                      re-wrapped, {} blobs verified under the new key, old key destroyed ({:.2} s)",
@@ -462,6 +502,75 @@ fn verify(proof: &std::path::Path, key: Option<&str>, rpc: Option<&str>) -> Exit
     }
 }
 
+/// `hms-edge audit export`: NDJSON of AuditEvent resources; returns the summary line.
+fn audit_export(
+    state_dir: &std::path::Path,
+    master: &hms_edge::keys::Key,
+    origin: &str,
+    since: Option<String>,
+    out: Option<PathBuf>,
+) -> Result<String, String> {
+    use std::io::Write;
+    let since_ms = match &since {
+        Some(s) => Some(
+            hms_edge::fhir::date::parse_range(s)
+                .ok_or_else(|| format!("--since {s}: not a FHIR date (e.g. 2026-11-01)"))?
+                .0,
+        ),
+        None => None,
+    };
+    let db_path = state_dir.join(hms_edge::store::DB_FILE);
+    let conn = hms_edge::store::db::open(
+        &db_path,
+        &master.derive(hms_edge::keys::KeyPurpose::Database),
+        true,
+        8192,
+    )
+    .map_err(|e| format!("cannot open the store in {}: {e}", state_dir.display()))?;
+    let mut sink: Box<dyn Write> = match &out {
+        Some(p) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            Box::new(std::io::BufWriter::new(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(p)
+                    .map_err(|e| format!("cannot create {}: {e}", p.display()))?,
+            ))
+        }
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    // Recorded first: an export that fails half-way is still an access to the trail.
+    let target = out.as_ref().map_or("standard output".to_owned(), |p| p.display().to_string());
+    hms_edge::ops::audit_admin(
+        state_dir,
+        master,
+        "audit-export",
+        "AuditEvent",
+        "success",
+        Some(format!("since {} to {target}", since.as_deref().unwrap_or("the start"))),
+    )
+    .map_err(|e| format!("cannot record the export in the audit trail: {e}"))?;
+    let observer = format!("hms-edged {origin}");
+    let n = hms_edge::audit::for_each(&conn, 0, since_ms, |row| {
+        let line = hms_edge::audit::to_fhir(&row, &observer).to_string();
+        writeln!(sink, "{line}").map_err(hms_edge::store::StoreError::Io)
+    })
+    .map_err(|e| e.to_string())?;
+    sink.flush().map_err(|e| e.to_string())?;
+    drop(sink);
+    match out {
+        Some(p) => Ok(format!("{n} audit event(s) written to {}", p.display())),
+        // The data went to standard output: the summary goes to standard error.
+        None => {
+            eprintln!("{n} audit event(s) exported");
+            Ok(String::new())
+        }
+    }
+}
+
 fn audit(config_file: Option<PathBuf>, command: AuditCommand) -> ExitCode {
     let run = || -> Result<(bool, String), String> {
         let path = config::resolve_path(config_file);
@@ -500,6 +609,12 @@ fn audit(config_file: Option<PathBuf>, command: AuditCommand) -> ExitCode {
             hms_edge::ledger::note::NoteSigner::from_seed(&signing_seed, &c.ledger_origin());
         match command {
             AuditCommand::Key => Ok((true, signer.vkey())),
+            AuditCommand::Export { since, out } => {
+                let conn = conn.ok_or_else(|| format!("no store in {}", state_dir.display()))?;
+                drop(conn);
+                let n = audit_export(&state_dir, &master, &c.ledger_origin(), since, out)?;
+                Ok((true, n))
+            }
             AuditCommand::Check => {
                 let conn = conn.ok_or_else(|| format!("no store in {}", state_dir.display()))?;
                 let vkey = hms_edge::ledger::note::VKey::parse(&signer.vkey())?;
@@ -525,9 +640,11 @@ fn audit(config_file: Option<PathBuf>, command: AuditCommand) -> ExitCode {
     };
     match run() {
         Ok((ok, text)) => {
-            print!("{text}");
-            if !text.ends_with('\n') {
-                println!();
+            if !text.is_empty() {
+                print!("{text}");
+                if !text.ends_with('\n') {
+                    println!();
+                }
             }
             if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }

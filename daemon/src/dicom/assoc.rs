@@ -476,12 +476,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let ctx = self.ctx.clone();
         let blob = inst.blob.id.clone();
         let ts = pc.transfer_syntax.clone();
-        let calling = self.assoc.calling_ae.clone();
+        let sender = index::Sender::association(&self.assoc.calling_ae, self.peer);
         let policy = ctx.settings.duplicate_policy;
         let sop = inst.attrs.sop_instance_uid.clone();
         let result = ctx
             .store
-            .write(move |tx| index::record_instance(tx, &inst, &ts, &calling, policy))
+            .write(move |tx| index::record_instance(tx, &inst, &ts, &sender, policy))
             .await;
         match result {
             Ok(Recorded::Stored { version, outbox_seq }) => {
@@ -524,6 +524,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok(q) => q,
             Err(e) => {
                 warn!(peer = %self.peer, error = %e, "C-FIND identifier refused");
+                self.audit("dicom-find", "dicom-find?".into(), format!("refused: {e}"));
                 let st = match e {
                     query::QueryError::Undecodable(_) => status::CANNOT_UNDERSTAND,
                     query::QueryError::Invalid(_) => status::IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
@@ -556,6 +557,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         };
         metrics::counter!("hms_dicom_find_total").increment(1);
+        self.audit(
+            "dicom-find",
+            format!("dicom-find?{}", q.describe()),
+            format!("success: {} match(es)", records.len()),
+        );
         let message_id = cmd.message_id();
         let ae = self.ctx.settings.ae_title.clone();
         for rec in &records {
@@ -590,6 +596,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         self.flush().await?;
         self.respond(&pc, &cmd, field::C_FIND_RSP, status::SUCCESS, "").await
+    }
+
+    /// Queues an audit event for a query (like FHIR reads, a query does not wait for its audit
+    /// event to be durable; stores write theirs in the instance's own transaction).
+    fn audit(&self, action: &str, entity: String, outcome: String) {
+        let rec = crate::audit::AuditRecord {
+            actor: format!("dicom:{}", self.assoc.calling_ae),
+            source: self.peer.ip().to_string(),
+            action: action.into(),
+            entity,
+            outcome,
+            detail: None,
+        };
+        let store = self.ctx.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.write(move |tx| crate::audit::append(tx, &rec).map(|_| ())).await
+            {
+                tracing::error!(error = %e, "audit record could not be written");
+            }
+        });
     }
 
     /// Looks, without waiting, for a C-CANCEL-RQ of `message_id`. Other PDUs read meanwhile are

@@ -105,9 +105,9 @@ pub async fn export_bytes(
     .map_err(|e| ExportError::Io(std::io::Error::other(e.to_string())))?
 }
 
-/// Export without opening the store for writing (the `hms-edge dicom export` command, which may
-/// run while hms-edged is serving): a read-only database connection and the blob folder, and in
-/// particular no orphan sweep — a blob the running daemon has written but not yet committed must
+/// Export without opening the store (the `hms-edge dicom export` command, which may run while
+/// hms-edged is serving): one database connection that only appends the audit event, the blob
+/// folder, and in particular no orphan sweep — a blob the running daemon has written but not yet committed must
 /// not be touched. Returns what was exported.
 pub fn export_offline(
     state_dir: &Path,
@@ -116,16 +116,32 @@ pub fn export_offline(
     version: Option<i64>,
     dest: &Path,
 ) -> Result<StoredInstance, ExportError> {
-    let conn =
-        db::open(&state_dir.join(DB_FILE), &master.derive(KeyPurpose::Database), true, 2048)?;
+    let mut conn =
+        db::open(&state_dir.join(DB_FILE), &master.derive(KeyPurpose::Database), false, 2048)?;
     let inst = index::find_instance(&conn, sop_uid, version)?
         .ok_or_else(|| ExportError::NotFound(sop_uid.to_owned()))?;
-    let blobs =
-        BlobStore::open(&state_dir.join(BLOB_DIR), crate::store::data_keys(&conn, master)?.blobs)?;
+    let keys = crate::store::data_keys(&conn, master)?;
+    let blobs = BlobStore::open(&state_dir.join(BLOB_DIR), keys.blobs)?;
+    // Audited before the first byte is written: an export that fails half-way is still an
+    // access attempt.
+    crate::audit::append_with(
+        &mut conn,
+        &keys.audit,
+        &crate::audit::AuditRecord {
+            actor: crate::audit::local_actor(),
+            source: "local".into(),
+            action: "dicom-export".into(),
+            entity: format!("dicom:{sop_uid}"),
+            outcome: "success".into(),
+            detail: Some(format!("version {} to {}", inst.version, dest.display())),
+        },
+    )?;
     let dir = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => std::path::PathBuf::from("."),
     };
+    drop(conn);
+    crate::ops::fix_sqlite_owners(&state_dir.join(DB_FILE), state_dir);
     let (tmp_path, mut tmp) = tempfile_in(&dir)?;
     let result = (|| -> Result<(), ExportError> {
         let mut reader = blobs.open_reader(&inst.blob)?;

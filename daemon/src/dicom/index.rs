@@ -71,9 +71,70 @@ pub enum Recorded {
     Conflict,
 }
 
-/// Records a received (already fsynced) instance: blob row, index rows and outbox change, or
-/// nothing at all for a duplicate. Runs inside [`crate::store::Store::write`].
+/// Who sent an instance, for the index row and the audit event.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    /// The calling AE title (C-STORE) or the authenticated user (STOW-RS).
+    pub calling_ae: String,
+    /// Audit actor, e.g. `dicom:CT1`.
+    pub actor: String,
+    /// Remote address.
+    pub source: String,
+}
+
+impl Sender {
+    /// A modality on a DICOM association.
+    pub fn association(calling_ae: &str, peer: std::net::SocketAddr) -> Sender {
+        Sender {
+            calling_ae: calling_ae.to_owned(),
+            actor: format!("dicom:{calling_ae}"),
+            source: peer.ip().to_string(),
+        }
+    }
+}
+
+/// Records a received (already fsynced) instance: blob row, index rows, outbox change and the
+/// audit event, or only the audit event for a duplicate. Runs inside
+/// [`crate::store::Store::write`].
 pub fn record_instance(
+    tx: &WriteTx<'_>,
+    inst: &ReceivedInstance,
+    transfer_syntax: &str,
+    sender: &Sender,
+    policy: DuplicatePolicy,
+) -> Result<Recorded, StoreError> {
+    let recorded = record_rows(tx, inst, transfer_syntax, &sender.calling_ae, policy)?;
+    let (outcome, version) = match &recorded {
+        Recorded::Stored { version, .. } => ("success".to_owned(), Some(*version)),
+        Recorded::Identical => ("success: identical instance already stored".to_owned(), None),
+        Recorded::Conflict => {
+            ("refused: 0111 duplicate SOP instance with other content".into(), None)
+        }
+    };
+    let a = &inst.attrs;
+    crate::audit::append(
+        tx,
+        &crate::audit::AuditRecord {
+            actor: sender.actor.clone(),
+            source: sender.source.clone(),
+            action: "dicom-store".into(),
+            entity: format!("dicom:{}", a.sop_instance_uid),
+            outcome,
+            detail: Some(
+                serde_json::json!({
+                    "study": a.study_instance_uid,
+                    "series": a.series_instance_uid,
+                    "patient_id": a.patient_id,
+                    "version": version,
+                })
+                .to_string(),
+            ),
+        },
+    )?;
+    Ok(recorded)
+}
+
+fn record_rows(
     tx: &WriteTx<'_>,
     inst: &ReceivedInstance,
     transfer_syntax: &str,

@@ -62,6 +62,18 @@ pub struct Query {
     pub keys: Vec<Key>,
 }
 
+impl Query {
+    /// The query as one line for the audit trail: level and the keys that constrain matching,
+    /// e.g. `STUDY (0010,0020)=PAT1 (0008,0020)=20260101-`.
+    pub fn describe(&self) -> String {
+        let mut out = self.level.as_str().to_owned();
+        for k in self.keys.iter().filter(|k| !k.value.is_empty() && k.value != "*") {
+            out.push_str(&format!(" ({:04X},{:04X})={}", k.tag >> 16, k.tag & 0xFFFF, k.value));
+        }
+        out
+    }
+}
+
 /// Why a query was refused (mapped to a C-FIND failure status).
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {

@@ -83,10 +83,11 @@ pub struct Caller {
     pub principal: Principal,
 }
 
-type ApiResult = Result<Response, FhirError>;
+pub(super) type ApiResult = Result<Response, FhirError>;
 
 pub fn router(ctx: Arc<FhirContext>) -> Router {
     Router::new()
+        .merge(super::audit_api::routes())
         .route("/fhir", post(system_bundle).get(system_get))
         .route("/fhir/", post(system_bundle).get(system_get))
         .route("/fhir/metadata", get(metadata))
@@ -174,7 +175,7 @@ fn authenticate(
 }
 
 /// [`authenticate`] plus the scope check for one interaction on one type (denials audited).
-fn authorize(
+pub(super) fn authorize(
     ctx: &FhirContext,
     headers: &HeaderMap,
     addr: Option<&ClientAddr>,
@@ -190,7 +191,13 @@ fn authorize(
 }
 
 /// Queues an audit record for a read-type access (reads do not wait for it to be durable).
-fn audit_read(ctx: &FhirContext, who: &Caller, action: &str, entity: String, outcome: &str) {
+pub(super) fn audit_read(
+    ctx: &FhirContext,
+    who: &Caller,
+    action: &str,
+    entity: String,
+    outcome: &str,
+) {
     let rec = AuditRecord {
         actor: who.actor.clone(),
         source: who.source.clone(),
@@ -207,7 +214,7 @@ fn audit_read(ctx: &FhirContext, who: &Caller, action: &str, entity: String, out
     });
 }
 
-fn base_url(headers: &HeaderMap) -> String {
+pub(super) fn base_url(headers: &HeaderMap) -> String {
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
     format!("https://{host}/fhir")
 }
@@ -217,7 +224,7 @@ fn query_flag<'a>(q: &'a [(String, String)], k: &str) -> Option<&'a str> {
 }
 
 /// Checks `_format` / `Accept`: only JSON is served.
-fn check_format(q: &[(String, String)], headers: &HeaderMap) -> Result<(), FhirError> {
+pub(super) fn check_format(q: &[(String, String)], headers: &HeaderMap) -> Result<(), FhirError> {
     if let Some(f) = query_flag(q, "_format")
         && !matches!(f, "json" | "application/json" | "application/fhir+json")
     {
@@ -237,7 +244,7 @@ fn check_format(q: &[(String, String)], headers: &HeaderMap) -> Result<(), FhirE
     Ok(())
 }
 
-fn json_response(status: StatusCode, body: &Value, q: &[(String, String)]) -> Response {
+pub(super) fn json_response(status: StatusCode, body: &Value, q: &[(String, String)]) -> Response {
     let text = if query_flag(q, "_pretty") == Some("true") {
         serde_json::to_string_pretty(body).unwrap_or_default()
     } else {
@@ -259,7 +266,7 @@ fn http_date(ms: i64) -> String {
     format!("{wd}, {} {} {} {} GMT", &iso[8..10], months[m - 1], &iso[0..4], &iso[11..19])
 }
 
-fn version_headers(r: &mut Response, version: i64, last_updated: i64) {
+pub(super) fn version_headers(r: &mut Response, version: i64, last_updated: i64) {
     if let Ok(v) = HeaderValue::from_str(&format!("W/\"{version}\"")) {
         r.headers_mut().insert(header::ETAG, v);
     }
@@ -325,6 +332,19 @@ pub fn capability_statement(base: &str) -> Value {
             "conditionalDelete": "not-supported",
             "interaction": [],
         });
+        if t == "AuditEvent" {
+            // Served from the audit trail itself (`fhir::audit_api`), with its own parameters.
+            r["interaction"] = json!([{"code": "read"}, {"code": "vread"},
+                {"code": "history-instance"}, {"code": "search-type"}]);
+            r["searchParam"] = Value::Array(
+                crate::audit::SEARCH_PARAMS
+                    .iter()
+                    .map(|(name, kind)| json!({"name": name, "type": kind}))
+                    .collect(),
+            );
+            resources.push(r);
+            continue;
+        }
         if let Some(defs) = params::params_for(t) {
             interactions.push("search-type");
             let mut sp = vec![
@@ -625,7 +645,7 @@ async fn instance_history(
 // ---------------------------------------------------------------------------------------------
 // Search
 
-fn strict_handling(headers: &HeaderMap) -> bool {
+pub(super) fn strict_handling(headers: &HeaderMap) -> bool {
     prefer(headers, "handling").as_deref() == Some("strict")
 }
 

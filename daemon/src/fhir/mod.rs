@@ -4,6 +4,7 @@
 //! protocol code; `storage` is the only module with SQL; `api` is the only one with HTTP.
 
 pub mod api;
+mod audit_api;
 pub mod auth;
 pub mod bundle;
 pub mod date;

@@ -395,53 +395,11 @@ fn write_index(
     Ok(())
 }
 
-/// Appends an audit event (who, from where, what, outcome) in the caller's transaction.
-/// Its ledger leaf (a keyed commitment, see `crate::ledger`) is appended in the same transaction.
-pub fn audit(tx: &WriteTx<'_>, event: &AuditRecord) -> Result<(), FhirError> {
-    let at = now_ms();
-    tx.sql()
-        .prepare_cached(
-            "INSERT INTO audit_events (at, actor, source, action, entity, outcome, detail)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?
-        .execute(params![
-            at,
-            event.actor,
-            event.source,
-            event.action,
-            event.entity,
-            event.outcome,
-            event.detail
-        ])?;
-    let seq = tx.sql().last_insert_rowid();
-    crate::ledger::append(
-        tx,
-        &crate::ledger::Record::Audit {
-            seq,
-            at,
-            actor: event.actor.clone(),
-            source: event.source.clone(),
-            action: event.action.clone(),
-            entity: event.entity.clone(),
-            outcome: event.outcome.clone(),
-            detail: event.detail.clone(),
-        },
-    )?;
-    Ok(())
-}
+pub use crate::audit::AuditRecord;
 
-/// One audited access.
-#[derive(Debug, Clone)]
-pub struct AuditRecord {
-    /// Who: token subject, client certificate, or `anonymous` (auth off in development).
-    pub actor: String,
-    /// From where: remote address.
-    pub source: String,
-    /// What kind of access: `read`, `vread`, `search`, `create`, `update`, `delete`, …
-    pub action: String,
-    /// What: `Patient/123`, `Observation?code=…`.
-    pub entity: String,
-    /// `success` or the HTTP status and reason.
-    pub outcome: String,
-    pub detail: Option<String>,
+/// Appends an audit event (who, from where, what, outcome) in the caller's transaction, with its
+/// ledger leaf (see [`crate::audit::append`]).
+pub fn audit(tx: &WriteTx<'_>, event: &AuditRecord) -> Result<(), FhirError> {
+    crate::audit::append(tx, event)?;
+    Ok(())
 }

@@ -89,6 +89,57 @@ pub(crate) fn match_owner(path: &Path, like: &Path) -> io::Result<()> {
     std::os::unix::fs::lchown(path, Some(m.uid()), Some(m.gid()))
 }
 
+/// Appends an audit event for an administrative action (backup, restore, rotate-key, audit
+/// export) to the store in `state_dir`, through a connection of its own: the daemon may be
+/// running (backup) or stopped (restore, rotate-key). Actor: the operating-system user. SQLite
+/// files this process created (`-wal`, `-shm` when the daemon is stopped) get the state folder's
+/// owner, so the daemon can open them afterwards.
+pub fn audit_admin(
+    state_dir: &Path,
+    master: &crate::keys::Key,
+    action: &str,
+    entity: &str,
+    outcome: &str,
+    detail: Option<String>,
+) -> Result<i64, crate::store::StoreError> {
+    let db_path = state_dir.join(crate::store::DB_FILE);
+    let seq = {
+        let mut conn = crate::store::db::open(
+            &db_path,
+            &master.derive(crate::keys::KeyPurpose::Database),
+            false,
+            2048,
+        )?;
+        let keys = crate::store::data_keys(&conn, master)?;
+        crate::audit::append_with(
+            &mut conn,
+            &keys.audit,
+            &crate::audit::AuditRecord {
+                actor: crate::audit::local_actor(),
+                source: "local".into(),
+                action: action.into(),
+                entity: entity.into(),
+                outcome: outcome.into(),
+                detail,
+            },
+        )?
+    };
+    fix_sqlite_owners(&db_path, state_dir);
+    Ok(seq)
+}
+
+/// Gives the database's side files the state folder's owner (see [`audit_admin`]).
+pub(crate) fn fix_sqlite_owners(db_path: &Path, state_dir: &Path) {
+    for suffix in ["-wal", "-shm"] {
+        let mut p = db_path.as_os_str().to_owned();
+        p.push(suffix);
+        let p = PathBuf::from(p);
+        if p.exists() {
+            let _ = match_owner(&p, state_dir);
+        }
+    }
+}
+
 /// `match_owner` for a whole tree.
 pub(crate) fn match_owner_tree(root: &Path, like: &Path) -> io::Result<()> {
     if !nix::unistd::geteuid().is_root() {

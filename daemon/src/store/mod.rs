@@ -100,6 +100,11 @@ pub struct WriteTx<'a> {
 }
 
 impl<'a> WriteTx<'a> {
+    /// Wraps a transaction opened outside the store's writer (the command-line tools).
+    pub(crate) fn new(tx: &'a Transaction<'a>, ledger_key: &'a Key) -> Self {
+        WriteTx { tx, ledger_key }
+    }
+
     /// The underlying transaction, for module-specific tables.
     pub fn sql(&self) -> &Transaction<'a> {
         self.tx

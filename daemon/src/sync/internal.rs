@@ -399,6 +399,16 @@ async fn dicom_instance(
                 }
                 other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
             })?;
+    // The instance leaves the box (to the cloud PACS): audited before the first byte is sent.
+    let rec = agent_audit(
+        "dicom-forward",
+        format!("dicom:{sop}"),
+        Some(format!("version {}", inst.version)),
+    );
+    ctx.store
+        .write(move |tx| audit(tx, &rec).map_err(fhir_err))
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let size = inst.size;
     let blob = inst.blob.clone();
     let store = ctx.store.clone();
