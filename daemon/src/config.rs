@@ -276,6 +276,13 @@ pub struct FhirConfig {
     pub jwt_leeway_secs: u64,
     /// Claim carrying the tenant id; it must equal `site.tenant_id`.
     pub tenant_claim: String,
+    /// PEM file of the CA that issues the client certificates of fixed workstations (mTLS).
+    /// Empty: no client certificates are asked for. Only with `auth = "jwt"`.
+    pub client_ca_file: PathBuf,
+    /// Workstation identities: the subject CN of a client certificate issued by
+    /// `client_ca_file` → the SMART scopes it is granted (e.g. `"user/*.rs"`). A certificate
+    /// whose CN is not listed grants nothing; a bearer token, when sent, always takes precedence.
+    pub client_certs: std::collections::BTreeMap<String, String>,
 }
 
 /// How FHIR callers are authenticated.
@@ -298,6 +305,8 @@ impl Default for FhirConfig {
             jwks_file: PathBuf::new(),
             jwt_leeway_secs: DEFAULT_JWT_LEEWAY_SECS,
             tenant_claim: DEFAULT_TENANT_CLAIM.into(),
+            client_ca_file: PathBuf::new(),
+            client_certs: Default::default(),
         }
     }
 }
@@ -769,6 +778,12 @@ impl Config {
                 }
             }
             FhirAuth::None => {}
+        }
+        if !self.fhir.client_certs.is_empty() && self.fhir.client_ca_file.as_os_str().is_empty() {
+            return invalid("fhir.client_certs", "needs fhir.client_ca_file (the issuing CA)");
+        }
+        if !self.fhir.client_ca_file.as_os_str().is_empty() && self.fhir.auth != FhirAuth::Jwt {
+            return invalid("fhir.client_ca_file", "client certificates need fhir.auth = \"jwt\"");
         }
         if self.tls.cert_file.as_os_str().is_empty() != self.tls.key_file.as_os_str().is_empty() {
             return invalid("tls.cert_file", "set both tls.cert_file and tls.key_file, or neither");

@@ -24,6 +24,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<TlsReloader>,
+    client_auth: Option<Arc<rustls::ServerConfig>>,
     app: Router,
     max_connections: usize,
     shutdown: CancellationToken,
@@ -47,8 +48,9 @@ pub async fn serve(
             () = shutdown.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
-        let app = app.clone().layer(axum::Extension(ClientAddr(peer)));
+        let cfg = client_auth.clone().unwrap_or_else(|| tls.current());
+        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+        let app = app.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
             let _permit = permit;
@@ -64,6 +66,15 @@ pub async fn serve(
                         return;
                     }
                 };
+            // A verified client certificate names a fixed workstation (see `fhir::api`).
+            let cn: Option<Arc<str>> = tls_stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| crate::tls::subject_cn(c))
+                .map(Arc::from);
+            let app = app.layer(axum::Extension(ClientAddr(peer, cn)));
             let service = TowerToHyperService::new(app);
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection(TokioIo::new(tls_stream), service);

@@ -317,15 +317,29 @@ pub async fn run(
     });
 
     let cfg = daemon.config();
+    // Fixed workstations may present client certificates (mTLS) issued by the site's CA.
+    let client_auth = if cfg.fhir.client_ca_file.as_os_str().is_empty() {
+        None
+    } else {
+        let c = tls::with_client_ca(daemon.tls.clone(), &cfg.fhir.client_ca_file)?;
+        tracing::info!(
+            ca = %cfg.fhir.client_ca_file.display(),
+            identities = cfg.fhir.client_certs.len(),
+            "FHIR workstations may authenticate with client certificates"
+        );
+        Some(c)
+    };
     let fhir_ctx = crate::fhir::api::FhirContext::new(
         daemon.store.clone(),
         cfg.fhir.max_body_bytes as usize,
         daemon.fhir_verifier.clone(),
         daemon.ledger.clone(),
+        cfg.fhir.client_certs.clone(),
     );
     tokio::spawn(crate::https::serve(
         listeners.fhir,
         daemon.tls.clone(),
+        client_auth,
         crate::fhir::api::router(fhir_ctx),
         cfg.fhir.max_connections as usize,
         token.clone(),

@@ -133,6 +133,57 @@ pub fn load_server_config(paths: &TlsPaths) -> Result<Arc<ServerConfig>, TlsErro
     Ok(Arc::new(cfg))
 }
 
+/// Hands out the reloader's current certificate for every handshake (so a config with its own
+/// client-certificate verifier still follows SIGHUP reloads of the server certificate).
+#[derive(Debug)]
+struct CurrentCert(Arc<TlsReloader>);
+
+impl rustls::server::ResolvesServerCert for CurrentCert {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0.current().cert_resolver.resolve(hello)
+    }
+}
+
+/// The FHIR listener's TLS config when workstations may present client certificates: those
+/// issued by the CA in `client_ca` are verified (chain, validity, signature); connections
+/// without one are still accepted (they authenticate with a bearer token).
+pub fn with_client_ca(
+    reloader: Arc<TlsReloader>,
+    client_ca: &Path,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let read_err = |e: &dyn std::fmt::Display| TlsError::Read {
+        path: client_ca.to_owned(),
+        reason: e.to_string(),
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(client_ca).map_err(|e| read_err(&e))? {
+        roots.add(c.map_err(|e| read_err(&e))?).map_err(|e| read_err(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::Invalid(format!("no CA certificate in {}", client_ca.display())));
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Invalid(format!("{}: {e}", client_ca.display())))?;
+    let alpn = reloader.current().alpn_protocols.clone();
+    let mut cfg = ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(CurrentCert(reloader)));
+    cfg.alpn_protocols = alpn;
+    Ok(Arc::new(cfg))
+}
+
+/// The subject common name of a DER certificate (the workstation identity).
+pub fn subject_cn(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
+    Some(cn)
+}
+
 /// The current TLS server config, swapped atomically on reload. Listeners take a fresh
 /// `current()` per accepted connection, so a reload applies to new connections only.
 #[derive(Debug)]

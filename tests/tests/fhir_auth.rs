@@ -53,6 +53,10 @@ struct Env {
 }
 
 fn start() -> Env {
+    start_with(|_| {})
+}
+
+fn start_with(extra: impl FnOnce(&mut DaemonOptions)) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let idp = idp("k1");
     let jwks = dir.path().join("jwks.json");
@@ -67,6 +71,7 @@ fn start() -> Env {
         opts.env.insert(k.into(), v.into());
     }
     opts.env.insert("HMS_EDGE_FHIR_JWKS_FILE".into(), jwks.display().to_string());
+    extra(&mut opts);
     let d = DaemonProc::start(dir.path(), &opts);
     let c = fhir_client(&d.state_dir().join("tls/cert.pem"));
     let base = d.fhir_base();
@@ -190,4 +195,141 @@ fn auth_off_is_refused_off_loopback() {
     let (status, log) = DaemonProc::spawn(dir.path(), &opts).wait_exit();
     assert_eq!(status.code(), Some(78), "{log}");
     assert!(log.contains("fhir.auth"), "{log}");
+}
+
+/// A CA as a site would run one for its workstations, and client certificates it issues.
+struct WorkstationCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl WorkstationCa {
+    fn new(name: &str) -> Self {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let issuer =
+            rcgen::CertifiedIssuer::self_signed(p, rcgen::KeyPair::generate().unwrap()).unwrap();
+        WorkstationCa { issuer }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// An HTTPS client presenting a certificate with subject CN `cn` issued by this CA.
+    fn client(&self, cn: &str, server_ca: &std::path::Path) -> Client {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(server_ca).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
+            )
+            .unwrap();
+        Client::builder().use_preconfigured_tls(tls).build().unwrap()
+    }
+}
+
+/// Fixed workstations with client certificates (mTLS): a listed CN gets exactly its configured
+/// scopes, an unlisted CN or no certificate needs a token, a certificate from another CA does not
+/// get through the handshake, a token takes precedence, and the audit trail names the certificate.
+#[test]
+fn workstation_client_certificates() {
+    let site_ca = WorkstationCa::new("St Mary's workstation CA");
+    let rogue_ca = WorkstationCa::new("St Mary's workstation CA");
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let ca_file = cfg_dir.path().join("workstation-ca.pem");
+    std::fs::write(&ca_file, site_ca.pem()).unwrap();
+    let config = cfg_dir.path().join("edge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[fhir]\nclient_ca_file = {:?}\n\n[fhir.client_certs]\n\"ward3-ws1\" = \"user/Patient.rs\"\n",
+            ca_file.display().to_string()
+        ),
+    )
+    .unwrap();
+    let e = start_with(|o| o.config = Some(config.clone()));
+    let server_ca = e.d.state_dir().join("tls/ca.pem");
+    let writer = token(&e.idp, "k1", claims("user/*.cruds"));
+    let p = json!({"resourceType": "Patient", "name": [{"family": "Ward3"}]});
+    let r =
+        e.c.post(format!("{}/Patient", e.base))
+            .bearer_auth(&writer)
+            .header("content-type", "application/fhir+json")
+            .body(p.to_string())
+            .send()
+            .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().unwrap()["id"].as_str().unwrap().to_owned();
+
+    // The listed workstation reads patients without a token, and nothing more.
+    let ws = site_ca.client("ward3-ws1", &server_ca);
+    let (s, b) = status_of(ws.get(format!("{}/Patient/{id}", e.base)).send().unwrap());
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["name"][0]["family"], "Ward3");
+    assert_eq!(ws.get(format!("{}/Patient?family=ward3", e.base)).send().unwrap().status(), 200);
+    let r = ws
+        .post(format!("{}/Patient", e.base))
+        .header("content-type", "application/fhir+json")
+        .body(p.to_string())
+        .send()
+        .unwrap();
+    let (s, b) = status_of(r);
+    assert_eq!((s, b["resourceType"].as_str()), (403, Some("OperationOutcome")));
+    assert_eq!(ws.get(format!("{}/Observation?code=x", e.base)).send().unwrap().status(), 403);
+    // With a token the token decides (here: may write).
+    let r = ws
+        .post(format!("{}/Patient", e.base))
+        .bearer_auth(&writer)
+        .header("content-type", "application/fhir+json")
+        .body(p.to_string())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
+
+    // A certificate of the site CA whose CN is not listed is no identity.
+    let stranger = site_ca.client("ward9-ws4", &server_ca);
+    let r = stranger.get(format!("{}/Patient/{id}", e.base)).send().unwrap();
+    assert_eq!(r.status(), 401);
+    // A certificate for the listed CN from another CA fails the handshake.
+    let forged = rogue_ca.client("ward3-ws1", &server_ca);
+    assert!(forged.get(format!("{}/Patient/{id}", e.base)).send().is_err());
+    // Callers without a certificate are unaffected.
+    assert_eq!(e.c.get(format!("{}/Patient/{id}", e.base)).send().unwrap().status(), 401);
+    assert_eq!(
+        e.c.get(format!("{}/Patient/{id}", e.base)).bearer_auth(&writer).send().unwrap().status(),
+        200
+    );
+
+    // The audit trail names the workstation.
+    let auditor = token(&e.idp, "k1", claims("user/AuditEvent.rs"));
+    let mut found = Vec::new();
+    for _ in 0..50 {
+        let (s, b) = status_of(
+            e.c.get(format!("{}/AuditEvent?agent-name=cert:ward3-ws1&subtype=read", e.base))
+                .bearer_auth(&auditor)
+                .send()
+                .unwrap(),
+        );
+        assert_eq!(s, 200, "{b}");
+        found = b["entry"].as_array().cloned().unwrap_or_default();
+        if !found.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0]["resource"]["agent"][0]["who"]["display"], "cert:ward3-ws1");
 }

@@ -37,6 +37,8 @@ pub struct FhirContext {
     pub max_body_bytes: usize,
     /// The integrity ledger, for `$verify`.
     pub ledger: Arc<crate::ledger::Ledger>,
+    /// Workstation client-certificate CN → granted SMART scopes (`fhir.client_certs`).
+    pub client_certs: std::collections::BTreeMap<String, String>,
     pages: Mutex<HashMap<String, Arc<Snapshot>>>,
 }
 
@@ -52,12 +54,14 @@ impl FhirContext {
         max_body_bytes: usize,
         verifier: Option<Verifier>,
         ledger: Arc<crate::ledger::Ledger>,
+        client_certs: std::collections::BTreeMap<String, String>,
     ) -> Arc<Self> {
         Arc::new(FhirContext {
             store,
             verifier,
             max_body_bytes,
             ledger,
+            client_certs,
             pages: Mutex::new(HashMap::new()),
         })
     }
@@ -72,8 +76,16 @@ struct Snapshot {
 }
 
 /// The client's address, set per connection by the listener.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub SocketAddr);
+#[derive(Debug, Clone)]
+pub struct ClientAddr(pub SocketAddr, pub Option<Arc<str>>);
+
+impl ClientAddr {
+    /// The subject CN of the client certificate presented in the TLS handshake (verified
+    /// against `fhir.client_ca_file`), if any.
+    pub fn client_cn(&self) -> Option<&str> {
+        self.1.as_deref()
+    }
+}
 
 /// Who is calling (from auth), for audit and access decisions.
 #[derive(Debug, Clone)]
@@ -155,10 +167,17 @@ fn authenticate(
     addr: Option<&ClientAddr>,
 ) -> Result<Caller, FhirError> {
     let source = addr.map_or("unknown".into(), |a| a.0.ip().to_string());
+    let bearer = headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok());
+    let workstation = match (bearer, addr.and_then(|a| a.client_cn())) {
+        (None, Some(cn)) => {
+            ctx.client_certs.get(cn).map(|scopes| Principal::workstation(cn, scopes))
+        }
+        _ => None,
+    };
     let principal = match &ctx.verifier {
         None => Principal::anonymous(),
-        Some(v) => match v.verify(headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()))
-        {
+        Some(_) if workstation.is_some() => workstation.expect("checked"),
+        Some(v) => match v.verify(bearer) {
             Ok(p) => p,
             Err(e) => {
                 let who = Caller {

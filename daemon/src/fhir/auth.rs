@@ -80,6 +80,12 @@ impl Principal {
         Principal { subject: "anonymous".into(), grants: None }
     }
 
+    /// A fixed workstation identified by its client certificate (mTLS), with the scopes the
+    /// site's configuration grants that certificate's CN.
+    pub fn workstation(cn: &str, scopes: &str) -> Self {
+        Principal { subject: format!("cert:{cn}"), grants: Some(parse_scopes(scopes)) }
+    }
+
     /// Whether this caller may perform `what` on `rtype`.
     pub fn allows(&self, rtype: &str, what: Interaction) -> bool {
         match &self.grants {
