@@ -475,6 +475,12 @@ fn reload(daemon: &Daemon) {
         Ok(m) => notify(&[sd_notify::NotifyState::Reloading, m]),
         Err(_) => notify(&[sd_notify::NotifyState::Reloading]),
     }
+    if let Some(v) = &daemon.fhir_verifier {
+        match v.reload() {
+            Ok(n) => tracing::info!(keys = n, "JWKS re-read"),
+            Err(e) => tracing::error!(error = %e, "JWKS reload refused; keeping the previous keys"),
+        }
+    }
     let old = daemon.config();
     match config::load(daemon.config_path.as_deref()) {
         Err(e) => tracing::error!(error = %e, "reload refused; keeping the running configuration"),

@@ -333,3 +333,46 @@ fn workstation_client_certificates() {
     assert_eq!(found.len(), 1, "{found:#?}");
     assert_eq!(found[0]["resource"]["agent"][0]["who"]["display"], "cert:ward3-ws1");
 }
+
+/// The issuer rotates its signing key: the agent writes the new JWKS to disk and tokens signed
+/// with the new key are accepted without a restart; after SIGHUP with the old key removed, the
+/// old key's tokens are refused. A broken file keeps the keys in use.
+#[test]
+fn jwks_on_disk_is_followed_without_restart() {
+    let e = start();
+    let jwks = e.d.workdir.join("jwks.json");
+    let new_idp = idp("k2");
+    let old_tok = token(&e.idp, "k1", claims("user/*.cruds"));
+    let new_tok = token(&new_idp, "k2", claims("user/*.cruds"));
+    let get = |tok: &str| {
+        e.c.get(format!("{}/Patient?_count=1", e.base)).bearer_auth(tok).send().unwrap().status()
+    };
+    assert_eq!(get(&old_tok), 200);
+    assert_eq!(get(&new_tok), 401, "k2 is not published yet");
+    // The agent publishes both keys (write + rename, as it does).
+    let write = |v: Value| {
+        let tmp = jwks.with_extension("tmp");
+        std::fs::write(&tmp, v.to_string()).unwrap();
+        std::fs::rename(&tmp, &jwks).unwrap();
+    };
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    write(json!({"keys": [e.idp.jwk, new_idp.jwk]}));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while get(&new_tok) != 200 {
+        assert!(std::time::Instant::now() < deadline, "k2 never accepted");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(get(&old_tok), 200);
+    // A broken file is refused; the keys in use stay.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    write(json!({"keys": "nope"}));
+    e.d.signal(nix::sys::signal::Signal::SIGHUP);
+    e.d.wait_log(&["JWKS reload refused"], std::time::Duration::from_secs(10));
+    assert_eq!(get(&new_tok), 200);
+    // k1 retired: after SIGHUP its tokens are refused at once.
+    write(json!({"keys": [new_idp.jwk]}));
+    e.d.signal(nix::sys::signal::Signal::SIGHUP);
+    e.d.wait_log(&["JWKS re-read"], std::time::Duration::from_secs(10));
+    assert_eq!(get(&old_tok), 401);
+    assert_eq!(get(&new_tok), 200);
+}

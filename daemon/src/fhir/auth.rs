@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
 
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
@@ -118,10 +119,29 @@ struct Claims {
     rest: serde_json::Map<String, serde_json::Value>,
 }
 
-/// The token verifier: keys, issuer, audience, tenant.
+/// How often the JWKS file is looked at again (its modification time) while tokens arrive, so
+/// a key the issuer retired stops being accepted without a restart.
+pub const JWKS_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+/// A token signed by a key we do not know makes us look at the file at most this often (the
+/// agent may just have fetched the issuer's new key).
+pub const JWKS_RECHECK_UNKNOWN_KID: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The JWKS as last read from disk.
+#[derive(Debug)]
+struct KeyState {
+    set: Arc<JwkSet>,
+    modified: Option<std::time::SystemTime>,
+    checked: std::time::Instant,
+}
+
+/// The token verifier: keys, issuer, audience, tenant. The keys follow the JWKS file, which the
+/// agent keeps fresh from the cloud issuer: re-read when its modification time changes (looked at
+/// every [`JWKS_RECHECK`], or at once for an unknown `kid`), and on SIGHUP. A file that no longer
+/// parses or holds no keys is refused and the previous keys stay in use. Clones share the keys.
 #[derive(Clone)]
 pub struct Verifier {
-    keys: JwkSet,
+    path: std::path::PathBuf,
+    keys: Arc<std::sync::RwLock<KeyState>>,
     issuer: String,
     audience: String,
     leeway_secs: u64,
@@ -133,6 +153,18 @@ impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Verifier").field("issuer", &self.issuer).finish_non_exhaustive()
     }
+}
+
+/// Reads and checks a JWKS file: (keys, modification time).
+fn read_jwks(path: &Path) -> Result<(JwkSet, Option<std::time::SystemTime>), JwksError> {
+    let err = |reason: String| JwksError { path: path.display().to_string(), reason };
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let keys: JwkSet = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    if keys.keys.is_empty() {
+        return Err(err("it holds no keys".into()));
+    }
+    Ok((keys, modified))
 }
 
 /// Why the verifier could not be built (at start or on reload).
@@ -152,20 +184,61 @@ impl Verifier {
         tenant_claim: &str,
         tenant: &str,
     ) -> Result<Self, JwksError> {
-        let err = |reason: String| JwksError { path: jwks_file.display().to_string(), reason };
-        let text = std::fs::read_to_string(jwks_file).map_err(|e| err(e.to_string()))?;
-        let keys: JwkSet = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-        if keys.keys.is_empty() {
-            return Err(err("it holds no keys".into()));
-        }
+        let (set, modified) = read_jwks(jwks_file)?;
         Ok(Verifier {
-            keys,
+            path: jwks_file.to_owned(),
+            keys: Arc::new(std::sync::RwLock::new(KeyState {
+                set: Arc::new(set),
+                modified,
+                checked: std::time::Instant::now(),
+            })),
             issuer: issuer.into(),
             audience: audience.into(),
             leeway_secs,
             tenant_claim: tenant_claim.into(),
             tenant: tenant.into(),
         })
+    }
+
+    /// Re-reads the JWKS file now (SIGHUP). On error the keys in use stay.
+    pub fn reload(&self) -> Result<usize, JwksError> {
+        let (set, modified) = read_jwks(&self.path)?;
+        let n = set.keys.len();
+        let mut st = self.keys.write().expect("jwks lock");
+        *st = KeyState { set: Arc::new(set), modified, checked: std::time::Instant::now() };
+        Ok(n)
+    }
+
+    /// The keys to verify with, re-read first when the file changed and it is time to look.
+    fn current_keys(&self, min_age: std::time::Duration) -> Arc<JwkSet> {
+        {
+            let st = self.keys.read().expect("jwks lock");
+            if st.checked.elapsed() < min_age {
+                return st.set.clone();
+            }
+        }
+        let mut st = self.keys.write().expect("jwks lock");
+        if st.checked.elapsed() < min_age {
+            return st.set.clone();
+        }
+        st.checked = std::time::Instant::now();
+        let modified = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        if modified != st.modified {
+            match read_jwks(&self.path) {
+                Ok((set, m)) => {
+                    tracing::info!(path = %self.path.display(), keys = set.keys.len(),
+                        "JWKS changed on disk; now verifying tokens with the new keys");
+                    st.set = Arc::new(set);
+                    st.modified = m;
+                }
+                Err(e) => {
+                    // Not retried until the file changes again; the previous keys stay.
+                    st.modified = modified;
+                    tracing::error!(error = %e, "JWKS changed on disk but cannot be used; keeping the previous keys");
+                }
+            }
+        }
+        st.set.clone()
     }
 
     /// Checks `Authorization: Bearer …`. 401 for a missing, malformed, expired or foreign-signed
@@ -180,12 +253,17 @@ impl Verifier {
         if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
             return Err(unauthorized("only RS256 and ES256 tokens are accepted"));
         }
-        let jwk = match &header.kid {
-            Some(kid) => self.keys.find(kid),
-            None if self.keys.keys.len() == 1 => self.keys.keys.first(),
-            None => None,
-        }
-        .ok_or_else(|| unauthorized("token signed by an unknown key"))?;
+        let find = |keys: &JwkSet| -> Option<jsonwebtoken::jwk::Jwk> {
+            match &header.kid {
+                Some(kid) => keys.find(kid).cloned(),
+                None if keys.keys.len() == 1 => keys.keys.first().cloned(),
+                None => None,
+            }
+        };
+        let jwk = find(&self.current_keys(JWKS_RECHECK))
+            .or_else(|| find(&self.current_keys(JWKS_RECHECK_UNKNOWN_KID)))
+            .ok_or_else(|| unauthorized("token signed by an unknown key"))?;
+        let jwk = &jwk;
         let key = DecodingKey::from_jwk(jwk).map_err(|_| unauthorized("unusable signing key"))?;
         let mut v = Validation::new(header.alg);
         v.leeway = self.leeway_secs;
