@@ -112,13 +112,19 @@ fn log_size(l: &Value) -> u64 {
 }
 
 fn cli(state: &Path, args: &[&str]) -> (bool, String) {
-    let o = Command::new(bin("hms-edge"))
-        .args(args)
+    cli_env(state, args, &[])
+}
+
+fn cli_env(state: &Path, args: &[&str], env: &[(&str, &Path)]) -> (bool, String) {
+    let mut cmd = Command::new(bin("hms-edge"));
+    cmd.args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HMS_EDGE_PATHS_STATE_DIR", state)
-        .output()
-        .unwrap();
+        .env("HMS_EDGE_PATHS_STATE_DIR", state);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let o = cmd.output().unwrap();
     let t = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     (o.status.success(), t)
 }
@@ -137,7 +143,7 @@ fn post_patient(c: &reqwest::blocking::Client, base: &str, family: &str, birth: 
 
 /// Waits until `$verify` at `url` answers with an anchor of at least `min_size` leaves.
 fn wait_anchored(c: &reqwest::blocking::Client, url: &str, min_size: u64, what: &str) -> Value {
-    wait_until(Duration::from_secs(60), what, || {
+    wait_until(Duration::from_secs(180), what, || {
         let v: Value = c.get(url).send().ok()?.json().ok()?;
         (v["anchor"]["size"].as_u64()? >= min_size).then_some(v)
     })
@@ -198,6 +204,17 @@ fn anchors_verify_on_chain_survive_an_outage_and_carry_no_phi() {
     let p1_file = work.path().join("p1.json");
     std::fs::write(&p1_file, proof.to_string()).unwrap();
     let (ok, t) = cli(&state, &["verify", "--rpc", &rpc_url, p1_file.to_str().unwrap()]);
+    assert!(ok && t.contains("OK on chain"), "{t}");
+    // The same over https:// (a chain's public RPC endpoint), its certificate checked against the
+    // trusted CAs: refused while the CA is unknown, verified once SSL_CERT_FILE names it.
+    let (https_url, rpc_ca) = tls_front(&rpc_url, work.path());
+    let (ok, t) = cli(&state, &["verify", "--rpc", &https_url, p1_file.to_str().unwrap()]);
+    assert!(!ok && t.contains("TLS"), "an untrusted RPC certificate must be refused: {t}");
+    let (ok, t) = cli_env(
+        &state,
+        &["verify", "--rpc", &https_url, p1_file.to_str().unwrap()],
+        &[("SSL_CERT_FILE", &rpc_ca)],
+    );
     assert!(ok && t.contains("OK on chain"), "{t}");
     let dproof = wait_anchored(&c, &format!("{base}/$verify-dicom?sop={sop}"), 1, "DICOM anchor");
     let d_file = work.path().join("dicom.json");
@@ -331,4 +348,78 @@ fn checkpoint_size(admin: std::net::SocketAddr) -> u64 {
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map(|v| v as u64)
         .expect("hms_ledger_checkpoint_size in /metrics")
+}
+
+/// A TLS front for the node, as a chain's public RPC endpoint would be: a certificate for
+/// `localhost` from a CA of its own, one HTTP request per connection forwarded to `upstream`
+/// (`http://127.0.0.1:port`). Returns the `https://` URL and the CA's PEM file.
+fn tls_front(upstream: &str, dir: &Path) -> (String, PathBuf) {
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+    use std::io::{Read, Write};
+    let mut ca_p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    ca_p.distinguished_name.push(rcgen::DnType::CommonName, "MediChain RPC test CA");
+    let ca =
+        rcgen::CertifiedIssuer::self_signed(ca_p, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let ca_file = dir.join("rpc-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cfg = std::sync::Arc::new(
+        rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                PrivateKeyDer::from_pem_slice(leaf_key.serialize_pem().as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let upstream = upstream.strip_prefix("http://").unwrap().to_owned();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().map_while(Result::ok) {
+            let (cfg, upstream) = (cfg.clone(), upstream.clone());
+            std::thread::spawn(move || {
+                let mut tls =
+                    rustls::StreamOwned::new(rustls::ServerConnection::new(cfg).unwrap(), tcp);
+                let mut req = Vec::new();
+                let mut chunk = [0u8; 8192];
+                let mut want = None;
+                while want.is_none_or(|w| req.len() < w) {
+                    match tls.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&chunk[..n]),
+                    }
+                    if want.is_none()
+                        && let Some(i) = req.windows(4).position(|w| w == b"\r\n\r\n")
+                    {
+                        let head = String::from_utf8_lossy(&req[..i]).to_ascii_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        want = Some(i + 4 + len);
+                    }
+                }
+                // One request per connection: ask the node to close after answering.
+                let line_end = req.windows(2).position(|w| w == b"\r\n").unwrap();
+                req.splice(line_end + 2..line_end + 2, b"Connection: close\r\n".iter().copied());
+                let mut up = std::net::TcpStream::connect(&upstream).unwrap();
+                up.write_all(&req).unwrap();
+                let mut resp = Vec::new();
+                let _ = up.read_to_end(&mut resp);
+                let _ = tls.write_all(&resp);
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            });
+        }
+    });
+    (format!("https://localhost:{port}"), ca_file)
 }
