@@ -44,6 +44,7 @@ def client(base, ca, token):
 
     session = create_session()
     session.verify = ca
+    session.trust_env = False  # REQUESTS_CA_BUNDLE / proxies from the environment would win
     headers = {"Authorization": f"Bearer {token}"} if token != "-" else None
     return DICOMwebClient(url=base, session=session, headers=headers)
 

@@ -186,7 +186,11 @@ fn store_with_storescu(e: &Env, files: &[PathBuf], facts: &[Value]) -> Vec<PathB
                 .args(["-R", propose, "-aec", AE, "-aet", "MODALITY1", "127.0.0.1"])
                 .arg(port.to_string())
                 .arg(file));
-            assert!(out.status.success(), "storescu {file:?}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "storescu {file:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
     facts
@@ -225,13 +229,14 @@ fn every_instance_stored_with_storescu_comes_back_byte_identical_through_wado_rs
             assert_eq!(r.status(), 200, "{path}");
             let (ct, ps) = parts(r);
             assert!(ct.starts_with("multipart/related; type=\"application/dicom\""), "{ct}");
-            let mine: Vec<_> = ps
-                .iter()
-                .filter(|(_, b)| find(b, sop.as_bytes()).is_some())
-                .collect();
+            let mine: Vec<_> =
+                ps.iter().filter(|(_, b)| find(b, sop.as_bytes()).is_some()).collect();
             assert_eq!(mine.len(), 1, "{file:?} {path}");
             let (h, body) = mine[0];
-            assert!(h.contains(&format!("transfer-syntax={}", fact["ts"].as_str().unwrap())), "{h}");
+            assert!(
+                h.contains(&format!("transfer-syntax={}", fact["ts"].as_str().unwrap())),
+                "{h}"
+            );
             assert!(
                 dataset_of_bytes(body) == expected,
                 "{file:?} via {path}: data set differs from what storescu sent"
@@ -260,7 +265,10 @@ fn every_instance_stored_with_storescu_comes_back_byte_identical_through_wado_rs
             // Frames: each one as sent (native) or as stored (compressed).
             let n = expected["frames"].as_array().unwrap().len();
             let list: Vec<String> = (1..=n).rev().map(|i| i.to_string()).collect();
-            let r = e.get(&format!("/studies/{st}/series/{se}/instances/{sop}/frames/{}", list.join(",")));
+            let r = e.get(&format!(
+                "/studies/{st}/series/{se}/instances/{sop}/frames/{}",
+                list.join(",")
+            ));
             assert_eq!(r.status(), 200, "{file:?} frames");
             let (ct, frames) = parts(r);
             assert_eq!(frames.len(), n, "{file:?}");
@@ -292,7 +300,12 @@ fn every_instance_stored_with_storescu_comes_back_byte_identical_through_wado_rs
     assert!(v[0]["bulk"].as_u64().unwrap() >= 1);
     let v = py(&e.client_args(
         None,
-        &["retrieve-instance", st, ct["series"].as_str().unwrap(), ct["sop_instance"].as_str().unwrap()],
+        &[
+            "retrieve-instance",
+            st,
+            ct["series"].as_str().unwrap(),
+            ct["sop_instance"].as_str().unwrap(),
+        ],
     ));
     assert_eq!(v["rows"], 128);
 
@@ -300,13 +313,12 @@ fn every_instance_stored_with_storescu_comes_back_byte_identical_through_wado_rs
     let fhir = e.d.fhir_base();
     let deadline = Instant::now() + Duration::from_secs(20);
     let study = loop {
-        let b: Value = e
-            .c
-            .get(format!("{fhir}/ImagingStudy?identifier=urn:oid:{st}"))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
+        let b: Value =
+            e.c.get(format!("{fhir}/ImagingStudy?identifier=urn:oid:{st}"))
+                .send()
+                .unwrap()
+                .json()
+                .unwrap();
         if b["total"] == 1 || Instant::now() > deadline {
             break b["entry"][0]["resource"].clone();
         }
@@ -359,15 +371,23 @@ fn qido_matches_like_c_find_and_bad_requests_get_clean_errors() {
     assert_eq!(e.qido("/studies?StudyDate=19000101-").len(), all.len() - count_without_date(&all));
     let two: Vec<&str> = studies.iter().take(2).copied().collect();
     assert_eq!(e.qido(&format!("/studies?StudyInstanceUID={}", two.join(","))).len(), 2);
-    assert_eq!(e.qido("/series?Modality=CT").len(), facts.iter().filter(|f| f["modality"] == "CT").count());
+    assert_eq!(
+        e.qido("/series?Modality=CT").len(),
+        facts.iter().filter(|f| f["modality"] == "CT").count()
+    );
     assert_eq!(e.qido(&format!("/studies/{st}/series")).len(), 1);
     let inst = e.qido(&format!("/studies/{st}/instances"));
     assert_eq!(inst.len(), 1);
     assert_eq!(inst[0]["00080018"]["Value"][0], ct["sop_instance"]);
-    assert_eq!(e.qido(&format!("/instances?SOPInstanceUID={}", ct["sop_instance"].as_str().unwrap())).len(), 1);
+    assert_eq!(
+        e.qido(&format!("/instances?SOPInstanceUID={}", ct["sop_instance"].as_str().unwrap()))
+            .len(),
+        1
+    );
     assert_eq!(e.qido("/instances").len(), files.len());
     // includefield, limit, offset: pages cover everything once.
-    let r = e.qido(&format!("/studies?StudyInstanceUID={st}&includefield=StudyDescription,00100030"));
+    let r =
+        e.qido(&format!("/studies?StudyInstanceUID={st}&includefield=StudyDescription,00100030"));
     assert!(r[0].get("00081030").is_some() && r[0].get("00100030").is_some(), "{:?}", r[0]);
     let mut seen = Vec::new();
     for off in 0..all.len() {
@@ -417,7 +437,11 @@ fn qido_matches_like_c_find_and_bad_requests_get_clean_errors() {
     assert_eq!(e.get("/studies/not-a-uid").status(), 400);
     assert_eq!(e.get(&format!("/studies/{st}/series/{se}/instances/{sop}/frames/0")).status(), 400);
     assert_eq!(e.get(&format!("/studies/{st}/series/{se}/instances/{sop}/frames/9")).status(), 404);
-    let r = e.c.get(format!("{}/studies/{st}", e.base)).header("accept", "application/pdf").send().unwrap();
+    let r =
+        e.c.get(format!("{}/studies/{st}", e.base))
+            .header("accept", "application/pdf")
+            .send()
+            .unwrap();
     assert_eq!(r.status(), 406);
     let (status, _, log) = e.d.stop();
     assert!(status.success(), "{log}");
@@ -463,7 +487,12 @@ fn stow_rs_stores_durably_and_refuses_bad_parts_storing_nothing() {
     let bytes: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
 
     // Two instances in one request: both referenced, each retrievable byte-identical.
-    let (s, b) = stow(&e, "/studies", &[("application/dicom", &bytes[0]), ("application/dicom", &bytes[1])], None);
+    let (s, b) = stow(
+        &e,
+        "/studies",
+        &[("application/dicom", &bytes[0]), ("application/dicom", &bytes[1])],
+        None,
+    );
     assert_eq!(s, 200, "{b}");
     let refs = b["00081199"]["Value"].as_array().unwrap();
     assert_eq!(refs.len(), 2);
@@ -491,7 +520,11 @@ fn stow_rs_stores_durably_and_refuses_bad_parts_storing_nothing() {
         ("/studies".to_string(), "application/dicom", half),
         ("/studies".to_string(), "application/dicom", cut),
         ("/studies".to_string(), "application/dicom", &[0u8; 300][..]),
-        (format!("/studies/{}", facts[0]["study"].as_str().unwrap()), "application/dicom", &bytes[3][..]),
+        (
+            format!("/studies/{}", facts[0]["study"].as_str().unwrap()),
+            "application/dicom",
+            &bytes[3][..],
+        ),
     ] {
         let (s, b) = stow(&e, &path, &[(ct, data)], None);
         assert_eq!(s, 409, "{ct} to {path}: {b}");
@@ -500,15 +533,26 @@ fn stow_rs_stores_durably_and_refuses_bad_parts_storing_nothing() {
         assert!(b.get("00081199").is_none());
     }
     // One good and one bad part: 202, the good one stored.
-    let (s, b) = stow(&e, "/studies", &[("application/dicom", &bytes[2]), ("text/plain", b"x")], None);
+    let (s, b) =
+        stow(&e, "/studies", &[("application/dicom", &bytes[2]), ("text/plain", b"x")], None);
     assert_eq!(s, 202, "{b}");
     assert_eq!(b["00081199"]["Value"].as_array().unwrap().len(), 1);
     assert_eq!(b["00081198"]["Value"].as_array().unwrap().len(), 1);
     // Not multipart at all, or a body cut before its closing boundary: clean 4xx.
-    let r = e.c.post(format!("{}/studies", e.base)).header("content-type", "application/json").body("{}").send().unwrap();
+    let r =
+        e.c.post(format!("{}/studies", e.base))
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .unwrap();
     assert_eq!(r.status(), 415);
     let (ct, body) = stow_body(&[("application/dicom", &bytes[3])]);
-    let r = e.c.post(format!("{}/studies", e.base)).header("content-type", ct).body(body[..body.len() / 2].to_vec()).send().unwrap();
+    let r =
+        e.c.post(format!("{}/studies", e.base))
+            .header("content-type", ct)
+            .body(body[..body.len() / 2].to_vec())
+            .send()
+            .unwrap();
     assert_eq!(r.status(), 400);
     std::thread::sleep(Duration::from_millis(300));
     // MR_small was never stored whole: not in the index, no blob for it.
@@ -600,7 +644,8 @@ fn scopes_are_enforced_and_every_access_audited() {
     assert!(status.success(), "{log}");
     assert!(!log.contains(&writer), "tokens must never be logged");
     let key = hms_edge::keys::load_key_file(&state.join("master.key")).unwrap();
-    let store = Store::open(&state, &Key::from_bytes(*key.expose()), &StoreOptions::default()).unwrap();
+    let store =
+        Store::open(&state, &Key::from_bytes(*key.expose()), &StoreOptions::default()).unwrap();
     let rows: Vec<(String, String, String, String)> = store
         .read_blocking(|c| {
             let mut s = c.prepare("SELECT action, actor, entity, outcome FROM audit_events")?;

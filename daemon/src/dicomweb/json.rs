@@ -125,7 +125,9 @@ impl<R: Read> Walker<'_, R> {
         while got < buf.len() {
             match self.r.read(&mut buf[got..]) {
                 Ok(0) if got == 0 => return Ok(false),
-                Ok(0) => return Err(bad(format!("data set ends inside an element (byte {})", self.pos))),
+                Ok(0) => {
+                    return Err(bad(format!("data set ends inside an element (byte {})", self.pos)));
+                }
                 Ok(n) => {
                     got += n;
                     self.pos += n as u64;
@@ -160,7 +162,12 @@ impl<R: Read> Walker<'_, R> {
         Ok(v)
     }
 
-    fn elements(&mut self, implicit: bool, until: Until, depth: usize) -> io::Result<Map<String, Value>> {
+    fn elements(
+        &mut self,
+        implicit: bool,
+        until: Until,
+        depth: usize,
+    ) -> io::Result<Map<String, Value>> {
         if depth > MAX_DEPTH {
             return Err(bad("sequences nested too deeply"));
         }
@@ -243,7 +250,12 @@ impl<R: Read> Walker<'_, R> {
         }
     }
 
-    fn sequence(&mut self, implicit: bool, end: Option<u64>, depth: usize) -> io::Result<Vec<Value>> {
+    fn sequence(
+        &mut self,
+        implicit: bool,
+        end: Option<u64>,
+        depth: usize,
+    ) -> io::Result<Vec<Value>> {
         let mut items = Vec::new();
         loop {
             if let Some(e) = end
@@ -259,7 +271,11 @@ impl<R: Read> Walker<'_, R> {
             match tag {
                 SEQUENCE_DELIMITER if end.is_none() => return Ok(items),
                 ITEM if len == UNDEFINED => {
-                    items.push(Value::Object(self.elements(implicit, Until::Delimiter, depth + 1)?));
+                    items.push(Value::Object(self.elements(
+                        implicit,
+                        Until::Delimiter,
+                        depth + 1,
+                    )?));
                 }
                 ITEM => {
                     let until = Until::Offset(self.pos + u64::from(len));
@@ -400,7 +416,9 @@ pub fn decode_values(tag: u32, vr: VR, v: &[u8], codec: &SpecificCharacterSet) -
         VR::SL => nums(4, &|c| json!(i32::from_le_bytes(c.try_into().unwrap_or_default()))),
         VR::UV => nums(8, &|c| json!(u64::from_le_bytes(c.try_into().unwrap_or_default()))),
         VR::SV => nums(8, &|c| json!(i64::from_le_bytes(c.try_into().unwrap_or_default()))),
-        VR::FL => nums(4, &|c| float(f64::from(f32::from_le_bytes(c.try_into().unwrap_or_default())))),
+        VR::FL => {
+            nums(4, &|c| float(f64::from(f32::from_le_bytes(c.try_into().unwrap_or_default()))))
+        }
         VR::FD => nums(8, &|c| float(f64::from_le_bytes(c.try_into().unwrap_or_default()))),
         VR::AT => nums(4, &|c| {
             let g = u16::from_le_bytes([c[0], c[1]]);
@@ -449,7 +467,9 @@ pub fn text_values(vr: VR, text: &str) -> Vec<Value> {
                     .map_or_else(|| json!(s), Value::Number),
                 VR::PN => {
                     let mut o = Map::new();
-                    for (name, part) in ["Alphabetic", "Ideographic", "Phonetic"].iter().zip(s.split('=')) {
+                    for (name, part) in
+                        ["Alphabetic", "Ideographic", "Phonetic"].iter().zip(s.split('='))
+                    {
                         if !part.is_empty() {
                             o.insert((*name).into(), json!(part));
                         }
@@ -554,11 +574,15 @@ mod tests {
         let big_at = ds.len() as u64 + 12;
         ds.extend(explicit(0x0009_1002, b"OB", &[9; 100]));
         ds.extend(explicit(0x7FE0_0010, b"OW", &[0; 8]));
-        let w = walk(&ds[..], true, WalkOptions { inline_max: 16, stop_at_pixel_data: false }, &uri)
-            .unwrap();
+        let w =
+            walk(&ds[..], true, WalkOptions { inline_max: 16, stop_at_pixel_data: false }, &uri)
+                .unwrap();
         let a = Value::Object(w.attrs.clone());
         assert_eq!(a["00080060"], json!({"vr": "CS", "Value": ["CT"]}));
-        assert_eq!(a["00100010"]["Value"][0], json!({"Alphabetic": "Doe^John", "Ideographic": "Ideo"}));
+        assert_eq!(
+            a["00100010"]["Value"][0],
+            json!({"Alphabetic": "Doe^John", "Ideographic": "Ideo"})
+        );
         assert_eq!(a["00180050"]["Value"], json!([1.5, 2.0]));
         assert_eq!(a["00200013"]["Value"], json!([7]));
         assert_eq!(a["00081032"]["Value"][0]["00080100"]["Value"][0], "ABC");
@@ -569,8 +593,19 @@ mod tests {
         assert_eq!(w.number(0x0020_0013), Some(7));
         let Some(PixelData::Native { offset, length: 8 }) = w.pixel else { panic!() };
         assert_eq!(offset, ds.len() as u64 - 8);
-        assert!(frame_ranges(w.pixel.as_ref().unwrap(), 2, 2, Some(4)).unwrap() == vec![(offset + 4, 4)]);
+        assert!(
+            frame_ranges(w.pixel.as_ref().unwrap(), 2, 2, Some(4)).unwrap()
+                == vec![(offset + 4, 4)]
+        );
         // Truncated data sets are errors.
-        assert!(walk(&ds[..ds.len() - 3], true, WalkOptions { inline_max: 16, stop_at_pixel_data: false }, &uri).is_err());
+        assert!(
+            walk(
+                &ds[..ds.len() - 3],
+                true,
+                WalkOptions { inline_max: 16, stop_at_pixel_data: false },
+                &uri
+            )
+            .is_err()
+        );
     }
 }

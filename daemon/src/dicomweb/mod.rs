@@ -182,7 +182,8 @@ async fn qido(
         if let Some(s) = &series {
             check_uid("Series Instance UID", s)?;
         }
-        qido::parse(level, &pairs, study.as_deref(), series.as_deref()).map_err(FhirError::BadRequest)
+        qido::parse(level, &pairs, study.as_deref(), series.as_deref())
+            .map_err(FhirError::BadRequest)
     })();
     let q = match parsed {
         Ok(q) => q,
@@ -298,17 +299,19 @@ pub(crate) async fn locate(
         .map_err(|e| FhirError::Internal(e.to_string()))?;
     let out: Vec<Located> = rows
         .into_iter()
-        .filter_map(|(study_uid, series_uid, sop_uid, sop_class_uid, transfer_syntax, blob, size)| {
-            Some(Located {
-                study_uid,
-                series_uid,
-                sop_uid,
-                sop_class_uid,
-                transfer_syntax,
-                blob: BlobId::parse(&blob)?,
-                size: size as u64,
-            })
-        })
+        .filter_map(
+            |(study_uid, series_uid, sop_uid, sop_class_uid, transfer_syntax, blob, size)| {
+                Some(Located {
+                    study_uid,
+                    series_uid,
+                    sop_uid,
+                    sop_class_uid,
+                    transfer_syntax,
+                    blob: BlobId::parse(&blob)?,
+                    size: size as u64,
+                })
+            },
+        )
         .collect();
     if out.is_empty() {
         let what = match (series, sop) {
@@ -359,9 +362,14 @@ async fn wado_study(
     addr: Addr,
 ) -> ApiResult {
     stream::check_accept_dicom(&headers)?;
-    let (_, found) =
-        retrieve_prelude(&ctx, &headers, addr.as_deref(), "dicomweb-retrieve", (&study, None, None))
-            .await?;
+    let (_, found) = retrieve_prelude(
+        &ctx,
+        &headers,
+        addr.as_deref(),
+        "dicomweb-retrieve",
+        (&study, None, None),
+    )
+    .await?;
     Ok(stream::instances(&ctx, found))
 }
 
@@ -397,9 +405,14 @@ async fn metadata_study(
     headers: HeaderMap,
     addr: Addr,
 ) -> ApiResult {
-    let (_, found) =
-        retrieve_prelude(&ctx, &headers, addr.as_deref(), "dicomweb-metadata", (&study, None, None))
-            .await?;
+    let (_, found) = retrieve_prelude(
+        &ctx,
+        &headers,
+        addr.as_deref(),
+        "dicomweb-metadata",
+        (&study, None, None),
+    )
+    .await?;
     Ok(stream::metadata(&ctx, found, base_url(&headers)))
 }
 

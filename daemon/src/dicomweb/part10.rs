@@ -50,8 +50,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<Part10Meta>, String> {
         if !vr[0].is_ascii_uppercase() || !vr[1].is_ascii_uppercase() {
             return Err("File Meta Information is not explicit VR".into());
         }
-        let (head, len) = if matches!(&vr, b"OB" | b"OW" | b"UN" | b"UT" | b"SQ" | b"UC" | b"UR")
-        {
+        let (head, len) = if matches!(&vr, b"OB" | b"OW" | b"UN" | b"UT" | b"SQ" | b"UC" | b"UR") {
             if buf.len() < pos + 12 {
                 return Ok(None);
             }
@@ -66,7 +65,8 @@ pub fn parse(buf: &[u8]) -> Result<Option<Part10Meta>, String> {
             return Ok(None);
         }
         let value = &buf[pos + head..pos + head + len];
-        let text = || String::from_utf8_lossy(value).trim_end_matches(['\0', ' ']).trim().to_owned();
+        let text =
+            || String::from_utf8_lossy(value).trim_end_matches(['\0', ' ']).trim().to_owned();
         match element {
             0x0000 if len == 4 => {
                 let glen = u32::from_le_bytes(value.try_into().unwrap_or_default()) as usize;
@@ -81,11 +81,15 @@ pub fn parse(buf: &[u8]) -> Result<Option<Part10Meta>, String> {
     }
     let missing = |what: &str| format!("File Meta Information lacks the {what}");
     Ok(Some(Part10Meta {
-        sop_class_uid: class.filter(|s| !s.is_empty()).ok_or_else(|| missing("Media Storage SOP Class UID"))?,
+        sop_class_uid: class
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| missing("Media Storage SOP Class UID"))?,
         sop_instance_uid: instance
             .filter(|s| !s.is_empty())
             .ok_or_else(|| missing("Media Storage SOP Instance UID"))?,
-        transfer_syntax: ts.filter(|s| !s.is_empty()).ok_or_else(|| missing("Transfer Syntax UID"))?,
+        transfer_syntax: ts
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| missing("Transfer Syntax UID"))?,
         dataset_offset: pos,
     }))
 }

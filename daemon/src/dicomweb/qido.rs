@@ -144,8 +144,10 @@ pub fn parse(
 fn check_value(name: &str, vr: VR, v: &str) -> Result<String, String> {
     let v = v.trim();
     let ok = match vr {
-        VR::DA => v.chars().all(|c| c.is_ascii_digit() || c == '-')
-            && v.split('-').all(|d| d.is_empty() || d.len() == 8),
+        VR::DA => {
+            v.chars().all(|c| c.is_ascii_digit() || c == '-')
+                && v.split('-').all(|d| d.is_empty() || d.len() == 8)
+        }
         VR::TM => v.chars().all(|c| c.is_ascii_digit() || matches!(c, '-' | '.' | ':')),
         VR::DT => v.chars().all(|c| c.is_ascii_digit() || matches!(c, '-' | '.' | '+')),
         VR::UI => v.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | ',' | '\\')),
@@ -236,7 +238,8 @@ mod tests {
         assert!(k.contains(&(tags::PATIENT_NAME, VR::PN, "DOE*")));
         assert!(k.contains(&(tags::MODALITY, VR::CS, "CT")));
         assert!(k.contains(&(tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3")));
-        let q = parse(Level::Study, &pairs(&[("StudyInstanceUID", "1.2,1.3")]), None, None).unwrap();
+        let q =
+            parse(Level::Study, &pairs(&[("StudyInstanceUID", "1.2,1.3")]), None, None).unwrap();
         assert_eq!(q.query.keys[0].value, "1.2\\1.3");
     }
 
@@ -253,6 +256,8 @@ mod tests {
         ] {
             assert!(parse(Level::Study, &pairs(&[p]), None, None).is_err(), "{p:?}");
         }
-        assert!(parse(Level::Study, &pairs(&[("StudyDate", "20240101-20241231")]), None, None).is_ok());
+        assert!(
+            parse(Level::Study, &pairs(&[("StudyDate", "20240101-20241231")]), None, None).is_ok()
+        );
     }
 }

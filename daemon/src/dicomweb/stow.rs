@@ -82,30 +82,45 @@ async fn run(
     addr: Addr,
     body: Body,
 ) -> Result<Response, FhirError> {
-    let who = authorize(&ctx.fhir, &headers, addr.as_deref(), SCOPE_TYPE, Interaction::Create)?;
+    let who = match authorize(&ctx.fhir, &headers, addr.as_deref(), SCOPE_TYPE, Interaction::Create)
+    {
+        Ok(w) => w,
+        Err(e) => {
+            drain(body, ctx.fhir.max_body_bytes).await;
+            return Err(e);
+        }
+    };
     let refuse = |e: FhirError| {
         audit_read(&ctx.fhir, &who, "dicomweb-store", "studies".into(), &e.status().to_string());
         e
     };
-    if let Some(s) = &study {
-        check_uid("Study Instance UID", s).map_err(refuse)?;
-    }
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let mt = MediaType::parse(ct);
-    if mt.essence != "multipart/related" {
-        return Err(refuse(FhirError::UnsupportedMediaType(format!(
-            "Content-Type {ct:?}: STOW-RS takes multipart/related; type=\"application/dicom\""
-        ))));
-    }
     let part_type = mt.param("type").unwrap_or("application/dicom").to_ascii_lowercase();
-    if part_type != "application/dicom" {
-        return Err(refuse(FhirError::UnsupportedMediaType(format!(
-            "multipart/related of type {part_type:?}: only application/dicom instances are accepted"
-        ))));
-    }
-    let boundary = mt.param("boundary").unwrap_or("");
-    let mut parser = Parser::new(boundary)
-        .map_err(|e| refuse(FhirError::BadRequest(format!("Content-Type {ct:?}: {e}"))))?;
+    let checked = (|| {
+        if let Some(s) = &study {
+            check_uid("Study Instance UID", s)?;
+        }
+        if mt.essence != "multipart/related" {
+            return Err(FhirError::UnsupportedMediaType(format!(
+                "Content-Type {ct:?}: STOW-RS takes multipart/related; type=\"application/dicom\""
+            )));
+        }
+        if part_type != "application/dicom" {
+            return Err(FhirError::UnsupportedMediaType(format!(
+                "multipart/related of type {part_type:?}: only application/dicom instances are accepted"
+            )));
+        }
+        Parser::new(mt.param("boundary").unwrap_or(""))
+            .map_err(|e| FhirError::BadRequest(format!("Content-Type {ct:?}: {e}")))
+    })();
+    let mut parser = match checked {
+        Ok(p) => p,
+        Err(e) => {
+            drain(body, ctx.fhir.max_body_bytes).await;
+            return Err(refuse(e));
+        }
+    };
 
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut state: Option<PartState> = None;
@@ -115,12 +130,13 @@ async fn run(
             let chunk = match stream.next().await {
                 Some(Ok(c)) => c,
                 Some(Err(e)) => {
-                    return Err(FhirError::BadRequest(format!("cannot read the request body: {e}")));
+                    return Err(FhirError::BadRequest(format!(
+                        "cannot read the request body: {e}"
+                    )));
                 }
                 None => break,
             };
-            let events =
-                parser.feed(&chunk).map_err(|e| FhirError::BadRequest(e.to_string()))?;
+            let events = parser.feed(&chunk).map_err(|e| FhirError::BadRequest(e.to_string()))?;
             for ev in events {
                 match ev {
                     Event::Part(h) => {
@@ -191,7 +207,10 @@ async fn run(
     }
     let mut out = Map::new();
     if let Some(s) = &study {
-        out.insert(tag_key(0x0008_1190), json!({"vr": "UR", "Value": [format!("{base}/studies/{s}")]}));
+        out.insert(
+            tag_key(0x0008_1190),
+            json!({"vr": "UR", "Value": [format!("{base}/studies/{s}")]}),
+        );
     }
     if !failures.is_empty() {
         out.insert(tag_key(0x0008_1198), json!({"vr": "SQ", "Value": failures}));
@@ -214,6 +233,19 @@ async fn run(
         }
     }
     Ok(r)
+}
+
+/// Reads and discards (up to `limit` bytes of) a refused request's body, so that the client,
+/// still sending, receives the answer instead of a reset connection.
+async fn drain(body: Body, limit: usize) {
+    let mut stream = body.into_data_stream();
+    let mut seen = 0;
+    while seen < limit {
+        match stream.next().await {
+            Some(Ok(c)) => seen += c.len(),
+            _ => return,
+        }
+    }
 }
 
 /// Feeds part bytes to the part's state.
@@ -315,7 +347,10 @@ async fn finish(
     } else if a.study_instance_uid.is_empty() || a.series_instance_uid.is_empty() {
         Some("Study or Series Instance UID missing".to_owned())
     } else if study.is_some_and(|s| s != a.study_instance_uid) {
-        Some(format!("the instance belongs to study {}, not the one of the URL", a.study_instance_uid))
+        Some(format!(
+            "the instance belongs to study {}, not the one of the URL",
+            a.study_instance_uid
+        ))
     } else {
         None
     };
@@ -336,7 +371,11 @@ async fn finish(
     let (st, se) = (a.study_instance_uid.clone(), a.series_instance_uid.clone());
     let ts = meta.transfer_syntax.clone();
     let policy = ctx.duplicate_policy;
-    let audit = write_audit(who, "dicomweb-store", format!("studies/{st}/series/{se}/instances/{}", a.sop_instance_uid));
+    let audit = write_audit(
+        who,
+        "dicomweb-store",
+        format!("studies/{st}/series/{se}/instances/{}", a.sop_instance_uid),
+    );
     let result = ctx
         .fhir
         .store

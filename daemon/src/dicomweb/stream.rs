@@ -56,7 +56,10 @@ fn pump(tx: &Tx, r: &mut impl Read, n: Option<u64>) -> io::Result<u64> {
         let got = r.read(&mut buf)?;
         if got == 0 {
             if n.is_some() {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "value shorter than expected"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "value shorter than expected",
+                ));
             }
             break;
         }
@@ -125,12 +128,14 @@ pub fn open_dataset(blobs: &BlobStore, inst: &Located) -> io::Result<(Box<dyn Re
     let mut r = blobs.open_reader(&inst.blob)?;
     let mut head = [0u8; 144];
     r.read_exact(&mut head)?;
-    let off = part10_dataset_offset(&head)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "stored file has no File Meta"))?;
+    let off = part10_dataset_offset(&head).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidData, "stored file has no File Meta")
+    })?;
     io::copy(&mut (&mut r).take((off - 144) as u64), &mut io::sink())?;
     let ts = inst.transfer_syntax.as_str();
-    let enc = crate::dicom::uids::dataset_encoding(ts)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "stored transfer syntax unknown"))?;
+    let enc = crate::dicom::uids::dataset_encoding(ts).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidData, "stored transfer syntax unknown")
+    })?;
     let reader: Box<dyn Read + Send> = if enc.deflated {
         Box::new(flate2::read::DeflateDecoder::new(io::BufReader::new(r)))
     } else {
@@ -176,7 +181,9 @@ pub fn metadata(ctx: &DicomWebContext, found: Vec<Located>, base: String) -> Res
 fn frame_media_type(ts: &str) -> &'static str {
     use dicom_dictionary_std::uids;
     match ts {
-        uids::JPEG_BASELINE8_BIT | uids::JPEG_EXTENDED12_BIT | uids::JPEG_LOSSLESS
+        uids::JPEG_BASELINE8_BIT
+        | uids::JPEG_EXTENDED12_BIT
+        | uids::JPEG_LOSSLESS
         | uids::JPEG_LOSSLESS_SV1 => "image/jpeg",
         uids::JPEGLS_LOSSLESS | uids::JPEGLS_NEAR_LOSSLESS => "image/jls",
         uids::JPEG2000_LOSSLESS | uids::JPEG2000 => "image/jp2",
@@ -232,7 +239,10 @@ fn ranges_response(
                 let skipped = io::copy(&mut (&mut *r).take(off - *pos), &mut io::sink())?;
                 *pos += skipped;
                 if *pos != off {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "range beyond the data set"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "range beyond the data set",
+                    ));
                 }
                 *pos += pump(tx, r, Some(len))?;
             }
@@ -272,7 +282,9 @@ pub async fn frames(
     let (pixel, n, size) = tokio::task::spawn_blocking(move || pixel_layout(&b2, &i2))
         .await
         .map_err(|e| FhirError::Internal(e.to_string()))?
-        .map_err(|e| FhirError::NotFound(format!("instance {sop} has no readable Pixel Data: {e}")))?;
+        .map_err(|e| {
+            FhirError::NotFound(format!("instance {sop} has no readable Pixel Data: {e}"))
+        })?;
     let mut parts = Vec::new();
     for f in wanted {
         parts.push(json::frame_ranges(&pixel, f, n, size).map_err(FhirError::NotFound)?);
@@ -314,7 +326,9 @@ pub async fn bulk(
     let (pixel, n, size) = tokio::task::spawn_blocking(move || pixel_layout(&b2, &i2))
         .await
         .map_err(|e| FhirError::Internal(e.to_string()))?
-        .map_err(|e| FhirError::NotFound(format!("instance {sop} has no readable Pixel Data: {e}")))?;
+        .map_err(|e| {
+            FhirError::NotFound(format!("instance {sop} has no readable Pixel Data: {e}"))
+        })?;
     match &pixel {
         PixelData::Native { offset, length } => Ok(ranges_response(
             blobs,
