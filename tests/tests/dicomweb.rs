@@ -659,7 +659,7 @@ fn scopes_are_enforced_and_every_access_audited() {
         rows.iter().any(|r| r.0 == action && r.1 == "radiologist-3" && r.3.starts_with(outcome))
     };
     assert!(has("authorize", "403"), "{rows:?}");
-    assert!(has("dicomweb-store", "success"), "{rows:?}");
+    assert!(has("dicom-store", "success"), "{rows:?}");
     assert!(has("dicomweb-search", "success"), "{rows:?}");
     assert!(has("dicomweb-retrieve", "success"), "{rows:?}");
     assert!(has("dicomweb-retrieve", "404"), "{rows:?}");

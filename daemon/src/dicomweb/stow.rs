@@ -1,6 +1,7 @@
 //! STOW-RS: each `application/dicom` part of a multipart/related request is streamed into an
 //! encrypted blob as it arrives ([`crate::dicom::sink`], as for C-STORE) and recorded by
-//! [`crate::dicom::index::record_instance`] together with its audit row in one durable write.
+//! [`crate::dicom::index::record_instance`] (index rows, ledger leaf and `dicom-store` audit event,
+//! the token's subject as sender) in one durable write.
 //! A part that is not a complete, well-formed DICOM instance of a storage SOP class leaves no blob
 //! and no row and is listed in the FailedSOPSequence.
 
@@ -23,12 +24,8 @@ use crate::dicom::index::{self, Recorded};
 use crate::dicom::sink::{ReceivedInstance, SinkHandle};
 use crate::dicom::uids;
 use crate::fhir::FhirError;
-use crate::fhir::api::{Caller, audit_read, authorize, write_audit};
+use crate::fhir::api::{Caller, audit_read, authorize};
 use crate::fhir::auth::Interaction;
-use crate::fhir::storage;
-
-/// Calling AE recorded for instances stored through STOW-RS.
-pub const STOW_SOURCE: &str = "STOW-RS";
 
 // Failure reasons (PS3.18 Table 10.5.3-3 / PS3.4 status codes).
 const DUPLICATE: u16 = 0x0111;
@@ -371,23 +368,16 @@ async fn finish(
     let (st, se) = (a.study_instance_uid.clone(), a.series_instance_uid.clone());
     let ts = meta.transfer_syntax.clone();
     let policy = ctx.duplicate_policy;
-    let audit = write_audit(
-        who,
-        "dicomweb-store",
-        format!("studies/{st}/series/{se}/instances/{}", a.sop_instance_uid),
-    );
+    // `record_instance` writes the `dicom-store` audit event in the instance's own transaction.
+    let sender = index::Sender {
+        calling_ae: who.actor.clone(),
+        actor: who.actor.clone(),
+        source: who.source.clone(),
+    };
     let result = ctx
         .fhir
         .store
-        .write(move |tx| {
-            let r = index::record_instance(tx, &inst, &ts, STOW_SOURCE, policy)?;
-            let mut audit = audit;
-            if r == Recorded::Conflict {
-                audit.outcome = "409 duplicate SOP Instance UID with other content".into();
-            }
-            storage::audit(tx, &audit)?;
-            Ok(r)
-        })
+        .write(move |tx| index::record_instance(tx, &inst, &ts, &sender, policy))
         .await;
     match result {
         Ok(Recorded::Stored { .. }) => {
