@@ -126,7 +126,10 @@ impl<R: Read> Walker<'_, R> {
             match self.r.read(&mut buf[got..]) {
                 Ok(0) if got == 0 => return Ok(false),
                 Ok(0) => {
-                    return Err(bad(format!("data set ends inside an element (byte {})", self.pos)));
+                    return Err(bad(format!(
+                        "data set ends inside an element (byte {})",
+                        self.pos
+                    )));
                 }
                 Ok(n) => {
                     got += n;
@@ -307,7 +310,7 @@ impl<R: Read> Walker<'_, R> {
                     SEQUENCE_DELIMITER => break,
                     ITEM if l != UNDEFINED => {
                         if first {
-                            if l % 4 != 0 || l > 64 * 1024 * 1024 {
+                            if !l.is_multiple_of(4) || l > 64 * 1024 * 1024 {
                                 return Err(bad("bad Basic Offset Table"));
                             }
                             let v = self.read_value(u64::from(l))?;

@@ -206,7 +206,7 @@ fn pixel_layout(blobs: &BlobStore, inst: &Located) -> io::Result<(PixelData, u64
     let size = match (w.number(0x0028_0010), w.number(0x0028_0011), bits) {
         (Some(rows), Some(cols), Some(bits)) => {
             let frame_bits = rows * cols * w.number(0x0028_0002).unwrap_or(1) * bits;
-            (frame_bits % 8 == 0 && frame_bits > 0).then_some(frame_bits / 8)
+            (frame_bits.is_multiple_of(8) && frame_bits > 0).then_some(frame_bits / 8)
         }
         _ => None,
     };
