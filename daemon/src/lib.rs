@@ -4,6 +4,7 @@ pub mod admin;
 pub mod audit;
 pub mod config;
 pub mod dicom;
+pub mod dicomweb;
 pub mod fhir;
 pub mod https;
 pub mod keys;

@@ -336,11 +336,18 @@ pub async fn run(
         daemon.ledger.clone(),
         cfg.fhir.client_certs.clone(),
     );
+    // DICOMweb shares the FHIR listener, its auth and its audit.
+    let dicomweb_ctx = Arc::new(crate::dicomweb::DicomWebContext {
+        fhir: fhir_ctx.clone(),
+        duplicate_policy: cfg.dicom.duplicate_policy,
+        max_results: cfg.dicom.max_find_results as usize,
+    });
+    let fhir_addr = listeners.fhir.local_addr()?;
     tokio::spawn(crate::https::serve(
         listeners.fhir,
         daemon.tls.clone(),
         client_auth,
-        crate::fhir::api::router(fhir_ctx),
+        crate::fhir::api::router(fhir_ctx).merge(crate::dicomweb::router(dicomweb_ctx)),
         cfg.fhir.max_connections as usize,
         token.clone(),
         daemon.tasks.clone(),
@@ -365,7 +372,7 @@ pub async fn run(
     // ImagingStudy resources follow the studies the DICOM receiver stores.
     let link = crate::fhir::imaging::ImagingLink {
         patient_id_system: cfg.site.patient_id_system.clone(),
-        dicomweb_base: format!("https://{}/dicom-web", cfg.fhir.listen),
+        dicomweb_base: crate::dicomweb::public_base(fhir_addr),
     };
     daemon.tasks.spawn(crate::fhir::imaging::refresher(daemon.store.clone(), link, token.clone()));
 

@@ -161,7 +161,7 @@ impl IntoResponse for FhirError {
 
 /// Authenticates the request (bearer token, or anonymous when auth is off). Failures are
 /// audited and answered 401/403.
-fn authenticate(
+pub(crate) fn authenticate(
     ctx: &FhirContext,
     headers: &HeaderMap,
     addr: Option<&ClientAddr>,
@@ -194,7 +194,7 @@ fn authenticate(
 }
 
 /// [`authenticate`] plus the scope check for one interaction on one type (denials audited).
-pub(super) fn authorize(
+pub(crate) fn authorize(
     ctx: &FhirContext,
     headers: &HeaderMap,
     addr: Option<&ClientAddr>,
@@ -210,7 +210,7 @@ pub(super) fn authorize(
 }
 
 /// Queues an audit record for a read-type access (reads do not wait for it to be durable).
-pub(super) fn audit_read(
+pub(crate) fn audit_read(
     ctx: &FhirContext,
     who: &Caller,
     action: &str,

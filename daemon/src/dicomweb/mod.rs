@@ -1,0 +1,458 @@
+//! DICOMweb (PS3.18) on the FHIR HTTPS listener, base `/dicom-web`: QIDO-RS, WADO-RS and STOW-RS
+//! over the same index, blobs and durable write path as the DICOM receiver, with the FHIR API's
+//! authentication (SMART scopes on `ImagingStudy`: `s` for QIDO, `r` for WADO, `c` for STOW) and
+//! audit (one audit row per access).
+//!
+//! Layers: protocol, no I/O — [`multipart`] (multipart/related writer pieces and a push parser),
+//! [`json`] (DICOM JSON from a streaming data set walk, bulk data, frame locations), [`qido`]
+//! (query parameters → `dicom::query`), [`part10`] (File Meta of an uploaded part); I/O — this
+//! module (routes, auth, audit, SQL on the DICOM index) and [`stream`] (blob → response body on a
+//! blocking thread through a small channel: an instance is never held in memory).
+
+pub mod json;
+pub mod multipart;
+pub mod part10;
+pub mod qido;
+pub mod stow;
+pub mod stream;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use rusqlite::params;
+use serde_json::Value;
+
+use crate::config::DuplicatePolicy;
+use crate::dicom::query::{self, Level};
+use crate::fhir::FhirError;
+use crate::fhir::api::{Caller, ClientAddr, FhirContext, audit_read, authorize};
+use crate::fhir::auth::Interaction;
+use crate::store::{BlobId, StoreError};
+
+/// DICOM JSON media type.
+pub const DICOM_JSON: &str = "application/dicom+json";
+/// Resource type whose SMART scopes govern DICOMweb.
+pub const SCOPE_TYPE: &str = "ImagingStudy";
+/// Binary values up to this size are inlined in metadata; larger ones are bulk data.
+pub const INLINE_MAX: u64 = 1024;
+
+/// What DICOMweb needs from the daemon.
+pub struct DicomWebContext {
+    pub fhir: Arc<FhirContext>,
+    pub duplicate_policy: DuplicatePolicy,
+    /// Most QIDO matches returned when the client gives no `limit`.
+    pub max_results: usize,
+}
+
+impl std::fmt::Debug for DicomWebContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DicomWebContext").finish_non_exhaustive()
+    }
+}
+
+type Ctx = State<Arc<DicomWebContext>>;
+type Addr = Option<axum::Extension<ClientAddr>>;
+type ApiResult = Result<Response, FhirError>;
+
+/// The routes under `/dicom-web` (merged into the FHIR router; unknown paths get its 404).
+pub fn router(ctx: Arc<DicomWebContext>) -> Router {
+    Router::new()
+        .route("/dicom-web/studies", get(qido_studies).post(stow::stow))
+        .route("/dicom-web/series", get(qido_series))
+        .route("/dicom-web/instances", get(qido_instances))
+        .route("/dicom-web/studies/{study}", get(wado_study).post(stow::stow_in_study))
+        .route("/dicom-web/studies/{study}/metadata", get(metadata_study))
+        .route("/dicom-web/studies/{study}/series", get(qido_study_series))
+        .route("/dicom-web/studies/{study}/instances", get(qido_study_instances))
+        .route("/dicom-web/studies/{study}/series/{series}", get(wado_series))
+        .route("/dicom-web/studies/{study}/series/{series}/metadata", get(metadata_series))
+        .route("/dicom-web/studies/{study}/series/{series}/instances", get(qido_series_instances))
+        .route("/dicom-web/studies/{study}/series/{series}/instances/{sop}", get(wado_instance))
+        .route(
+            "/dicom-web/studies/{study}/series/{series}/instances/{sop}/metadata",
+            get(metadata_instance),
+        )
+        .route(
+            "/dicom-web/studies/{study}/series/{series}/instances/{sop}/frames/{frames}",
+            get(stream::frames),
+        )
+        .route(
+            "/dicom-web/studies/{study}/series/{series}/instances/{sop}/bulk/{spec}",
+            get(stream::bulk),
+        )
+        .with_state(ctx)
+}
+
+/// `https://<host>/dicom-web`, from the request's Host.
+pub(crate) fn base_url(headers: &HeaderMap) -> String {
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    format!("https://{host}/dicom-web")
+}
+
+/// The audit entity of a request: path and query (the FHIR API audits searches the same way).
+fn entity(path: &str, q: &[(String, String)]) -> String {
+    if q.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{}", serde_urlencoded::to_string(q).unwrap_or_default())
+    }
+}
+
+pub(crate) fn check_uid(what: &str, uid: &str) -> Result<(), FhirError> {
+    if uid.is_empty() || uid.len() > 64 || !uid.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(FhirError::BadRequest(format!("{what} {uid:?} is not a valid UID")));
+    }
+    Ok(())
+}
+
+pub(crate) fn json_response(status: StatusCode, body: &Value) -> Response {
+    let mut r = (status, body.to_string()).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(DICOM_JSON));
+    r
+}
+
+// ---- QIDO-RS --------------------------------------------------------------------------------
+
+async fn qido_studies(s: Ctx, q: Query<Vec<(String, String)>>, h: HeaderMap, a: Addr) -> ApiResult {
+    qido(s, q, h, a, Level::Study, None, None, "/dicom-web/studies").await
+}
+async fn qido_series(s: Ctx, q: Query<Vec<(String, String)>>, h: HeaderMap, a: Addr) -> ApiResult {
+    qido(s, q, h, a, Level::Series, None, None, "/dicom-web/series").await
+}
+async fn qido_instances(
+    s: Ctx,
+    q: Query<Vec<(String, String)>>,
+    h: HeaderMap,
+    a: Addr,
+) -> ApiResult {
+    qido(s, q, h, a, Level::Image, None, None, "/dicom-web/instances").await
+}
+async fn qido_study_series(
+    s: Ctx,
+    Path(study): Path<String>,
+    q: Query<Vec<(String, String)>>,
+    h: HeaderMap,
+    a: Addr,
+) -> ApiResult {
+    let p = format!("/dicom-web/studies/{study}/series");
+    qido(s, q, h, a, Level::Series, Some(study), None, &p).await
+}
+async fn qido_study_instances(
+    s: Ctx,
+    Path(study): Path<String>,
+    q: Query<Vec<(String, String)>>,
+    h: HeaderMap,
+    a: Addr,
+) -> ApiResult {
+    let p = format!("/dicom-web/studies/{study}/instances");
+    qido(s, q, h, a, Level::Image, Some(study), None, &p).await
+}
+async fn qido_series_instances(
+    s: Ctx,
+    Path((study, series)): Path<(String, String)>,
+    q: Query<Vec<(String, String)>>,
+    h: HeaderMap,
+    a: Addr,
+) -> ApiResult {
+    let p = format!("/dicom-web/studies/{study}/series/{series}/instances");
+    qido(s, q, h, a, Level::Image, Some(study), Some(series), &p).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn qido(
+    State(ctx): Ctx,
+    Query(pairs): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+    addr: Addr,
+    level: Level,
+    study: Option<String>,
+    series: Option<String>,
+    path: &str,
+) -> ApiResult {
+    let who = authorize(&ctx.fhir, &headers, addr.as_deref(), SCOPE_TYPE, Interaction::Search)?;
+    let ent = entity(path, &pairs);
+    let parsed = (|| {
+        if let Some(s) = &study {
+            check_uid("Study Instance UID", s)?;
+        }
+        if let Some(s) = &series {
+            check_uid("Series Instance UID", s)?;
+        }
+        qido::parse(level, &pairs, study.as_deref(), series.as_deref())
+            .map_err(FhirError::BadRequest)
+    })();
+    let q = match parsed {
+        Ok(q) => q,
+        Err(e) => {
+            audit_read(&ctx.fhir, &who, "dicomweb-search", ent, "400");
+            return Err(e);
+        }
+    };
+    let query = q.query.clone();
+    let records = ctx
+        .fhir
+        .store
+        .read(move |c| query::run(c, &query, usize::MAX))
+        .await
+        .map_err(|e| FhirError::Internal(e.to_string()))?
+        .unwrap_or_default();
+    let total = records.len();
+    let cap = q.limit.unwrap_or(ctx.max_results).min(ctx.max_results);
+    let base = base_url(&headers);
+    let out: Vec<Value> = records
+        .iter()
+        .skip(q.offset)
+        .take(cap)
+        .map(|rec| {
+            let g = |t| rec.get(&t).map(String::as_str).unwrap_or("");
+            use crate::dicom::dataset::tags;
+            let url = match level {
+                Level::Study => format!("{base}/studies/{}", g(tags::STUDY_INSTANCE_UID)),
+                Level::Series => format!(
+                    "{base}/studies/{}/series/{}",
+                    g(tags::STUDY_INSTANCE_UID),
+                    g(tags::SERIES_INSTANCE_UID)
+                ),
+                Level::Image => format!(
+                    "{base}/studies/{}/series/{}/instances/{}",
+                    g(tags::STUDY_INSTANCE_UID),
+                    g(tags::SERIES_INSTANCE_UID),
+                    g(tags::SOP_INSTANCE_UID)
+                ),
+            };
+            qido::record_json(&q, rec, &url)
+        })
+        .collect();
+    audit_read(&ctx.fhir, &who, "dicomweb-search", ent, "success");
+    let mut r = json_response(StatusCode::OK, &Value::Array(out));
+    if q.limit.is_none() && total > q.offset + cap {
+        r.headers_mut().insert(
+            header::WARNING,
+            HeaderValue::from_static(
+                "299 hms-edge \"The number of results exceeded the maximum supported by the server. Additional results can be requested.\"",
+            ),
+        );
+    }
+    Ok(r)
+}
+
+// ---- instance lookup ------------------------------------------------------------------------
+
+/// A stored instance (newest version) with its place in the hierarchy.
+#[derive(Debug, Clone)]
+pub struct Located {
+    pub study_uid: String,
+    pub series_uid: String,
+    pub sop_uid: String,
+    pub sop_class_uid: String,
+    pub transfer_syntax: String,
+    pub blob: BlobId,
+    pub size: u64,
+}
+
+/// Instances of a study (optionally one series, one instance), in series/instance order.
+pub(crate) async fn locate(
+    ctx: &DicomWebContext,
+    study: &str,
+    series: Option<&str>,
+    sop: Option<&str>,
+) -> Result<Vec<Located>, FhirError> {
+    check_uid("Study Instance UID", study)?;
+    if let Some(s) = series {
+        check_uid("Series Instance UID", s)?;
+    }
+    if let Some(s) = sop {
+        check_uid("SOP Instance UID", s)?;
+    }
+    let (st, se, so) = (study.to_owned(), series.map(str::to_owned), sop.map(str::to_owned));
+    let rows = ctx
+        .fhir
+        .store
+        .read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT se.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax,
+                        i.blob, i.size
+                 FROM dicom_instances i JOIN dicom_series se ON i.series_uid = se.series_uid
+                 WHERE se.study_uid = ?1 AND (?2 IS NULL OR se.series_uid = ?2)
+                   AND (?3 IS NULL OR i.sop_uid = ?3)
+                   AND i.version = (SELECT max(version) FROM dicom_instances WHERE sop_uid = i.sop_uid)
+                 ORDER BY se.series_number, se.series_uid, i.instance_number, i.sop_uid",
+            )?;
+            let rows = stmt.query_map(params![st, se, so], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, i64>(6)?,
+                ))
+            })?;
+            Ok::<_, StoreError>(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+        .map_err(|e| FhirError::Internal(e.to_string()))?;
+    let out: Vec<Located> = rows
+        .into_iter()
+        .filter_map(
+            |(study_uid, series_uid, sop_uid, sop_class_uid, transfer_syntax, blob, size)| {
+                Some(Located {
+                    study_uid,
+                    series_uid,
+                    sop_uid,
+                    sop_class_uid,
+                    transfer_syntax,
+                    blob: BlobId::parse(&blob)?,
+                    size: size as u64,
+                })
+            },
+        )
+        .collect();
+    if out.is_empty() {
+        let what = match (series, sop) {
+            (_, Some(s)) => format!("instance {s}"),
+            (Some(s), None) => format!("series {s}"),
+            (None, None) => format!("study {study}"),
+        };
+        return Err(FhirError::NotFound(format!("no stored {what} in study {study}")));
+    }
+    Ok(out)
+}
+
+// ---- WADO-RS --------------------------------------------------------------------------------
+
+/// Authorizes a retrieval, finds its instances and audits the access (also a refusal).
+pub(crate) async fn retrieve_prelude(
+    ctx: &DicomWebContext,
+    headers: &HeaderMap,
+    addr: Option<&ClientAddr>,
+    action: &str,
+    ids: (&str, Option<&str>, Option<&str>),
+) -> Result<(Caller, Vec<Located>), FhirError> {
+    let who = authorize(&ctx.fhir, headers, addr, SCOPE_TYPE, Interaction::Read)?;
+    let (study, series, sop) = ids;
+    let mut ent = format!("studies/{study}");
+    if let Some(s) = series {
+        ent.push_str(&format!("/series/{s}"));
+    }
+    if let Some(s) = sop {
+        ent.push_str(&format!("/instances/{s}"));
+    }
+    match locate(ctx, study, series, sop).await {
+        Ok(found) => {
+            audit_read(&ctx.fhir, &who, action, ent, "success");
+            Ok((who, found))
+        }
+        Err(e) => {
+            audit_read(&ctx.fhir, &who, action, ent, &e.status().to_string());
+            Err(e)
+        }
+    }
+}
+
+async fn wado_study(
+    State(ctx): Ctx,
+    Path(study): Path<String>,
+    headers: HeaderMap,
+    addr: Addr,
+) -> ApiResult {
+    stream::check_accept_dicom(&headers)?;
+    let (_, found) = retrieve_prelude(
+        &ctx,
+        &headers,
+        addr.as_deref(),
+        "dicomweb-retrieve",
+        (&study, None, None),
+    )
+    .await?;
+    Ok(stream::instances(&ctx, found))
+}
+
+async fn wado_series(
+    State(ctx): Ctx,
+    Path((study, series)): Path<(String, String)>,
+    headers: HeaderMap,
+    addr: Addr,
+) -> ApiResult {
+    stream::check_accept_dicom(&headers)?;
+    let ids = (study.as_str(), Some(series.as_str()), None);
+    let (_, found) =
+        retrieve_prelude(&ctx, &headers, addr.as_deref(), "dicomweb-retrieve", ids).await?;
+    Ok(stream::instances(&ctx, found))
+}
+
+async fn wado_instance(
+    State(ctx): Ctx,
+    Path((study, series, sop)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    addr: Addr,
+) -> ApiResult {
+    stream::check_accept_dicom(&headers)?;
+    let ids = (study.as_str(), Some(series.as_str()), Some(sop.as_str()));
+    let (_, found) =
+        retrieve_prelude(&ctx, &headers, addr.as_deref(), "dicomweb-retrieve", ids).await?;
+    Ok(stream::instances(&ctx, found))
+}
+
+async fn metadata_study(
+    State(ctx): Ctx,
+    Path(study): Path<String>,
+    headers: HeaderMap,
+    addr: Addr,
+) -> ApiResult {
+    let (_, found) = retrieve_prelude(
+        &ctx,
+        &headers,
+        addr.as_deref(),
+        "dicomweb-metadata",
+        (&study, None, None),
+    )
+    .await?;
+    Ok(stream::metadata(&ctx, found, base_url(&headers)))
+}
+
+async fn metadata_series(
+    State(ctx): Ctx,
+    Path((study, series)): Path<(String, String)>,
+    headers: HeaderMap,
+    addr: Addr,
+) -> ApiResult {
+    let ids = (study.as_str(), Some(series.as_str()), None);
+    let (_, found) =
+        retrieve_prelude(&ctx, &headers, addr.as_deref(), "dicomweb-metadata", ids).await?;
+    Ok(stream::metadata(&ctx, found, base_url(&headers)))
+}
+
+async fn metadata_instance(
+    State(ctx): Ctx,
+    Path((study, series, sop)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    addr: Addr,
+) -> ApiResult {
+    let ids = (study.as_str(), Some(series.as_str()), Some(sop.as_str()));
+    let (_, found) =
+        retrieve_prelude(&ctx, &headers, addr.as_deref(), "dicomweb-metadata", ids).await?;
+    Ok(stream::metadata(&ctx, found, base_url(&headers)))
+}
+
+/// The WADO-RS base the FHIR `Endpoint` of ImagingStudies advertises: the listener's address,
+/// or this host's name when it listens on every address.
+pub fn public_base(listen: std::net::SocketAddr) -> String {
+    let host = if listen.ip().is_unspecified() {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into())
+    } else if listen.is_ipv6() {
+        format!("[{}]", listen.ip())
+    } else {
+        listen.ip().to_string()
+    };
+    format!("https://{host}:{}/dicom-web", listen.port())
+}
