@@ -34,6 +34,20 @@ pub struct AuditRecord {
     pub detail: Option<String>,
 }
 
+impl AuditRecord {
+    /// An event of a command-line tool: the operating-system user, from `local`.
+    pub fn local(action: &str, entity: &str, outcome: &str, detail: Option<String>) -> Self {
+        AuditRecord {
+            actor: local_actor(),
+            source: "local".into(),
+            action: action.into(),
+            entity: entity.into(),
+            outcome: outcome.into(),
+            detail,
+        }
+    }
+}
+
 /// Appends an event in the caller's transaction, with its ledger leaf; returns its sequence
 /// number (the AuditEvent's id).
 pub fn append(tx: &WriteTx<'_>, event: &AuditRecord) -> Result<i64, StoreError> {
@@ -105,7 +119,8 @@ pub struct AuditRow {
     pub detail: Option<String>,
 }
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
+/// Reads a row selected as `seq, at, actor, source, action, entity, outcome, detail`.
+pub(crate) fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
     Ok(AuditRow {
         seq: r.get(0)?,
         at: r.get(1)?,
@@ -116,6 +131,21 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
         outcome: r.get(6)?,
         detail: r.get(7)?,
     })
+}
+
+impl From<AuditRow> for crate::ledger::Record {
+    fn from(r: AuditRow) -> Self {
+        crate::ledger::Record::Audit {
+            seq: r.seq,
+            at: r.at,
+            actor: r.actor,
+            source: r.source,
+            action: r.action,
+            entity: r.entity,
+            outcome: r.outcome,
+            detail: r.detail,
+        }
+    }
 }
 
 const COLUMNS: &str = "seq, at, actor, source, action, entity, outcome, detail";

@@ -504,6 +504,7 @@ fn verify(proof: &std::path::Path, key: Option<&str>, rpc: Option<&str>) -> Exit
 
 /// `hms-edge audit export`: NDJSON of AuditEvent resources; returns the summary line.
 fn audit_export(
+    conn: &rusqlite::Connection,
     state_dir: &std::path::Path,
     master: &hms_edge::keys::Key,
     origin: &str,
@@ -519,14 +520,6 @@ fn audit_export(
         ),
         None => None,
     };
-    let db_path = state_dir.join(hms_edge::store::DB_FILE);
-    let conn = hms_edge::store::db::open(
-        &db_path,
-        &master.derive(hms_edge::keys::KeyPurpose::Database),
-        true,
-        8192,
-    )
-    .map_err(|e| format!("cannot open the store in {}: {e}", state_dir.display()))?;
     let mut sink: Box<dyn Write> = match &out {
         Some(p) => {
             use std::os::unix::fs::OpenOptionsExt;
@@ -554,7 +547,7 @@ fn audit_export(
     )
     .map_err(|e| format!("cannot record the export in the audit trail: {e}"))?;
     let observer = format!("hms-edged {origin}");
-    let n = hms_edge::audit::for_each(&conn, 0, since_ms, |row| {
+    let n = hms_edge::audit::for_each(conn, 0, since_ms, |row| {
         let line = hms_edge::audit::to_fhir(&row, &observer).to_string();
         writeln!(sink, "{line}").map_err(hms_edge::store::StoreError::Io)
     })
@@ -611,8 +604,7 @@ fn audit(config_file: Option<PathBuf>, command: AuditCommand) -> ExitCode {
             AuditCommand::Key => Ok((true, signer.vkey())),
             AuditCommand::Export { since, out } => {
                 let conn = conn.ok_or_else(|| format!("no store in {}", state_dir.display()))?;
-                drop(conn);
-                let n = audit_export(&state_dir, &master, &c.ledger_origin(), since, out)?;
+                let n = audit_export(&conn, &state_dir, &master, &c.ledger_origin(), since, out)?;
                 Ok((true, n))
             }
             AuditCommand::Check => {

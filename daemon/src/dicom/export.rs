@@ -127,14 +127,12 @@ pub fn export_offline(
     crate::audit::append_with(
         &mut conn,
         &keys.audit,
-        &crate::audit::AuditRecord {
-            actor: crate::audit::local_actor(),
-            source: "local".into(),
-            action: "dicom-export".into(),
-            entity: format!("dicom:{sop_uid}"),
-            outcome: "success".into(),
-            detail: Some(format!("version {} to {}", inst.version, dest.display())),
-        },
+        &crate::audit::AuditRecord::local(
+            "dicom-export",
+            &format!("dicom:{sop_uid}"),
+            "success",
+            Some(format!("version {} to {}", inst.version, dest.display())),
+        ),
     )?;
     let dir = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),

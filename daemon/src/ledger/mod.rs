@@ -305,16 +305,7 @@ const DICOM_SELECT: &str = "SELECT pk, sop_uid, version, series_uid, sop_class_u
     transfer_syntax, size, dataset_sha256, blob FROM dicom_instances";
 
 fn audit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
-    Ok(Record::Audit {
-        seq: r.get(0)?,
-        at: r.get(1)?,
-        actor: r.get(2)?,
-        source: r.get(3)?,
-        action: r.get(4)?,
-        entity: r.get(5)?,
-        outcome: r.get(6)?,
-        detail: r.get(7)?,
-    })
+    crate::audit::row(r).map(Record::from)
 }
 
 fn fhir_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {

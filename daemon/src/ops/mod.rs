@@ -114,14 +114,7 @@ pub fn audit_admin(
         crate::audit::append_with(
             &mut conn,
             &keys.audit,
-            &crate::audit::AuditRecord {
-                actor: crate::audit::local_actor(),
-                source: "local".into(),
-                action: action.into(),
-                entity: entity.into(),
-                outcome: outcome.into(),
-                detail,
-            },
+            &crate::audit::AuditRecord::local(action, entity, outcome, detail),
         )?
     };
     fix_sqlite_owners(&db_path, state_dir);
