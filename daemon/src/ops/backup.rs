@@ -273,12 +273,7 @@ fn build(
 /// Copies the database into `dst` in one step of the online backup API and returns the blob ids
 /// the copy references.
 fn snapshot(src: &Connection, dst: &Path, db_key: &Key) -> Result<Vec<BlobId>, BackupError> {
-    let mut out = Connection::open(dst)?;
-    let _ = out.execute_batch("PRAGMA cipher_log_level = NONE;");
-    let pragma =
-        zeroize::Zeroizing::new(format!("PRAGMA key = \"x'{}'\";", hex::encode(db_key.expose())));
-    out.execute_batch(&pragma)?;
-    drop(pragma);
+    let mut out = db::open_keyed(dst, db_key, rusqlite::OpenFlags::default())?;
     {
         let b = rusqlite::backup::Backup::new(src, &mut out)?;
         loop {

@@ -374,12 +374,7 @@ fn switch_key_file(loc: &KeyLocation, next: &Path, old: &Path) -> Result<(), Rot
 }
 
 fn raw_open(path: &Path, key: &Key) -> Result<Connection, RotateError> {
-    let conn = Connection::open(path)?;
-    let _ = conn.execute_batch("PRAGMA cipher_log_level = NONE;");
-    let pragma =
-        zeroize::Zeroizing::new(format!("PRAGMA key = \"x'{}'\";", hex::encode(key.expose())));
-    conn.execute_batch(&pragma)?;
-    Ok(conn)
+    Ok(db::open_keyed(path, key, rusqlite::OpenFlags::default())?)
 }
 
 fn rekey_copy(db_path: &Path, copy: &Path, current: &Key, new: &Key) -> Result<(), RotateError> {

@@ -62,6 +62,38 @@ pub const MIGRATIONS: &[&str] = &[
 /// Marker row proving a database is an hms-edge store.
 pub const STORE_MARKER: (&str, &str) = ("format", "hms-edge-store-v1");
 
+/// Runs SQLite's (and so SQLCipher's) one-time initialisation exactly once per process, before
+/// the first connection is opened.
+///
+/// Why: SQLite marks itself initialised *before* it runs `SQLITE_EXTRA_INIT`, which is where
+/// SQLCipher sets itself up. A second thread opening its first connection in that window skips
+/// initialisation, and its `PRAGMA key` fails with SQLITE_ERROR ("An error occurred with PRAGMA
+/// key or rekey") because SQLCipher is not ready yet. A `Once` makes every other thread wait until
+/// the first initialisation, SQLCipher's part included, has finished.
+#[allow(unsafe_code)] // the one FFI call of the crate: rusqlite has no safe wrapper for it
+fn initialize_once() -> Result<(), StoreError> {
+    static INIT: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    // SAFETY: sqlite3_initialize takes no arguments and is safe to call from any thread.
+    let rc = *INIT.get_or_init(|| unsafe { rusqlite::ffi::sqlite3_initialize() });
+    if rc == rusqlite::ffi::SQLITE_OK {
+        Ok(())
+    } else {
+        Err(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rc), None).into())
+    }
+}
+
+/// Opens a connection at `path` (created if missing) and gives it `key`, without reading yet.
+/// Every keyed connection of the store, its backups and key rotation goes through here.
+pub fn open_keyed(path: &Path, key: &Key, flags: OpenFlags) -> Result<Connection, StoreError> {
+    initialize_once()?;
+    let conn = Connection::open_with_flags(path, flags)?;
+    // SQLCipher logs decryption failures to stderr by default; we report them ourselves.
+    let _ = conn.execute_batch("PRAGMA cipher_log_level = NONE;");
+    let pragma = Zeroizing::new(format!("PRAGMA key = \"x'{}'\";", hex::encode(key.expose())));
+    conn.execute_batch(&pragma)?;
+    Ok(conn)
+}
+
 /// Opens one connection and checks the key. `read_only` connections never write.
 pub fn open(
     path: &Path,
@@ -76,14 +108,9 @@ pub fn open(
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
     };
-    let conn = Connection::open_with_flags(path, flags)?;
+    let conn = open_keyed(path, key, flags)?;
     // Until the key is proven right, closing must not checkpoint a leftover WAL into the file.
     conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
-    // SQLCipher logs decryption failures to stderr by default; we report them ourselves.
-    let _ = conn.execute_batch("PRAGMA cipher_log_level = NONE;");
-    let pragma = Zeroizing::new(format!("PRAGMA key = \"x'{}'\";", hex::encode(key.expose())));
-    conn.execute_batch(&pragma)?;
-    drop(pragma);
     // The first read decrypts page 1: a wrong key or a foreign file fails here, before any write.
     let probe: Result<i64, _> =
         conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0));
