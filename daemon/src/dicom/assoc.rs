@@ -57,6 +57,12 @@ enum Message {
         cmd: Command,
         buf: BytesMut,
     },
+    /// The action information of a Storage Commitment N-ACTION.
+    Action {
+        pc: AcceptedContext,
+        cmd: Command,
+        buf: BytesMut,
+    },
     /// Consume and drop the data set, then answer with this status.
     Discard {
         pc: AcceptedContext,
@@ -135,6 +141,7 @@ pub async fn serve_connection<S>(
         state: Message::Idle,
         queued: VecDeque::new(),
         out: Vec::with_capacity(WRITE_BATCH),
+        next_message_id: 1,
     };
     let end = session.run(shutdown).await;
     session.abandon();
@@ -167,6 +174,8 @@ struct Session<S> {
     /// PDUs read ahead while answering a C-FIND (watching for C-CANCEL).
     queued: VecDeque<Incoming>,
     out: Vec<u8>,
+    /// Message ID of the next request we send (N-EVENT-REPORT) on this association.
+    next_message_id: u16,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -324,6 +333,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 Ok(())
             }
+            Message::Action { pc: a_pc, buf, .. } => {
+                if pdv.is_command || a_pc.id != pc.id {
+                    return Err(AbortReason::UnexpectedPduParameter);
+                }
+                if buf.len() + pdv.data.len() > MAX_IDENTIFIER_BYTES * 16 {
+                    return Err(AbortReason::InvalidPduParameter);
+                }
+                buf.extend_from_slice(&pdv.data);
+                if pdv.is_last {
+                    let Message::Action { pc, cmd, buf } =
+                        std::mem::replace(&mut self.state, Message::Idle)
+                    else {
+                        unreachable!()
+                    };
+                    self.run_commitment(pc, cmd, buf).await?;
+                }
+                Ok(())
+            }
             Message::Discard { pc: d_pc, .. } => {
                 if pdv.is_command || d_pc.id != pc.id {
                     return Err(AbortReason::UnexpectedPduParameter);
@@ -409,6 +436,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return Ok(());
                 }
                 self.state = Message::Find { pc, cmd, buf: BytesMut::new() };
+                Ok(())
+            }
+            field::N_ACTION_RQ => {
+                let class = cmd.str(tag::REQUESTED_SOP_CLASS_UID).unwrap_or("");
+                let instance = cmd.str(tag::REQUESTED_SOP_INSTANCE_UID).unwrap_or("");
+                let refused = if pc.kind != ServiceKind::StorageCommitment
+                    || class != uids::STORAGE_COMMITMENT_PUSH_MODEL
+                {
+                    Some((status::NO_SUCH_SOP_CLASS, "not a Storage Commitment context"))
+                } else if instance != uids::STORAGE_COMMITMENT_INSTANCE {
+                    Some((status::NO_SUCH_SOP_INSTANCE, "not the well-known commitment instance"))
+                } else if cmd.u16(tag::ACTION_TYPE_ID)
+                    != Some(super::commitment::ACTION_REQUEST_COMMITMENT)
+                {
+                    Some((status::NO_SUCH_ACTION_TYPE, "action type is not 1"))
+                } else if !cmd.has_data_set() {
+                    Some((status::MISSING_ATTRIBUTE, "no action information"))
+                } else {
+                    None
+                };
+                match refused {
+                    None => {
+                        self.state = Message::Action { pc, cmd, buf: BytesMut::new() };
+                        Ok(())
+                    }
+                    Some((st, why)) if cmd.has_data_set() => {
+                        self.state = discard(pc, cmd, st, why);
+                        Ok(())
+                    }
+                    Some((st, why)) => self.respond(&pc, &cmd, rsp_field, st, why).await,
+                }
+            }
+            field::N_EVENT_REPORT_RSP => {
+                // The requester's answer to our commitment report: nothing more to do.
+                let st = cmd.u16(tag::STATUS).unwrap_or(0xFFFF);
+                if st != status::SUCCESS {
+                    warn!(peer = %self.peer, status = format!("{st:04X}"),
+                        "the requester refused our storage commitment report");
+                }
                 Ok(())
             }
             field::C_CANCEL_RQ => Ok(()), // nothing in progress to cancel
@@ -596,6 +662,103 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         self.flush().await?;
         self.respond(&pc, &cmd, field::C_FIND_RSP, status::SUCCESS, "").await
+    }
+
+    /// Storage Commitment: answers the N-ACTION, then reports the result at once with an
+    /// N-EVENT-REPORT on this association (every acknowledged instance is already durable).
+    async fn run_commitment(
+        &mut self,
+        pc: AcceptedContext,
+        cmd: Command,
+        buf: BytesMut,
+    ) -> Result<(), AbortReason> {
+        use super::commitment;
+        let set_affected = |rsp: &mut Command| {
+            rsp.set_uid(tag::AFFECTED_SOP_CLASS_UID, uids::STORAGE_COMMITMENT_PUSH_MODEL)
+                .set_uid(tag::AFFECTED_SOP_INSTANCE_UID, uids::STORAGE_COMMITMENT_INSTANCE);
+        };
+        let request = match commitment::parse_request(&buf, &pc.transfer_syntax) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(peer = %self.peer, error = %e, "storage commitment request refused");
+                let st = match e {
+                    commitment::RequestError::Missing(_) => status::MISSING_ATTRIBUTE,
+                    _ => status::PROCESSING_FAILURE,
+                };
+                let mut rsp = Command::response_to(&cmd, field::N_ACTION_RSP, st, false);
+                set_affected(&mut rsp);
+                rsp.set_text(tag::ERROR_COMMENT, &e.to_string());
+                return self.send_command(&pc, &rsp).await;
+            }
+        };
+        let refs = request.references.clone();
+        let blobs = self.ctx.store.blobs().clone();
+        let checked = self.ctx.store.read(move |conn| commitment::check(conn, &blobs, &refs)).await;
+        let outcomes = match checked {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(peer = %self.peer, error = %e, "storage commitment lookup failed");
+                let mut rsp = Command::response_to(
+                    &cmd,
+                    field::N_ACTION_RSP,
+                    status::PROCESSING_FAILURE,
+                    false,
+                );
+                set_affected(&mut rsp);
+                return self.send_command(&pc, &rsp).await;
+            }
+        };
+        let failed = outcomes.iter().filter(|o| o.failure.is_some()).count();
+        metrics::counter!("hms_dicom_commitment_total").increment(1);
+        self.audit(
+            "dicom-commit",
+            format!("dicom-commit?transaction={}", request.transaction_uid),
+            format!("{} committed, {failed} failed", outcomes.len() - failed),
+        );
+        let mut rsp = Command::response_to(&cmd, field::N_ACTION_RSP, status::SUCCESS, false);
+        set_affected(&mut rsp);
+        rsp.set_u16(tag::ACTION_TYPE_ID, commitment::ACTION_REQUEST_COMMITMENT);
+        self.send_command(&pc, &rsp).await?;
+
+        let ae = self.ctx.settings.ae_title.clone();
+        let (event, data) = match commitment::event_report(
+            &request.transaction_uid,
+            &outcomes,
+            &pc.transfer_syntax,
+            &ae,
+        ) {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(peer = %self.peer, error = %e, "cannot encode the commitment report");
+                return Ok(());
+            }
+        };
+        let mut report = Command::new();
+        report
+            .set_u16(tag::COMMAND_FIELD, field::N_EVENT_REPORT_RQ)
+            .set_u16(tag::MESSAGE_ID, self.take_message_id())
+            .set_u16(tag::COMMAND_DATA_SET_TYPE, 0x0000)
+            .set_uid(tag::AFFECTED_SOP_CLASS_UID, uids::STORAGE_COMMITMENT_PUSH_MODEL)
+            .set_uid(tag::AFFECTED_SOP_INSTANCE_UID, uids::STORAGE_COMMITMENT_INSTANCE)
+            .set_u16(tag::EVENT_TYPE_ID, event);
+        let peer_max = self.assoc.peer_max_pdu;
+        pdu::encode_pdata(&mut self.out, pc.id, true, &report.encode(), peer_max);
+        pdu::encode_pdata(&mut self.out, pc.id, false, &data, peer_max);
+        info!(peer = %self.peer, transaction = %request.transaction_uid,
+            committed = outcomes.len() - failed, failed, "storage commitment reported");
+        self.flush().await
+    }
+
+    fn take_message_id(&mut self) -> u16 {
+        let id = self.next_message_id;
+        self.next_message_id = self.next_message_id.wrapping_add(1).max(1);
+        id
+    }
+
+    /// Sends one command without a data set.
+    async fn send_command(&mut self, pc: &AcceptedContext, c: &Command) -> Result<(), AbortReason> {
+        pdu::encode_pdata(&mut self.out, pc.id, true, &c.encode(), self.assoc.peer_max_pdu);
+        self.flush().await
     }
 
     /// Queues an audit event for a query (like FHIR reads, a query does not wait for its audit

@@ -15,12 +15,17 @@ pub mod field {
     pub const C_ECHO_RQ: u16 = 0x0030;
     pub const C_ECHO_RSP: u16 = 0x8030;
     pub const C_CANCEL_RQ: u16 = 0x0FFF;
+    pub const N_EVENT_REPORT_RQ: u16 = 0x0100;
+    pub const N_EVENT_REPORT_RSP: u16 = 0x8100;
+    pub const N_ACTION_RQ: u16 = 0x0130;
+    pub const N_ACTION_RSP: u16 = 0x8130;
 }
 
 /// Command element numbers (group 0000).
 pub mod tag {
     pub const GROUP_LENGTH: u16 = 0x0000;
     pub const AFFECTED_SOP_CLASS_UID: u16 = 0x0002;
+    pub const REQUESTED_SOP_CLASS_UID: u16 = 0x0003;
     pub const COMMAND_FIELD: u16 = 0x0100;
     pub const MESSAGE_ID: u16 = 0x0110;
     pub const MESSAGE_ID_BEING_RESPONDED_TO: u16 = 0x0120;
@@ -29,6 +34,9 @@ pub mod tag {
     pub const STATUS: u16 = 0x0900;
     pub const ERROR_COMMENT: u16 = 0x0902;
     pub const AFFECTED_SOP_INSTANCE_UID: u16 = 0x1000;
+    pub const REQUESTED_SOP_INSTANCE_UID: u16 = 0x1001;
+    pub const EVENT_TYPE_ID: u16 = 0x1002;
+    pub const ACTION_TYPE_ID: u16 = 0x1008;
 }
 
 /// Status codes we send (PS3.7 Annex C and PS3.4 B.2.3 / C.4.1.1.4).
@@ -36,7 +44,12 @@ pub mod status {
     pub const SUCCESS: u16 = 0x0000;
     pub const PENDING: u16 = 0xFF00;
     pub const CANCEL: u16 = 0xFE00;
+    pub const PROCESSING_FAILURE: u16 = 0x0110;
     pub const DUPLICATE_SOP_INSTANCE: u16 = 0x0111;
+    pub const NO_SUCH_SOP_INSTANCE: u16 = 0x0112;
+    pub const NO_SUCH_SOP_CLASS: u16 = 0x0118;
+    pub const MISSING_ATTRIBUTE: u16 = 0x0120;
+    pub const NO_SUCH_ACTION_TYPE: u16 = 0x0123;
     pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
     pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
     pub const OUT_OF_RESOURCES: u16 = 0xA700;

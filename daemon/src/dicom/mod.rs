@@ -15,6 +15,7 @@
 //! replaces stored content.
 
 pub mod assoc;
+pub mod commitment;
 pub mod conformance;
 pub mod dataset;
 pub mod dimse;

@@ -14,6 +14,10 @@ pub const IMPLEMENTATION_VERSION_NAME: &str = concat!("HMS_EDGE_", env!("CARGO_P
 /// The DICOM application context name (PS3.7 A.2.1).
 pub const APPLICATION_CONTEXT: &str = "1.2.840.10008.3.1.1.1";
 
+pub use uids::{
+    STORAGE_COMMITMENT_PUSH_MODEL,
+    STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE as STORAGE_COMMITMENT_INSTANCE,
+};
 pub use uids::{STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_FIND as STUDY_ROOT_FIND, VERIFICATION};
 
 /// Transfer syntaxes in which we accept storage, stored exactly as received (never transcoded).
@@ -70,6 +74,8 @@ pub enum ServiceKind {
     Verification,
     Storage,
     StudyRootFind,
+    /// Storage Commitment Push Model (N-ACTION in, N-EVENT-REPORT out).
+    StorageCommitment,
 }
 
 /// Classifies a proposed abstract syntax; `None` means we do not support it.
@@ -78,6 +84,8 @@ pub fn service_kind(abstract_syntax: &str) -> Option<ServiceKind> {
         Some(ServiceKind::Verification)
     } else if abstract_syntax == STUDY_ROOT_FIND {
         Some(ServiceKind::StudyRootFind)
+    } else if abstract_syntax == STORAGE_COMMITMENT_PUSH_MODEL {
+        Some(ServiceKind::StorageCommitment)
     } else if is_storage_sop_class(abstract_syntax) {
         Some(ServiceKind::Storage)
     } else {
