@@ -290,4 +290,22 @@ fn dicom_fhir_and_admin_accesses_are_audit_events() {
     assert!(actions.iter().any(|a| a == "restore"), "{actions:?}");
     let out = cli(work, &["audit", "check"]);
     assert!(out.status.success(), "{}", text(&out));
+
+    // Rotating the master key is recorded too, and the trail still verifies under the new key.
+    let out = cli(work, &["rotate-key"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let nd3 = work.join("audit3.ndjson");
+    let out = cli(work, &["audit", "export", "--out", nd3.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let events: Vec<Value> = std::fs::read_to_string(&nd3)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let rotated: Vec<&Value> = events.iter().filter(|e| action_of(e) == "rotate-key").collect();
+    assert_eq!(rotated.len(), 1, "{events:#?}");
+    let who = rotated[0]["agent"][0]["who"]["display"].as_str().unwrap_or_default();
+    assert!(who.starts_with("os-user:"), "{:#}", rotated[0]);
+    let out = cli(work, &["audit", "check"]);
+    assert!(out.status.success(), "{}", text(&out));
 }
