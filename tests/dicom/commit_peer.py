@@ -3,6 +3,8 @@
 
   commit_peer.py HOST PORT AEC TRANSACTION_UID CLASS=INSTANCE...
 
+ACTION_TYPE in the environment overrides the Action Type ID (1) to test refusals.
+
 Sends one N-ACTION (Request Storage Commitment) with the given references on an association
 that stays open, and waits for the SCP's N-EVENT-REPORT on that same association. Prints one JSON
 document: {"action_status", "event_type", "transaction_uid", "retrieve_ae", "committed":
@@ -11,6 +13,7 @@ report arrived within the timeout.
 """
 
 import json
+import os
 import sys
 import threading
 
@@ -40,8 +43,12 @@ def main(host, port, aec, transaction_uid, *refs):
             for i in ds.get("FailedSOPSequence", [])
         ]
         got.set()
-        return 0x0000
+        return 0x0000, None  # (status, event reply)
 
+    if os.environ.get("HMS_TEST_VERBOSE"):
+        from pynetdicom import debug_logger
+
+        debug_logger()
     ae = AE(ae_title="COMMIT_SCU")
     ae.acse_timeout = 10
     ae.dimse_timeout = 30
@@ -63,7 +70,8 @@ def main(host, port, aec, transaction_uid, *refs):
         item.ReferencedSOPInstanceUID = inst
         items.append(item)
     ds.ReferencedSOPSequence = items
-    status, _ = assoc.send_n_action(ds, 1, StorageCommitmentPushModel, INSTANCE)
+    action = int(os.environ.get("ACTION_TYPE", "1"))
+    status, _ = assoc.send_n_action(ds, action, StorageCommitmentPushModel, INSTANCE)
     out = {"action_status": int(status.Status) if status else None, "event_type": None}
     if status and status.Status == 0x0000:
         got.wait(20)

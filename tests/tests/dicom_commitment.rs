@@ -14,9 +14,16 @@ const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
 const MR_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.4";
 
 fn commit(port: u16, transaction: &str, refs: &[(&str, &str)]) -> Value {
+    commit_with_action(port, transaction, refs, 1)
+}
+
+fn commit_with_action(port: u16, transaction: &str, refs: &[(&str, &str)], action: u16) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("dicom/commit_peer.py");
     let refs: Vec<String> = refs.iter().map(|(c, i)| format!("{c}={i}")).collect();
-    let out = run(Command::new("python3")
+    // `timeout`: a peer that hangs fails the test instead of stalling the suite.
+    let out = run(Command::new("timeout")
+        .args(["120", "python3"])
+        .env("ACTION_TYPE", action.to_string())
         .arg(script)
         .args(["127.0.0.1", &port.to_string(), AE, transaction])
         .args(&refs));
@@ -46,6 +53,11 @@ fn commitment_is_reported_only_for_durable_instances() {
     let (ct, mr) =
         (meta[0]["sop_instance"].as_str().unwrap(), meta[1]["sop_instance"].as_str().unwrap());
     assert_eq!(meta[0]["sop_class"], CT_IMAGE_STORAGE);
+
+    // An unknown action type is refused in the N-ACTION-RSP and no report follows.
+    let r = commit_with_action(scp.port, "2.25.1000", &[(CT_IMAGE_STORAGE, ct)], 2);
+    assert_eq!(r["action_status"], 0x0123, "{r}");
+    assert_eq!(r["event_type"], Value::Null, "{r}");
 
     // Everything stored: event type 1, both committed, our AE to retrieve them from.
     let r = commit(scp.port, "2.25.1001", &[(CT_IMAGE_STORAGE, ct), (MR_IMAGE_STORAGE, mr)]);
