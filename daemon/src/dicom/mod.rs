@@ -20,12 +20,14 @@ pub mod dataset;
 pub mod dimse;
 pub mod export;
 pub mod index;
+pub mod mpps;
 pub mod negotiate;
 pub mod pdu;
 pub mod query;
 pub mod quickack;
 pub mod sink;
 pub mod uids;
+pub mod worklist;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -55,6 +57,8 @@ pub struct DicomSettings {
     pub idle: Duration,
     pub duplicate_policy: DuplicatePolicy,
     pub max_find_results: usize,
+    /// `site.patient_id_system`: the Patient identifier given as Patient ID in worklist items.
+    pub patient_id_system: String,
 }
 
 impl DicomSettings {
@@ -67,6 +71,7 @@ impl DicomSettings {
             idle: Duration::from_secs(c.idle_timeout_secs),
             duplicate_policy: c.duplicate_policy,
             max_find_results: c.max_find_results as usize,
+            patient_id_system: crate::config::DEFAULT_PATIENT_ID_SYSTEM.into(),
         }
     }
 }
@@ -88,7 +93,25 @@ impl std::fmt::Debug for DicomContext {
 
 impl DicomContext {
     pub fn new(store: Arc<Store>, config: &DicomConfig) -> Arc<Self> {
-        let settings = DicomSettings::from_config(config);
+        Self::with_settings(store, config, DicomSettings::from_config(config))
+    }
+
+    /// As [`DicomContext::new`], with the site's settings (the worklist's Patient ID system).
+    pub fn for_site(
+        store: Arc<Store>,
+        config: &DicomConfig,
+        site: &crate::config::SiteConfig,
+    ) -> Arc<Self> {
+        let mut settings = DicomSettings::from_config(config);
+        settings.patient_id_system = site.patient_id_system.clone();
+        Self::with_settings(store, config, settings)
+    }
+
+    fn with_settings(
+        store: Arc<Store>,
+        config: &DicomConfig,
+        settings: DicomSettings,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             slots: Arc::new(Semaphore::new(settings.max_associations)),
