@@ -137,6 +137,7 @@ fn worklist_and_mpps_from_the_fhir_cache() {
         .and_then(|l| l.split('[').nth(1))
         .and_then(|v| v.split(']').next())
         .unwrap_or_else(|| panic!("no Study Instance UID:\n{text}"))
+        .trim_end_matches(['\0', ' '])
         .to_owned();
     assert!(study_uid.starts_with("2.25."), "{study_uid}");
 
@@ -218,6 +219,73 @@ fn worklist_and_mpps_from_the_fhir_cache() {
     assert!(text.contains("dicom-worklist?MWL"), "{text}");
     assert!(text.contains(&format!("dicom-mpps:{mpps_uid}")), "{text}");
 
+    let (status, _, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+/// `dicom.max_find_results` caps the worklist (A700), and a C-CANCEL stops it (FE00).
+#[test]
+fn worklist_is_capped_and_cancellable() {
+    use hms_edge::dicom::dimse::{Command, field, tag};
+    const MWL: &str = "1.2.840.10008.5.1.4.31";
+    let work = tempfile::tempdir().unwrap();
+    let mut opts = DaemonOptions { explicit_state_dir: true, ..Default::default() };
+    opts.env.insert("HMS_EDGE_DICOM_MAX_FIND_RESULTS".into(), "4".into());
+    let d = DaemonProc::start(work.path(), &opts);
+    let c = fhir_client(&d.state_dir().join("tls/cert.pem"));
+    let base = d.fhir_base();
+    let pid =
+        post(&c, &base, "Patient", json!({"resourceType": "Patient", "name": [{"family": "Roe"}]}));
+    for (i, m) in ["CT", "CT", "CT", "CT", "MR"].iter().enumerate() {
+        post(
+            &c,
+            &base,
+            "ServiceRequest",
+            json!({"resourceType": "ServiceRequest", "status": "active", "intent": "order",
+                "identifier": [{"system": "urn:hms-edge:accession", "value": format!("A{i}")}],
+                "category": [{"coding": [{"system": DCM, "code": m}]}],
+                "subject": {"reference": format!("Patient/{pid}")}}),
+        );
+    }
+    // Implicit VR LE identifiers: AccessionNumber universal, and optionally SPS Modality = CT.
+    let accession = [0x08, 0x00, 0x50, 0x00, 0, 0, 0, 0];
+    let mut ct_only = accession.to_vec();
+    ct_only.extend_from_slice(&[0x40, 0x00, 0x00, 0x01, 18, 0, 0, 0]); // (0040,0100) SQ
+    ct_only.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 10, 0, 0, 0]); // item
+    ct_only.extend_from_slice(&[0x08, 0x00, 0x60, 0x00, 2, 0, 0, 0, b'C', b'T']);
+    let ask = |ident: &[u8], cancel: bool| -> (usize, Option<u16>) {
+        let mut raw = RawClient::associate(d.dicom.port(), "RAW", &[(MWL, IMPLICIT_LE)]);
+        let mut rq = Command::new();
+        rq.set_u16(tag::COMMAND_FIELD, field::C_FIND_RQ)
+            .set_u16(tag::MESSAGE_ID, 9)
+            .set_u16(tag::PRIORITY, 0)
+            .set_u16(tag::COMMAND_DATA_SET_TYPE, 0)
+            .set_uid(tag::AFFECTED_SOP_CLASS_UID, MWL);
+        let mut wire = Vec::new();
+        hms_edge::dicom::pdu::encode_pdata(&mut wire, 1, true, &rq.encode(), 0);
+        hms_edge::dicom::pdu::encode_pdata(&mut wire, 1, false, ident, 0);
+        if cancel {
+            let mut cn = Command::new();
+            cn.set_u16(tag::COMMAND_FIELD, field::C_CANCEL_RQ)
+                .set_u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, 9)
+                .set_u16(tag::COMMAND_DATA_SET_TYPE, 0x0101);
+            hms_edge::dicom::pdu::encode_pdata(&mut wire, 1, true, &cn.encode(), 0);
+        }
+        raw.send(&wire);
+        let mut pending = 0;
+        loop {
+            let rsp = raw.read_command().expect("C-FIND-RSP");
+            match rsp.u16(tag::STATUS) {
+                Some(0xFF00) => pending += 1,
+                other => return (pending, other),
+            }
+        }
+    };
+    assert_eq!(ask(&ct_only, false), (4, Some(0x0000)));
+    assert_eq!(ask(&accession, false), (0, Some(0xA700)));
+    let (pending, st) = ask(&ct_only, true);
+    assert_eq!(st, Some(0xFE00));
+    assert!(pending < 4, "{pending} items sent despite the cancel");
     let (status, _, log) = d.stop();
     assert!(status.success(), "{log}");
 }

@@ -1,4 +1,5 @@
-//! The DICOM receiver of hms-edged: C-ECHO, C-STORE and Study Root C-FIND SCP.
+//! The DICOM receiver of hms-edged: C-ECHO, C-STORE and Study Root C-FIND SCP; Modality
+//! Worklist C-FIND ([`worklist`]) and MPPS N-CREATE/N-SET ([`mpps`]) from the FHIR cache.
 //!
 //! Layers, each testable alone:
 //! - protocol, no I/O: [`pdu`] (framing, PDV split), [`dimse`] (command sets), [`negotiate`]
