@@ -244,11 +244,23 @@ pub fn find_order(tx: &WriteTx<'_>, a: &Attributes) -> Result<Option<Value>, Sto
     if a.scheduled.iter().all(|s| s.0.is_empty() && s.1.is_empty()) {
         return Ok(None);
     }
+    // Candidates by the identifier index (accession numbers and procedure ids are identifier
+    // values), then checked with the worklist's own mapping.
+    let values: Vec<&str> = a
+        .scheduled
+        .iter()
+        .flat_map(|s| [s.0.as_str(), s.1.as_str()])
+        .filter(|v| !v.is_empty())
+        .collect();
     let mut stmt = tx.sql().prepare_cached(
         "SELECT h.json FROM fhir_current c JOIN fhir_history h ON h.seq = c.seq
-         WHERE c.rtype = 'ServiceRequest' AND c.deleted = 0 ORDER BY c.id",
+         WHERE c.rtype = 'ServiceRequest' AND c.deleted = 0 AND c.id IN (
+             SELECT id FROM fhir_idx_token WHERE rtype = 'ServiceRequest' AND param = 'identifier'
+               AND code IN (SELECT value FROM json_each(?1)))
+         ORDER BY c.id",
     )?;
-    let rows = stmt.query_map([], |r| r.get::<_, Option<String>>(0))?;
+    let rows =
+        stmt.query_map([Value::from(values).to_string()], |r| r.get::<_, Option<String>>(0))?;
     let mut by_rp = None;
     for json in rows {
         let Some(sr) = json?.and_then(|j| serde_json::from_str::<Value>(&j).ok()) else {
