@@ -213,6 +213,33 @@ fn worklist_and_mpps_from_the_fhir_cache() {
     let v = peer(&["mpps-set", "127.0.0.1", &p, AE, mpps_uid, "PAUSED"]);
     assert_eq!(v["status"], 0x0110, "{v}");
 
+    // The modality's images (the worklist's Study Instance UID and accession): their
+    // ImagingStudy is basedOn the order and points to the MPPS Procedure.
+    let file = testfiles(&["CT_small.dcm"]).remove(0);
+    let copy = work.path().join("ct.dcm");
+    std::fs::copy(&file, &copy).unwrap();
+    let out = run(dcmtk("dcmodify")
+        .args(["-nb", "-m", &format!("(0020,000D)={study_uid}"), "-m", "(0008,0050)=ACC100"])
+        .arg(&copy));
+    assert!(out.status.success(), "dcmodify: {}", String::from_utf8_lossy(&out.stderr));
+    let out = run(dcmtk("storescu").args(["-aec", AE, "127.0.0.1", &p]).arg(&copy));
+    assert!(out.status.success(), "storescu: {}", String::from_utf8_lossy(&out.stderr));
+    let url = format!("{base}/ImagingStudy?identifier=urn:dicom:uid|urn:oid:{study_uid}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let study = loop {
+        let b = get(&c, &url);
+        if b["total"] == 1 || std::time::Instant::now() > deadline {
+            break b["entry"][0]["resource"].clone();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(study["basedOn"][0]["reference"], format!("ServiceRequest/{sr}"), "{study}");
+    assert_eq!(
+        study["procedureReference"]["reference"],
+        format!("Procedure/{mpps_uid}"),
+        "{study}"
+    );
+
     // Worklist queries and MPPS updates are in the audit trail.
     let audit = get(&c, &format!("{base}/AuditEvent?_count=500"));
     let text = audit.to_string();

@@ -335,6 +335,10 @@ pub fn create(
     let order = find_order(tx, a)?;
     let procedure = new_procedure(uid, a, order.as_ref(), patient_id_system);
     storage::put(tx, "Procedure", &id, procedure, None, "local")?;
+    // An ImagingStudy already made for the study links to the Procedure at its next refresh.
+    for study in a.scheduled.iter().map(|s| s.2.as_str()).filter(|s| !s.is_empty()) {
+        crate::fhir::imaging::mark_dirty(tx, study)?;
+    }
     audit(tx, who, uid, "success: IN PROGRESS")?;
     Ok(Ok(format!("Procedure/{id} in-progress")))
 }
