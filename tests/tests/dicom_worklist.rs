@@ -240,6 +240,26 @@ fn worklist_and_mpps_from_the_fhir_cache() {
         "{study}"
     );
 
+    // An order without a time of its own is scheduled by its Appointment.
+    let mut timeless = order("ACC400", "MR", "MR2", "", "active");
+    timeless.as_object_mut().unwrap().remove("occurrenceDateTime");
+    let sr2 = post(&c, &base, "ServiceRequest", timeless);
+    post(
+        &c,
+        &base,
+        "Appointment",
+        json!({"resourceType": "Appointment", "status": "booked",
+            "start": "2026-12-07T08:15:00+01:00", "end": "2026-12-07T08:45:00+01:00",
+            "basedOn": [{"reference": format!("ServiceRequest/{sr2}")}],
+            "participant": [{"status": "accepted", "actor": {"reference": format!("Patient/{pid}")}}]}),
+    );
+    let (text, n) = worklist(
+        port,
+        &["0008,0050=ACC400", "0040,0100[0].0040,0002=20261207", "0040,0100[0].0040,0003"],
+    );
+    assert_eq!(n, 1, "{text}");
+    assert!(text.contains("081500"), "{text}");
+
     // Worklist queries and MPPS updates are in the audit trail.
     let audit = get(&c, &format!("{base}/AuditEvent?_count=500"));
     let text = audit.to_string();
