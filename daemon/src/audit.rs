@@ -164,7 +164,7 @@ pub fn action_code(action: &str) -> &'static str {
         "create" | "dicom-store" | "stow" | "restore" => "C",
         "read" | "vread" | "history" | "verify" | "dicom-export" | "wado" | "backup"
         | "audit-export" | "sync-lease" | "dicom-forward" => "R",
-        "update" | "rotate-key" | "sync-apply" => "U",
+        "update" | "rotate-key" | "sync-apply" | "dicom-mpps" => "U",
         "delete" => "D",
         // search, search-page, everything, dicom-find, qido, authenticate, authorize …
         _ => "E",
@@ -198,7 +198,7 @@ fn event_type(action: &str) -> (Value, Option<Value>) {
         "dicom-store" | "dicom-export" | "dicom-forward" | "stow" | "wado" => {
             (dcm("110104", "DICOM Instances Transferred"), None)
         }
-        "dicom-find" | "qido" => (dcm("110112", "Query"), None),
+        "dicom-find" | "dicom-worklist" | "qido" => (dcm("110112", "Query"), None),
         "authenticate" | "authorize" => (dcm("110114", "User Authentication"), None),
         "backup" | "restore" | "rotate-key" | "audit-export" => {
             (dcm("110100", "Application Activity"), None)

@@ -378,7 +378,8 @@ pub async fn run(
 
     // DICOM: plain and TLS listeners share the association slots; the allow-list follows
     // SIGHUP reloads; on shutdown each association finishes the message it is in.
-    let dicom_ctx = crate::dicom::DicomContext::new(daemon.store.clone(), &cfg.dicom);
+    let dicom_ctx =
+        crate::dicom::DicomContext::for_site(daemon.store.clone(), &cfg.dicom, &cfg.site);
     daemon.tasks.spawn(crate::dicom::serve(
         listeners.dicom,
         dicom_ctx.clone(),

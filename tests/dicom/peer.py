@@ -8,6 +8,9 @@ Every subcommand prints one JSON document on stdout; the Rust tests parse it.
                                               unchanged); prints [{"file", "status"}]
   peer.py find HOST PORT AEC LEVEL K=V...     Study Root C-FIND; prints {"status", "matches"}
   peer.py echo HOST PORT AEC MSGID            C-ECHO
+  peer.py mpps-create HOST PORT AEC UID ACCESSION STUDY_UID PATIENT_ID
+                                              MPPS N-CREATE (IN PROGRESS); prints {"status"}
+  peer.py mpps-set HOST PORT AEC UID STATUS   MPPS N-SET of the step status; prints {"status"}
   peer.py compare ORIGINAL EXPORTED           {"meta_ts", "same_dataset", "same_bytes", ...}
   peer.py testfile NAME...                    paths of pydicom / pydicom-data test files
   peer.py info FILE...                        SOP/study/series UIDs and TS of files
@@ -132,6 +135,57 @@ def cmd_echo(host, port, aec, msg_id):
     return 0
 
 
+def _mpps_assoc(host, port, aec):
+    from pynetdicom.sop_class import ModalityPerformedProcedureStep as MPPS
+
+    return MPPS, _assoc(host, port, aec, [(MPPS, [ImplicitVRLittleEndian])])
+
+
+def cmd_mpps_create(host, port, aec, uid, accession, study_uid, patient_id):
+    mpps, assoc = _mpps_assoc(host, port, aec)
+    if not assoc.is_established:
+        print(json.dumps({"error": "association failed", "rejected": assoc.is_rejected}))
+        return 2
+    ds = Dataset()
+    step = Dataset()
+    step.AccessionNumber = accession
+    step.StudyInstanceUID = study_uid
+    step.RequestedProcedureID = accession
+    step.ScheduledProcedureStepID = accession
+    ds.ScheduledStepAttributesSequence = [step]
+    ds.PatientID = patient_id
+    ds.PatientName = "Doe^John"
+    ds.PerformedProcedureStepID = "PPS1"
+    ds.PerformedStationAETitle = "CT1"
+    ds.PerformedProcedureStepStartDate = "20261130"
+    ds.PerformedProcedureStepStartTime = "093000"
+    ds.TimezoneOffsetFromUTC = "+0100"
+    ds.PerformedProcedureStepStatus = "IN PROGRESS"
+    ds.PerformedProcedureStepDescription = "CT chest performed"
+    ds.Modality = "CT"
+    ds.PerformedSeriesSequence = []
+    status, _ = assoc.send_n_create(ds, mpps, uid)
+    assoc.release()
+    print(json.dumps({"status": status.Status if status is not None and "Status" in status else None}))
+    return 0
+
+
+def cmd_mpps_set(host, port, aec, uid, step_status):
+    mpps, assoc = _mpps_assoc(host, port, aec)
+    if not assoc.is_established:
+        print(json.dumps({"error": "association failed", "rejected": assoc.is_rejected}))
+        return 2
+    ds = Dataset()
+    ds.PerformedProcedureStepStatus = step_status
+    ds.PerformedProcedureStepEndDate = "20261130"
+    ds.PerformedProcedureStepEndTime = "101500"
+    ds.TimezoneOffsetFromUTC = "+0100"
+    status, _ = assoc.send_n_set(ds, mpps, uid)
+    assoc.release()
+    print(json.dumps({"status": status.Status if status is not None and "Status" in status else None}))
+    return 0
+
+
 def cmd_compare(original, exported):
     ts_o, bytes_o = split_meta(original)
     ts_e, bytes_e = split_meta(exported)
@@ -231,6 +285,8 @@ def main(argv):
         "find": cmd_find,
         "echo": cmd_echo,
         "compare": cmd_compare,
+        "mpps-create": cmd_mpps_create,
+        "mpps-set": cmd_mpps_set,
         "testfile": cmd_testfile,
         "info": cmd_info,
         "clone": cmd_clone,

@@ -27,9 +27,12 @@ use super::pdu::{self, FramingError, Incoming, PduReader, Pdv};
 use super::query;
 use super::sink::{SinkError, SinkHandle};
 use super::uids::{self, ServiceKind};
+use super::{mpps, worklist};
 
 /// Largest C-FIND identifier we accept.
 const MAX_IDENTIFIER_BYTES: usize = 1024 * 1024;
+/// Largest DIMSE-N data set we accept (a commitment request for a few thousand instances).
+const MAX_N_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 /// Responses are written in batches of about this many bytes.
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -57,8 +60,9 @@ enum Message {
         cmd: Command,
         buf: BytesMut,
     },
-    /// The action information of a Storage Commitment N-ACTION.
-    Action {
+    /// The data set of a DIMSE-N request (Storage Commitment N-ACTION, MPPS N-CREATE / N-SET),
+    /// collected whole, then handled by its command field.
+    NRequest {
         pc: AcceptedContext,
         cmd: Command,
         buf: BytesMut,
@@ -333,21 +337,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 Ok(())
             }
-            Message::Action { pc: a_pc, buf, .. } => {
-                if pdv.is_command || a_pc.id != pc.id {
+            Message::NRequest { pc: n_pc, buf, .. } => {
+                if pdv.is_command || n_pc.id != pc.id {
                     return Err(AbortReason::UnexpectedPduParameter);
                 }
-                if buf.len() + pdv.data.len() > MAX_IDENTIFIER_BYTES * 16 {
+                if buf.len() + pdv.data.len() > MAX_N_REQUEST_BYTES {
                     return Err(AbortReason::InvalidPduParameter);
                 }
                 buf.extend_from_slice(&pdv.data);
                 if pdv.is_last {
-                    let Message::Action { pc, cmd, buf } =
+                    let Message::NRequest { pc, cmd, buf } =
                         std::mem::replace(&mut self.state, Message::Idle)
                     else {
                         unreachable!()
                     };
-                    self.run_commitment(pc, cmd, buf).await?;
+                    if cmd.command_field() == field::N_ACTION_RQ {
+                        self.run_commitment(pc, cmd, buf).await?;
+                    } else {
+                        self.run_mpps(pc, cmd, buf).await?;
+                    }
                 }
                 Ok(())
             }
@@ -430,7 +438,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         .respond(&pc, &cmd, rsp_field, status::CANNOT_UNDERSTAND, "no identifier")
                         .await;
                 }
-                if pc.kind != ServiceKind::StudyRootFind {
+                if !matches!(pc.kind, ServiceKind::StudyRootFind | ServiceKind::WorklistFind) {
                     self.state =
                         discard(pc, cmd, status::SOP_CLASS_NOT_SUPPORTED, "not a C-FIND context");
                     return Ok(());
@@ -458,7 +466,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 };
                 match refused {
                     None => {
-                        self.state = Message::Action { pc, cmd, buf: BytesMut::new() };
+                        self.state = Message::NRequest { pc, cmd, buf: BytesMut::new() };
                         Ok(())
                     }
                     Some((st, why)) if cmd.has_data_set() => {
@@ -478,6 +486,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Ok(())
             }
             field::C_CANCEL_RQ => Ok(()), // nothing in progress to cancel
+            mpps::field::N_CREATE_RQ | mpps::field::N_SET_RQ => {
+                if !cmd.has_data_set() {
+                    return self
+                        .respond_mpps(&pc, &cmd, mpps::status::MISSING_ATTRIBUTE, "no data set")
+                        .await;
+                }
+                if pc.kind != ServiceKind::Mpps {
+                    self.state =
+                        discard(pc, cmd, status::SOP_CLASS_NOT_SUPPORTED, "not an MPPS context");
+                    return Ok(());
+                }
+                self.state = Message::NRequest { pc, cmd, buf: BytesMut::new() };
+                Ok(())
+            }
             other => {
                 debug!(peer = %self.peer, field = other, "unsupported DIMSE command");
                 if cmd.has_data_set() {
@@ -586,6 +608,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         cmd: Command,
         buf: BytesMut,
     ) -> Result<(), AbortReason> {
+        if pc.kind == ServiceKind::WorklistFind {
+            return self.run_worklist(pc, cmd, buf).await;
+        }
         let q = match query::parse_identifier(&buf, &pc.transfer_syntax) {
             Ok(q) => q,
             Err(e) => {
@@ -840,6 +865,187 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if rq.str(tag::AFFECTED_SOP_CLASS_UID).is_none() {
             rsp.set_uid(tag::AFFECTED_SOP_CLASS_UID, &pc.abstract_syntax);
+        }
+        pdu::encode_pdata(&mut self.out, pc.id, true, &rsp.encode(), self.assoc.peer_max_pdu);
+        self.flush().await
+    }
+}
+
+// Modality Worklist (`dicom::worklist`) and MPPS (`dicom::mpps`): the mapping and the store
+// work are in those modules; here only the DIMSE exchange.
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// Modality Worklist C-FIND: one pending response per item, C-CANCEL honoured, capped by
+    /// `dicom.max_find_results`; audited like a Study Root C-FIND (patient data access).
+    async fn run_worklist(
+        &mut self,
+        pc: AcceptedContext,
+        cmd: Command,
+        buf: BytesMut,
+    ) -> Result<(), AbortReason> {
+        let q = match worklist::parse_identifier(&buf, &pc.transfer_syntax) {
+            Ok(q) => q,
+            Err(e) => {
+                warn!(peer = %self.peer, error = %e, "worklist identifier refused");
+                self.audit("dicom-worklist", "dicom-worklist?".into(), format!("refused: {e}"));
+                return self
+                    .respond(
+                        &pc,
+                        &cmd,
+                        field::C_FIND_RSP,
+                        status::CANNOT_UNDERSTAND,
+                        &e.to_string(),
+                    )
+                    .await;
+            }
+        };
+        let limit = self.ctx.settings.max_find_results;
+        let system = self.ctx.settings.patient_id_system.clone();
+        let q2 = q.clone();
+        let found = self.ctx.store.read(move |conn| worklist::run(conn, &q2, &system, limit)).await;
+        let items = match found {
+            Ok(Ok(items)) => items,
+            Ok(Err(limit)) => {
+                let why = format!("more than {limit} matches; narrow the query");
+                return self
+                    .respond(&pc, &cmd, field::C_FIND_RSP, status::OUT_OF_RESOURCES, &why)
+                    .await;
+            }
+            Err(e) => {
+                warn!(peer = %self.peer, error = %e, "worklist query failed");
+                return self
+                    .respond(
+                        &pc,
+                        &cmd,
+                        field::C_FIND_RSP,
+                        status::UNABLE_TO_PROCESS,
+                        "query failed",
+                    )
+                    .await;
+            }
+        };
+        metrics::counter!("hms_dicom_worklist_find_total").increment(1);
+        self.audit(
+            "dicom-worklist",
+            format!("dicom-worklist?{}", q.describe()),
+            format!("success: {} match(es)", items.len()),
+        );
+        let message_id = cmd.message_id();
+        for item in &items {
+            if self.cancel_requested(message_id).await? {
+                self.flush().await?;
+                debug!(peer = %self.peer, "worklist C-FIND cancelled");
+                return self.respond(&pc, &cmd, field::C_FIND_RSP, status::CANCEL, "").await;
+            }
+            let identifier = match worklist::response_identifier(&q, item, &pc.transfer_syntax) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(peer = %self.peer, error = %e, "cannot encode a worklist response");
+                    self.flush().await?;
+                    return self
+                        .respond(
+                            &pc,
+                            &cmd,
+                            field::C_FIND_RSP,
+                            status::UNABLE_TO_PROCESS,
+                            "encoding failed",
+                        )
+                        .await;
+                }
+            };
+            let rsp = Command::response_to(&cmd, field::C_FIND_RSP, status::PENDING, true);
+            let peer_max = self.assoc.peer_max_pdu;
+            pdu::encode_pdata(&mut self.out, pc.id, true, &rsp.encode(), peer_max);
+            pdu::encode_pdata(&mut self.out, pc.id, false, &identifier, peer_max);
+            if self.out.len() >= WRITE_BATCH {
+                self.flush().await?;
+            }
+        }
+        self.flush().await?;
+        self.respond(&pc, &cmd, field::C_FIND_RSP, status::SUCCESS, "").await
+    }
+
+    /// MPPS N-CREATE / N-SET: one durable write (Procedure, order, outbox, audit), then the
+    /// response.
+    async fn run_mpps(
+        &mut self,
+        pc: AcceptedContext,
+        cmd: Command,
+        buf: BytesMut,
+    ) -> Result<(), AbortReason> {
+        let attrs = match mpps::parse(&buf, &pc.transfer_syntax) {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(peer = %self.peer, error = %e, "MPPS data set refused");
+                return self.respond_mpps(&pc, &cmd, status::CANNOT_UNDERSTAND, &e).await;
+            }
+        };
+        let create = cmd.command_field() == mpps::field::N_CREATE_RQ;
+        let uid = if create {
+            match cmd.str(tag::AFFECTED_SOP_INSTANCE_UID) {
+                Some(u) if !u.is_empty() => u.to_owned(),
+                // The SCP creates the instance UID when the SCU did not (PS3.4 F.7.2.1.1).
+                _ => format!("2.25.{}", u128::from_be_bytes(rand::random())),
+            }
+        } else {
+            cmd.str(mpps::tag::REQUESTED_SOP_INSTANCE_UID).unwrap_or("").to_owned()
+        };
+        let who = mpps::Caller {
+            calling_ae: self.assoc.calling_ae.clone(),
+            source: self.peer.ip().to_string(),
+        };
+        let system = self.ctx.settings.patient_id_system.clone();
+        let u = uid.clone();
+        let result = self
+            .ctx
+            .store
+            .write(move |tx| {
+                if create {
+                    mpps::create(tx, &u, &attrs, &system, &who)
+                } else {
+                    mpps::set(tx, &u, &attrs, &who)
+                }
+            })
+            .await;
+        let (st, comment) = match result {
+            Ok(Ok(what)) => {
+                info!(peer = %self.peer, %uid, what, "MPPS recorded");
+                (status::SUCCESS, String::new())
+            }
+            Ok(Err((st, why))) => {
+                warn!(peer = %self.peer, %uid, status = format!("{st:04X}"), why, "MPPS refused");
+                (st, why)
+            }
+            Err(e) => {
+                warn!(peer = %self.peer, %uid, error = %e, "MPPS write failed");
+                (mpps::status::PROCESSING_FAILURE, "storage failure".to_owned())
+            }
+        };
+        metrics::counter!("hms_dicom_mpps_total", "status" => format!("{st:04X}")).increment(1);
+        let mut rsp_cmd = cmd;
+        rsp_cmd.set_uid(tag::AFFECTED_SOP_INSTANCE_UID, &uid);
+        self.respond_mpps(&pc, &rsp_cmd, st, &comment).await
+    }
+
+    /// An N-CREATE-RSP / N-SET-RSP: Affected SOP Class and Instance UID (from the Requested ones
+    /// of an N-SET), no data set.
+    async fn respond_mpps(
+        &mut self,
+        pc: &AcceptedContext,
+        rq: &Command,
+        st: u16,
+        comment: &str,
+    ) -> Result<(), AbortReason> {
+        let rsp_field = rq.command_field() | 0x8000;
+        let mut rsp = Command::response_to(rq, rsp_field, st, false);
+        rsp.set_uid(tag::AFFECTED_SOP_CLASS_UID, &pc.abstract_syntax);
+        if let Some(i) = rq
+            .str(tag::AFFECTED_SOP_INSTANCE_UID)
+            .or_else(|| rq.str(mpps::tag::REQUESTED_SOP_INSTANCE_UID))
+        {
+            rsp.set_uid(tag::AFFECTED_SOP_INSTANCE_UID, i);
+        }
+        if !comment.is_empty() && st != status::SUCCESS {
+            rsp.set_text(tag::ERROR_COMMENT, comment);
         }
         pdu::encode_pdata(&mut self.out, pc.id, true, &rsp.encode(), self.assoc.peer_max_pdu);
         self.flush().await

@@ -153,6 +153,38 @@ mod tests {
         assert!(doc.contains(uids::APPLICATION_CONTEXT));
     }
 
+    /// Modality Worklist and MPPS (`dicom::worklist`, `dicom::mpps`): the SOP classes the
+    /// negotiator accepts, their statuses and the mapping conventions are in the statement.
+    #[test]
+    fn worklist_and_mpps_are_documented() {
+        let doc = std::fs::read_to_string(DOC).expect("docs/dicom-conformance.md");
+        for uid in [uids::WORKLIST_FIND, uids::MPPS] {
+            assert!(uids::service_kind(uid).is_some(), "{uid} not accepted");
+            assert!(doc.contains(&format!("`{uid}`")), "{uid} not in the conformance statement");
+        }
+        use super::super::mpps::status;
+        for st in [
+            status::INVALID_ATTRIBUTE_VALUE,
+            status::PROCESSING_FAILURE,
+            status::DUPLICATE_SOP_INSTANCE,
+            status::NO_SUCH_OBJECT_INSTANCE,
+            status::MISSING_ATTRIBUTE,
+        ] {
+            assert!(doc.contains(&format!("`{st:04X}`")), "status {st:04X} not documented");
+        }
+        use super::super::worklist as wl;
+        for convention in [
+            wl::DCM,
+            wl::STATION_AE_EXTENSION,
+            wl::ACCESSION_SYSTEM,
+            wl::REQUESTED_PROCEDURE_ID_SYSTEM,
+            wl::SPS_ID_SYSTEM,
+            super::super::mpps::PERFORMED_STATION_AE_EXTENSION,
+        ] {
+            assert!(doc.contains(convention), "{convention} not in the conformance statement");
+        }
+    }
+
     /// Rewrites the generated sections of the statement from the code.
     #[test]
     #[ignore]

@@ -1,4 +1,5 @@
-//! The DICOM receiver of hms-edged: C-ECHO, C-STORE and Study Root C-FIND SCP.
+//! The DICOM receiver of hms-edged: C-ECHO, C-STORE and Study Root C-FIND SCP; Modality
+//! Worklist C-FIND ([`worklist`]) and MPPS N-CREATE/N-SET ([`mpps`]) from the FHIR cache.
 //!
 //! Layers, each testable alone:
 //! - protocol, no I/O: [`pdu`] (framing, PDV split), [`dimse`] (command sets), [`negotiate`]
@@ -21,12 +22,14 @@ pub mod dataset;
 pub mod dimse;
 pub mod export;
 pub mod index;
+pub mod mpps;
 pub mod negotiate;
 pub mod pdu;
 pub mod query;
 pub mod quickack;
 pub mod sink;
 pub mod uids;
+pub mod worklist;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -56,6 +59,8 @@ pub struct DicomSettings {
     pub idle: Duration,
     pub duplicate_policy: DuplicatePolicy,
     pub max_find_results: usize,
+    /// `site.patient_id_system`: the Patient identifier given as Patient ID in worklist items.
+    pub patient_id_system: String,
 }
 
 impl DicomSettings {
@@ -68,6 +73,7 @@ impl DicomSettings {
             idle: Duration::from_secs(c.idle_timeout_secs),
             duplicate_policy: c.duplicate_policy,
             max_find_results: c.max_find_results as usize,
+            patient_id_system: crate::config::DEFAULT_PATIENT_ID_SYSTEM.into(),
         }
     }
 }
@@ -89,7 +95,25 @@ impl std::fmt::Debug for DicomContext {
 
 impl DicomContext {
     pub fn new(store: Arc<Store>, config: &DicomConfig) -> Arc<Self> {
-        let settings = DicomSettings::from_config(config);
+        Self::with_settings(store, config, DicomSettings::from_config(config))
+    }
+
+    /// As [`DicomContext::new`], with the site's settings (the worklist's Patient ID system).
+    pub fn for_site(
+        store: Arc<Store>,
+        config: &DicomConfig,
+        site: &crate::config::SiteConfig,
+    ) -> Arc<Self> {
+        let mut settings = DicomSettings::from_config(config);
+        settings.patient_id_system = site.patient_id_system.clone();
+        Self::with_settings(store, config, settings)
+    }
+
+    fn with_settings(
+        store: Arc<Store>,
+        config: &DicomConfig,
+        settings: DicomSettings,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             slots: Arc::new(Semaphore::new(settings.max_associations)),

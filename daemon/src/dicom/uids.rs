@@ -15,7 +15,8 @@ pub const IMPLEMENTATION_VERSION_NAME: &str = concat!("HMS_EDGE_", env!("CARGO_P
 pub const APPLICATION_CONTEXT: &str = "1.2.840.10008.3.1.1.1";
 
 pub use uids::{
-    STORAGE_COMMITMENT_PUSH_MODEL,
+    MODALITY_PERFORMED_PROCEDURE_STEP as MPPS,
+    MODALITY_WORKLIST_INFORMATION_MODEL_FIND as WORKLIST_FIND, STORAGE_COMMITMENT_PUSH_MODEL,
     STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE as STORAGE_COMMITMENT_INSTANCE,
 };
 pub use uids::{STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_FIND as STUDY_ROOT_FIND, VERIFICATION};
@@ -76,6 +77,10 @@ pub enum ServiceKind {
     StudyRootFind,
     /// Storage Commitment Push Model (N-ACTION in, N-EVENT-REPORT out).
     StorageCommitment,
+    /// Modality Worklist Information Model – FIND (`dicom::worklist`).
+    WorklistFind,
+    /// Modality Performed Procedure Step (`dicom::mpps`).
+    Mpps,
 }
 
 /// Classifies a proposed abstract syntax; `None` means we do not support it.
@@ -86,6 +91,10 @@ pub fn service_kind(abstract_syntax: &str) -> Option<ServiceKind> {
         Some(ServiceKind::StudyRootFind)
     } else if abstract_syntax == STORAGE_COMMITMENT_PUSH_MODEL {
         Some(ServiceKind::StorageCommitment)
+    } else if abstract_syntax == WORKLIST_FIND {
+        Some(ServiceKind::WorklistFind)
+    } else if abstract_syntax == MPPS {
+        Some(ServiceKind::Mpps)
     } else if is_storage_sop_class(abstract_syntax) {
         Some(ServiceKind::Storage)
     } else {
@@ -168,6 +177,8 @@ mod tests {
         }
         assert_eq!(service_kind(VERIFICATION), Some(ServiceKind::Verification));
         assert_eq!(service_kind(STUDY_ROOT_FIND), Some(ServiceKind::StudyRootFind));
+        assert_eq!(service_kind("1.2.840.10008.5.1.4.31"), Some(ServiceKind::WorklistFind));
+        assert_eq!(service_kind("1.2.840.10008.3.1.2.3.3"), Some(ServiceKind::Mpps));
     }
 
     #[test]

@@ -284,5 +284,43 @@ fn build_study(
     if !description.is_empty() {
         study["description"] = json!(description);
     }
+    link_order(tx, uid, &accession, &mut study)?;
     Ok(Some(study))
+}
+
+/// `basedOn` the order with this accession number and `procedureReference` the Procedure an MPPS
+/// recorded for this study (`dicom::mpps`), when they exist.
+fn link_order(
+    tx: &WriteTx<'_>,
+    uid: &str,
+    accession: &str,
+    study: &mut Value,
+) -> Result<(), StoreError> {
+    let sql = tx.sql();
+    let ids_with =
+        |rtype: &str, system: Option<&str>, value: &str| -> Result<Vec<String>, StoreError> {
+            Ok(sql
+                .prepare_cached(
+                    "SELECT DISTINCT t.id FROM fhir_idx_token t JOIN fhir_current c
+                   ON c.rtype = t.rtype AND c.id = t.id AND c.deleted = 0
+                 WHERE t.rtype = ?1 AND t.param = 'identifier' AND t.code = ?3
+                   AND (?2 IS NULL OR t.system = ?2) ORDER BY t.id",
+                )?
+                .query_map(params![rtype, system, value], |r| r.get(0))?
+                .collect::<Result<_, _>>()?)
+        };
+    if !accession.is_empty() {
+        for id in ids_with("ServiceRequest", None, accession)? {
+            let sr = crate::dicom::worklist::read_json(sql, "ServiceRequest", &id)?;
+            if sr.as_ref().and_then(crate::dicom::worklist::accession_number) == Some(accession) {
+                study["basedOn"] = json!([{"reference": format!("ServiceRequest/{id}")}]);
+                break;
+            }
+        }
+    }
+    let procedures = ids_with("Procedure", Some("urn:dicom:uid"), &format!("urn:oid:{uid}"))?;
+    if let Some(id) = procedures.first() {
+        study["procedureReference"] = json!({"reference": format!("Procedure/{id}")});
+    }
+    Ok(())
 }
