@@ -24,6 +24,8 @@ pub mod negotiate;
 pub mod pdu;
 pub mod query;
 pub mod quickack;
+pub mod retrieve;
+pub mod scu;
 pub mod sink;
 pub mod uids;
 
