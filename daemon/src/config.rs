@@ -331,7 +331,7 @@ impl Default for LifecycleConfig {
     }
 }
 
-/// DICOM receiver (C-ECHO, C-STORE, C-FIND SCP). See `docs/dicom-conformance.md`.
+/// DICOM receiver (C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE SCP). See `docs/dicom-conformance.md`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DicomConfig {
@@ -623,8 +623,8 @@ pub struct DicomPeer {
     /// [`DEFAULT_DICOM_PEER_TLS_PORT`] with `tls`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
-    /// C-MOVE connects over TLS (the peer's certificate checked against the system's CAs and
-    /// `tls.cert_file`'s issuer is not assumed). Absent: [`DEFAULT_DICOM_PEER_TLS`].
+    /// C-MOVE connects over TLS 1.2+ (the peer's certificate must be valid for its IP address
+    /// under the system's trusted CAs). Absent: [`DEFAULT_DICOM_PEER_TLS`].
     #[serde(default = "default_peer_tls")]
     pub tls: bool,
 }

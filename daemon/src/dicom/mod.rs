@@ -1,13 +1,16 @@
-//! The DICOM receiver of hms-edged: C-ECHO, C-STORE and Study Root C-FIND SCP.
+//! The DICOM receiver of hms-edged: C-ECHO, C-STORE, Study Root C-FIND, and C-GET/C-MOVE SCP
+//! (Study and Patient Root).
 //!
 //! Layers, each testable alone:
 //! - protocol, no I/O: [`pdu`] (framing, PDV split), [`dimse`] (command sets), [`negotiate`]
 //!   (association acceptance), [`dataset`] (streaming data set scanner, Part 10 header),
-//!   [`query`] (C-FIND matching), [`uids`] (SOP classes from the standard registry);
+//!   [`query`] (C-FIND matching), [`retrieve`] (C-GET/C-MOVE identifiers, counts, stored data
+//!   sets streamed into C-STORE sub-operations), [`uids`] (SOP classes from the standard registry);
 //! - storage: [`sink`] (data set → encrypted blob as it arrives), [`index`] (index tables, one
 //!   durable write per instance), [`export`];
-//! - I/O: [`assoc`] (one association's state machine over any stream) and the acceptor here
-//!   ([`serve`], [`serve_tls`]).
+//! - I/O: [`assoc`] (one association's state machine over any stream; `assoc::retrieve` runs
+//!   C-GET/C-MOVE), [`scu`] (the association we open to a C-MOVE destination) and the acceptor
+//!   here ([`serve`], [`serve_tls`]).
 //!
 //! Invariants kept here: a C-STORE success is sent only after [`crate::store::Store::write`]
 //! resolved (blob fsynced and renamed before, index + outbox committed and fsynced); a malformed
