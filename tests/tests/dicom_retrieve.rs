@@ -2,7 +2,9 @@
 //! association, DCMTK `movescu` sends one to a DCMTK `storescp` named in `dicom.peers`; every
 //! instance arrives with the data set byte-identical to what the modality sent. An unknown move
 //! destination fails with A801 and nothing is sent; a C-CANCEL (pynetdicom) stops a retrieve with
-//! status FE00 and its counts, and the association stays usable; each retrieve is audited.
+//! status FE00 and its counts, and the association stays usable. An instance is sent only in its
+//! stored transfer syntax (a requester not proposing it is told that sub-operation failed). Each
+//! retrieve is audited.
 
 mod dicom_common;
 
@@ -264,4 +266,54 @@ fn cancel_stops_a_get_and_a_move_with_counts_and_the_association_goes_on() {
         assert!(ev[0].0.starts_with("cancelled: "), "{ev:?}");
         assert_eq!(ev[0].2["instances"].as_array().unwrap().len() as i64, completed);
     }
+}
+
+#[test]
+fn get_sends_the_stored_transfer_syntax_only_and_reports_what_failed() {
+    let scp = Scp::start();
+    let work = tempfile::tempdir().unwrap();
+    let files = testfiles(&["JPEG-LL.dcm"]);
+    assert_eq!(storescu_jpeg(scp.port, &files), 1);
+    let f = &info(&files)[0];
+    let getscu = |dir: &Path, extra: &[&str]| {
+        std::fs::create_dir(dir).unwrap();
+        run(dcmtk("getscu")
+            .args(["-v", "+B", "-to", "20", "-aec", AE, "-od"])
+            .arg(dir)
+            .args(extra)
+            .args(["127.0.0.1", &scp.port.to_string()])
+            .args(["-k", "QueryRetrieveLevel=PATIENT", "-k"])
+            .arg(format!("PatientID={}", f["patient_id"].as_str().unwrap())))
+    };
+    // Patient Root, uncompressed syntaxes only: the JPEG Lossless instance is not transcoded;
+    // its sub-operation fails and the requester is told which instance.
+    let plain = work.path().join("plain");
+    let out = getscu(&plain, &[]);
+    let log = text(&out);
+    assert!(log.contains("Refused: OutOfResourcesSubOperations"), "{log}");
+    assert!(log.contains("Number of Failed Suboperations    : 1"), "{log}");
+    assert!(!log.contains("Release Failed"), "{log}");
+    assert!(received(&plain).is_empty());
+    // Proposing JPEG Lossless: sent as stored, byte for byte.
+    let jpeg = work.path().join("jpeg");
+    let out = getscu(&jpeg, &["+xs"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let got = received(&jpeg);
+    assert_eq!(got.len(), 1, "{}", text(&out));
+    let sop = f["sop_instance"].as_str().unwrap();
+    // Compared with what the SCP received (storescu loads the file and may re-encode it).
+    assert!(dataset_of(&got[sop]) == dataset_of(&scp.export(sop)), "data set differs");
+    let ev = audit_events(&scp, "dicom-get", 2);
+    assert!(ev[0].0.starts_with("partial: 0 sent, 1 failed"), "{ev:?}");
+    assert_eq!(ev[0].2["failed"], serde_json::json!([sop]));
+    assert_eq!(ev[1].0, "success: 1 sent");
+}
+
+/// storescu proposing the file's own (compressed) transfer syntax.
+fn storescu_jpeg(port: u16, files: &[PathBuf]) -> usize {
+    let out = run(dcmtk("storescu")
+        .args(["-v", "-xs", "-to", "10", "-aec", AE, "127.0.0.1"])
+        .arg(port.to_string())
+        .args(files));
+    text(&out).matches("Received Store Response (Success)").count()
 }

@@ -326,11 +326,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     ) -> Result<(), AbortReason> {
         let c = &done.counts;
         let st = if done.cancelled { status::CANCEL } else { c.final_status() };
-        let identifier = if c.failed_uids.is_empty() {
-            None
-        } else {
-            retrieve::failed_list_identifier(&c.failed_uids, &pc.transfer_syntax).ok()
-        };
+        // The Failed SOP Instance UID List goes with Warning (B000) and Cancel only: DCMTK's SCUs
+        // do not read a data set after a refusal (A702), and the counts already say it all.
+        let identifier =
+            if c.failed_uids.is_empty() || st == status::UNABLE_TO_PERFORM_SUBOPERATIONS {
+                None
+            } else {
+                retrieve::failed_list_identifier(&c.failed_uids, &pc.transfer_syntax).ok()
+            };
         let mut rsp = Command::response_to(cmd, rsp_field, st, identifier.is_some());
         c.apply(&mut rsp, done.cancelled);
         if rsp.str(tag::AFFECTED_SOP_CLASS_UID).is_none() {
