@@ -163,7 +163,8 @@ pub fn action_code(action: &str) -> &'static str {
     match action {
         "create" | "dicom-store" | "stow" | "restore" => "C",
         "read" | "vread" | "history" | "verify" | "dicom-export" | "wado" | "backup"
-        | "audit-export" | "sync-lease" | "dicom-forward" => "R",
+        | "audit-export" | "sync-lease" | "dicom-forward" | "dicom-get" | "dicom-move"
+        | "dicom-commit" => "R",
         "update" | "rotate-key" | "sync-apply" | "dicom-mpps" => "U",
         "delete" => "D",
         // search, search-page, everything, dicom-find, qido, authenticate, authorize …
@@ -195,10 +196,9 @@ fn event_type(action: &str) -> (Value, Option<Value>) {
         Some(json!({"system": "http://hl7.org/fhir/restful-interaction", "code": code}))
     };
     match action {
-        "dicom-store" | "dicom-export" | "dicom-forward" | "stow" | "wado" => {
-            (dcm("110104", "DICOM Instances Transferred"), None)
-        }
-        "dicom-find" | "dicom-worklist" | "qido" => (dcm("110112", "Query"), None),
+        "dicom-store" | "dicom-export" | "dicom-forward" | "dicom-get" | "dicom-move" | "stow"
+        | "wado" => (dcm("110104", "DICOM Instances Transferred"), None),
+        "dicom-find" | "dicom-worklist" | "dicom-commit" | "qido" => (dcm("110112", "Query"), None),
         "authenticate" | "authorize" => (dcm("110114", "User Authentication"), None),
         "backup" | "restore" | "rotate-key" | "audit-export" => {
             (dcm("110100", "Application Activity"), None)

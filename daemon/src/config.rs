@@ -69,6 +69,12 @@ pub const DEFAULT_DICOM_ARTIM_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_DICOM_IDLE_TIMEOUT_SECS: u64 = 120;
 /// Most C-FIND matches returned for one query (the rest is refused with status A700).
 pub const DEFAULT_DICOM_MAX_FIND_RESULTS: u32 = 10_000;
+/// Port of a `dicom.peers` entry used as a C-MOVE destination when it names none (plain DICOM).
+pub const DEFAULT_DICOM_PEER_PORT: u16 = 11112;
+/// Port of a `dicom.peers` entry with `tls = true` that names none (PS3.15 DICOM-TLS port).
+pub const DEFAULT_DICOM_PEER_TLS_PORT: u16 = 2762;
+/// Whether C-MOVE connects to a peer over TLS when its entry does not say.
+pub const DEFAULT_DICOM_PEER_TLS: bool = false;
 /// Resources per upstream transaction Bundle.
 pub const DEFAULT_UPSTREAM_BATCH_SIZE: u32 = 200;
 /// Seconds between sync rounds when nothing triggers one sooner.
@@ -325,7 +331,7 @@ impl Default for LifecycleConfig {
     }
 }
 
-/// DICOM receiver (C-ECHO, C-STORE, C-FIND SCP). See `docs/dicom-conformance.md`.
+/// DICOM receiver (C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE SCP). See `docs/dicom-conformance.md`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DicomConfig {
@@ -602,15 +608,60 @@ pub enum DuplicatePolicy {
     KeepBoth,
 }
 
-/// One modality allowed to send to us.
+/// One DICOM peer: a modality allowed to associate with us and, when it has an address, a
+/// C-MOVE destination (its AE title is the Move Destination).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DicomPeer {
-    /// Its calling AE title.
+    /// Its calling AE title (and its Called AE Title when we send to it).
     pub ae_title: String,
-    /// Source IP address it must connect from; empty: any address.
+    /// Source IP address it must connect from; empty: any address. Also where C-MOVE sends to:
+    /// a peer without an address is no move destination.
     #[serde(default)]
     pub address: String,
+    /// Port C-MOVE connects to. Absent: [`DEFAULT_DICOM_PEER_PORT`], or
+    /// [`DEFAULT_DICOM_PEER_TLS_PORT`] with `tls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// C-MOVE connects over TLS 1.2+ (the peer's certificate must be valid for its IP address
+    /// under the system's trusted CAs). Absent: [`DEFAULT_DICOM_PEER_TLS`].
+    #[serde(default = "default_peer_tls")]
+    pub tls: bool,
+}
+
+fn default_peer_tls() -> bool {
+    DEFAULT_DICOM_PEER_TLS
+}
+
+/// Where C-MOVE sends to: a peer's address, port and whether over TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoveDestination {
+    pub addr: SocketAddr,
+    pub tls: bool,
+}
+
+impl DicomPeer {
+    /// An entry with an AE title and a source address (empty: any) and the default port and TLS.
+    pub fn new(ae_title: &str, address: &str) -> DicomPeer {
+        DicomPeer {
+            ae_title: ae_title.into(),
+            address: address.into(),
+            port: None,
+            tls: DEFAULT_DICOM_PEER_TLS,
+        }
+    }
+
+    /// The C-MOVE destination of this entry, with the documented defaults applied; `None` when it
+    /// has no (valid) address.
+    pub fn move_destination(&self) -> Option<MoveDestination> {
+        let ip: std::net::IpAddr = self.address.trim().parse().ok()?;
+        let default_port =
+            if self.tls { DEFAULT_DICOM_PEER_TLS_PORT } else { DEFAULT_DICOM_PEER_PORT };
+        Some(MoveDestination {
+            addr: SocketAddr::new(ip, self.port.unwrap_or(default_port)),
+            tls: self.tls,
+        })
+    }
 }
 
 /// Why a configuration was refused. The message always names the key (or variable) and the reason.
@@ -823,6 +874,15 @@ impl Config {
                     "must be an IP address or empty",
                 );
             }
+            if peer.port == Some(0) {
+                return invalid(&format!("dicom.peers[{i}].port"), "must be between 1 and 65535");
+            }
+            if peer.port.is_some() && peer.address.is_empty() {
+                return invalid(
+                    &format!("dicom.peers[{i}].port"),
+                    "needs dicom.peers[].address (where to connect)",
+                );
+            }
         }
         let u = &self.upstream;
         if !u.fhir_base_url.is_empty() {
@@ -964,6 +1024,40 @@ mod tests {
         let text = "[[dicom.peers]]\nae_title = \"CT1\"\naddress = \"not-ip\"\n";
         let err = parse(text, "", no_env()).unwrap_err();
         assert!(err.to_string().contains("dicom.peers[0].address"), "{err}");
+    }
+
+    #[test]
+    fn dicom_peers_are_move_destinations_with_defaults() {
+        let text = r#"
+            [dicom]
+            peers = [
+                { ae_title = "CT1", address = "10.0.0.5" },
+                { ae_title = "PACS", address = "10.0.0.9", port = 4242 },
+                { ae_title = "VNA", address = "::1", tls = true },
+                { ae_title = "SECURE", address = "10.0.0.7", port = 11113, tls = true },
+                { ae_title = "US" },
+            ]
+        "#;
+        let c = parse(text, "", no_env()).unwrap();
+        let d: Vec<Option<MoveDestination>> =
+            c.dicom.peers.iter().map(DicomPeer::move_destination).collect();
+        let dest = |a: &str, tls| Some(MoveDestination { addr: a.parse().unwrap(), tls });
+        assert_eq!(d[0], dest("10.0.0.5:11112", false));
+        assert_eq!(d[1], dest("10.0.0.9:4242", false));
+        assert_eq!(d[2], dest("[::1]:2762", true));
+        assert_eq!(d[3], dest("10.0.0.7:11113", true));
+        assert_eq!(d[4], None, "no address: allowed to associate, not a destination");
+        assert!(!c.dicom.peers[4].tls);
+        // The effective config round-trips (check-config prints it).
+        assert_eq!(parse(&c.to_toml(), "", no_env()).unwrap(), c);
+        let err =
+            parse("[[dicom.peers]]\nae_title = \"X\"\nport = 104\n", "", no_env()).unwrap_err();
+        assert!(err.to_string().contains("dicom.peers[0].port"), "{err}");
+        let text = "[[dicom.peers]]\nae_title = \"X\"\naddress = \"10.0.0.1\"\nport = 0\n";
+        let err = parse(text, "", no_env()).unwrap_err();
+        assert!(err.to_string().contains("dicom.peers[0].port"), "{err}");
+        let text = "[[dicom.peers]]\nae_title = \"X\"\nport = \"x\"\n";
+        assert!(parse(text, "", no_env()).is_err());
     }
 
     #[test]

@@ -18,6 +18,13 @@ Every subcommand prints one JSON document on stdout; the Rust tests parse it.
                                               (a new series every PER_SERIES, default 100);
                                               prints [sop_instance_uid] in file order
                                               (OUTDIR/000000.dcm, …)
+  peer.py retrieve-cancel HOST PORT AEC OP STUDY AFTER [DEST]
+                                              Study Root C-GET (OP=get) or C-MOVE to DEST
+                                              (OP=move) of a study; C-CANCEL after AFTER
+                                              sub-operations; then a C-ECHO on the same
+                                              association; prints {"statuses", "final",
+                                              "completed", "failed", "warning", "remaining",
+                                              "received", "echo"}
 """
 
 import json
@@ -279,6 +286,96 @@ def cmd_clone(src, outdir, n, per_series="100"):
     return 0
 
 
+def cmd_retrieve_cancel(host, port, aec, op, study, after, dest=None):
+    import threading
+
+    from pynetdicom import AE, StoragePresentationContexts, build_role, evt
+    from pynetdicom.sop_class import (
+        StudyRootQueryRetrieveInformationModelGet as GET,
+        StudyRootQueryRetrieveInformationModelMove as MOVE,
+        Verification,
+    )
+
+    after = int(after)
+    msg_id = 7
+    model = GET if op == "get" else MOVE
+    received = []
+    state = {"assoc": None, "cancelled": False}
+    lock = threading.Lock()
+
+    def cancel():
+        with lock:
+            if not state["cancelled"]:
+                state["cancelled"] = True
+                state["assoc"].send_c_cancel(msg_id, query_model=model)
+
+    def on_store(event):
+        received.append(event.request.AffectedSOPInstanceUID)
+        if len(received) >= after:
+            cancel()
+        return 0x0000
+
+    ae = AE(ae_title=CALLING_AE)
+    ae.acse_timeout = 10
+    ae.dimse_timeout = 30
+    ae.network_timeout = 30
+    ae.add_requested_context(model)
+    ae.add_requested_context(Verification)
+    roles = []
+    if op == "get":
+        from pydicom.uid import ExplicitVRLittleEndian
+
+        # Explicit VR first: the SCP sends stored bytes as they are, in the stored syntax.
+        for cx in StoragePresentationContexts[:120]:
+            ae.add_requested_context(
+                cx.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+            )
+            roles.append(build_role(cx.abstract_syntax, scp_role=True))
+    assoc = ae.associate(
+        host, int(port), ae_title=aec, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    if not assoc.is_established:
+        print(json.dumps({"error": "association failed"}))
+        return 2
+    state["assoc"] = assoc
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = study
+    if op == "get":
+        responses = assoc.send_c_get(ds, model, msg_id=msg_id)
+    else:
+        responses = assoc.send_c_move(ds, dest, model, msg_id=msg_id)
+    statuses = []
+    last = None
+    for status, _identifier in responses:
+        if status is None or "Status" not in status:
+            break
+        statuses.append(status.Status)
+        last = status
+        if status.Status in (0xFF00, 0xFF01) and op == "move":
+            completed = int(status.get("NumberOfCompletedSuboperations", 0))
+            if completed >= after:
+                cancel()
+    counts = {
+        k: int(last.get("NumberOf%sSuboperations" % k.capitalize(), -1)) if last else -1
+        for k in ("completed", "failed", "warning", "remaining")
+    }
+    echo = assoc.send_c_echo(msg_id=99)
+    assoc.release()
+    print(
+        json.dumps(
+            dict(
+                statuses=statuses,
+                final=statuses[-1] if statuses else None,
+                received=len(received),
+                echo=echo.Status if "Status" in echo else None,
+                **counts,
+            )
+        )
+    )
+    return 0
+
+
 def main(argv):
     cmds = {
         "store": cmd_store,
@@ -290,6 +387,7 @@ def main(argv):
         "testfile": cmd_testfile,
         "info": cmd_info,
         "clone": cmd_clone,
+        "retrieve-cancel": cmd_retrieve_cancel,
     }
     if len(argv) < 2 or argv[1] not in cmds:
         print(__doc__, file=sys.stderr)

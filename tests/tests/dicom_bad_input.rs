@@ -188,8 +188,8 @@ fn unknown_callers_are_rejected_with_the_standard_reason() {
     let config = DicomConfig {
         accept_loopback_callers: false,
         peers: vec![
-            DicomPeer { ae_title: "CT_ROOM1".into(), address: "127.0.0.1".into() },
-            DicomPeer { ae_title: "FAR_AWAY".into(), address: "192.0.2.7".into() },
+            DicomPeer::new("CT_ROOM1", "127.0.0.1"),
+            DicomPeer::new("FAR_AWAY", "192.0.2.7"),
         ],
         ..DicomConfig::default()
     };
@@ -220,7 +220,7 @@ fn unknown_callers_are_rejected_with_the_standard_reason() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Reload (SIGHUP path): INTRUDER becomes allowed for new associations.
     let mut reloaded = DicomConfig { accept_loopback_callers: false, ..DicomConfig::default() };
-    reloaded.peers.push(DicomPeer { ae_title: "INTRUDER".into(), address: String::new() });
+    reloaded.peers.push(DicomPeer::new("INTRUDER", ""));
     assert!(scp.ctx.reload(&reloaded).is_some());
     let out = run(dcmtk("echoscu").args(["-aet", "INTRUDER", "-aec", AE, "127.0.0.1", &port]));
     assert!(out.status.success());

@@ -29,6 +29,8 @@ use super::sink::{SinkError, SinkHandle};
 use super::uids::{self, ServiceKind};
 use super::{mpps, worklist};
 
+mod retrieve;
+
 /// Largest C-FIND identifier we accept.
 const MAX_IDENTIFIER_BYTES: usize = 1024 * 1024;
 /// Largest DIMSE-N data set we accept (a commitment request for a few thousand instances).
@@ -63,6 +65,12 @@ enum Message {
     /// The data set of a DIMSE-N request (Storage Commitment N-ACTION, MPPS N-CREATE / N-SET),
     /// collected whole, then handled by its command field.
     NRequest {
+        pc: AcceptedContext,
+        cmd: Command,
+        buf: BytesMut,
+    },
+    /// A C-GET or C-MOVE identifier arriving (run by `retrieve` once complete).
+    Retrieve {
         pc: AcceptedContext,
         cmd: Command,
         buf: BytesMut,
@@ -359,6 +367,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 Ok(())
             }
+            Message::Retrieve { pc: r_pc, buf, .. } => {
+                if pdv.is_command || r_pc.id != pc.id {
+                    return Err(AbortReason::UnexpectedPduParameter);
+                }
+                if buf.len() + pdv.data.len() > MAX_IDENTIFIER_BYTES {
+                    return Err(AbortReason::InvalidPduParameter);
+                }
+                buf.extend_from_slice(&pdv.data);
+                if pdv.is_last {
+                    let Message::Retrieve { pc, cmd, buf } =
+                        std::mem::replace(&mut self.state, Message::Idle)
+                    else {
+                        unreachable!()
+                    };
+                    self.run_retrieve(pc, cmd, buf).await?;
+                }
+                Ok(())
+            }
             Message::Discard { pc: d_pc, .. } => {
                 if pdv.is_command || d_pc.id != pc.id {
                     return Err(AbortReason::UnexpectedPduParameter);
@@ -483,6 +509,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     warn!(peer = %self.peer, status = format!("{st:04X}"),
                         "the requester refused our storage commitment report");
                 }
+                Ok(())
+            }
+            field::C_GET_RQ | field::C_MOVE_RQ => {
+                if !cmd.has_data_set() {
+                    return self
+                        .respond(&pc, &cmd, rsp_field, status::CANNOT_UNDERSTAND, "no identifier")
+                        .await;
+                }
+                let fits = match pc.kind {
+                    ServiceKind::Get(_) => cmd.command_field() == field::C_GET_RQ,
+                    ServiceKind::Move(_) => cmd.command_field() == field::C_MOVE_RQ,
+                    _ => false,
+                };
+                if !fits {
+                    self.state = discard(
+                        pc,
+                        cmd,
+                        status::SOP_CLASS_NOT_SUPPORTED,
+                        "not a C-GET/C-MOVE context",
+                    );
+                    return Ok(());
+                }
+                self.state = Message::Retrieve { pc, cmd, buf: BytesMut::new() };
                 Ok(())
             }
             field::C_CANCEL_RQ => Ok(()), // nothing in progress to cancel
@@ -789,13 +838,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Queues an audit event for a query (like FHIR reads, a query does not wait for its audit
     /// event to be durable; stores write theirs in the instance's own transaction).
     fn audit(&self, action: &str, entity: String, outcome: String) {
+        self.audit_record(action, entity, outcome, None);
+    }
+
+    /// As [`Self::audit`], with a JSON detail (what a retrieve sent, and where).
+    fn audit_detail(&self, action: &str, entity: String, outcome: String, d: serde_json::Value) {
+        self.audit_record(action, entity, outcome, Some(d.to_string()));
+    }
+
+    fn audit_record(&self, action: &str, entity: String, outcome: String, detail: Option<String>) {
         let rec = crate::audit::AuditRecord {
             actor: format!("dicom:{}", self.assoc.calling_ae),
             source: self.peer.ip().to_string(),
             action: action.into(),
             entity,
             outcome,
-            detail: None,
+            detail,
         };
         let store = self.ctx.store.clone();
         tokio::spawn(async move {

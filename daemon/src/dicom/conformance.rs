@@ -128,10 +128,17 @@ mod tests {
             );
         }
         // Every abstract and transfer syntax the negotiator accepts is named in the text.
-        for uid in [uids::VERIFICATION, uids::STUDY_ROOT_FIND]
-            .iter()
-            .chain(STORAGE_TRANSFER_SYNTAXES)
-            .chain(QUERY_TRANSFER_SYNTAXES)
+        for uid in [
+            uids::VERIFICATION,
+            uids::STUDY_ROOT_FIND,
+            uids::STUDY_ROOT_GET,
+            uids::STUDY_ROOT_MOVE,
+            uids::PATIENT_ROOT_GET,
+            uids::PATIENT_ROOT_MOVE,
+        ]
+        .iter()
+        .chain(STORAGE_TRANSFER_SYNTAXES)
+        .chain(QUERY_TRANSFER_SYNTAXES)
         {
             assert!(doc.contains(&format!("`{uid}`")), "{uid} not in the conformance statement");
         }
@@ -146,6 +153,10 @@ mod tests {
             status::UNABLE_TO_PROCESS,
             status::PENDING,
             status::CANCEL,
+            status::SUBOPERATIONS_WARNING,
+            status::UNABLE_TO_CALCULATE_MATCHES,
+            status::UNABLE_TO_PERFORM_SUBOPERATIONS,
+            status::MOVE_DESTINATION_UNKNOWN,
         ] {
             assert!(doc.contains(&format!("`{st:04X}`")), "status {st:04X} not documented");
         }

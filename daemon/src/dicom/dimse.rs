@@ -10,8 +10,12 @@ pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 pub mod field {
     pub const C_STORE_RQ: u16 = 0x0001;
     pub const C_STORE_RSP: u16 = 0x8001;
+    pub const C_GET_RQ: u16 = 0x0010;
+    pub const C_GET_RSP: u16 = 0x8010;
     pub const C_FIND_RQ: u16 = 0x0020;
     pub const C_FIND_RSP: u16 = 0x8020;
+    pub const C_MOVE_RQ: u16 = 0x0021;
+    pub const C_MOVE_RSP: u16 = 0x8021;
     pub const C_ECHO_RQ: u16 = 0x0030;
     pub const C_ECHO_RSP: u16 = 0x8030;
     pub const C_CANCEL_RQ: u16 = 0x0FFF;
@@ -29,6 +33,7 @@ pub mod tag {
     pub const COMMAND_FIELD: u16 = 0x0100;
     pub const MESSAGE_ID: u16 = 0x0110;
     pub const MESSAGE_ID_BEING_RESPONDED_TO: u16 = 0x0120;
+    pub const MOVE_DESTINATION: u16 = 0x0600;
     pub const PRIORITY: u16 = 0x0700;
     pub const COMMAND_DATA_SET_TYPE: u16 = 0x0800;
     pub const STATUS: u16 = 0x0900;
@@ -37,6 +42,12 @@ pub mod tag {
     pub const REQUESTED_SOP_INSTANCE_UID: u16 = 0x1001;
     pub const EVENT_TYPE_ID: u16 = 0x1002;
     pub const ACTION_TYPE_ID: u16 = 0x1008;
+    pub const NUMBER_OF_REMAINING_SUBOPERATIONS: u16 = 0x1020;
+    pub const NUMBER_OF_COMPLETED_SUBOPERATIONS: u16 = 0x1021;
+    pub const NUMBER_OF_FAILED_SUBOPERATIONS: u16 = 0x1022;
+    pub const NUMBER_OF_WARNING_SUBOPERATIONS: u16 = 0x1023;
+    pub const MOVE_ORIGINATOR_AE_TITLE: u16 = 0x1030;
+    pub const MOVE_ORIGINATOR_MESSAGE_ID: u16 = 0x1031;
 }
 
 /// Status codes we send (PS3.7 Annex C and PS3.4 B.2.3 / C.4.1.1.4).
@@ -53,6 +64,14 @@ pub mod status {
     pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
     pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
     pub const OUT_OF_RESOURCES: u16 = 0xA700;
+    /// C-GET/C-MOVE: unable to calculate the number of matches.
+    pub const UNABLE_TO_CALCULATE_MATCHES: u16 = 0xA701;
+    /// C-GET/C-MOVE: unable to perform the sub-operations.
+    pub const UNABLE_TO_PERFORM_SUBOPERATIONS: u16 = 0xA702;
+    /// C-MOVE: Move Destination unknown.
+    pub const MOVE_DESTINATION_UNKNOWN: u16 = 0xA801;
+    /// C-GET/C-MOVE: sub-operations complete, one or more failures or warnings.
+    pub const SUBOPERATIONS_WARNING: u16 = 0xB000;
     pub const DATA_SET_DOES_NOT_MATCH_SOP_CLASS: u16 = 0xA900;
     pub const IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS: u16 = 0xA900;
     pub const CANNOT_UNDERSTAND: u16 = 0xC000;
@@ -138,6 +157,16 @@ impl Command {
         let mut b = v.as_bytes().to_vec();
         if b.len() % 2 == 1 {
             b.push(0);
+        }
+        self.elements.insert(element, b);
+        self
+    }
+
+    /// Sets an AE value (padded with a space to even length, at most 16 characters).
+    pub fn set_ae(&mut self, element: u16, v: &str) -> &mut Self {
+        let mut b: Vec<u8> = v.trim().bytes().take(16).collect();
+        if b.len() % 2 == 1 {
+            b.push(b' ');
         }
         self.elements.insert(element, b);
         self

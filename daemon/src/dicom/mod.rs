@@ -1,14 +1,17 @@
-//! The DICOM receiver of hms-edged: C-ECHO, C-STORE and Study Root C-FIND SCP; Modality
-//! Worklist C-FIND ([`worklist`]) and MPPS N-CREATE/N-SET ([`mpps`]) from the FHIR cache.
+//! The DICOM receiver of hms-edged: C-ECHO, C-STORE, Study Root C-FIND, C-GET/C-MOVE SCP (Study
+//! and Patient Root), Storage Commitment ([`commitment`]); Modality Worklist C-FIND
+//! ([`worklist`]) and MPPS N-CREATE/N-SET ([`mpps`]) from the FHIR cache.
 //!
 //! Layers, each testable alone:
 //! - protocol, no I/O: [`pdu`] (framing, PDV split), [`dimse`] (command sets), [`negotiate`]
 //!   (association acceptance), [`dataset`] (streaming data set scanner, Part 10 header),
-//!   [`query`] (C-FIND matching), [`uids`] (SOP classes from the standard registry);
+//!   [`query`] (C-FIND matching), [`retrieve`] (C-GET/C-MOVE identifiers, counts, stored data
+//!   sets streamed into C-STORE sub-operations), [`uids`] (SOP classes from the standard registry);
 //! - storage: [`sink`] (data set → encrypted blob as it arrives), [`index`] (index tables, one
 //!   durable write per instance), [`export`];
-//! - I/O: [`assoc`] (one association's state machine over any stream) and the acceptor here
-//!   ([`serve`], [`serve_tls`]).
+//! - I/O: [`assoc`] (one association's state machine over any stream; `assoc::retrieve` runs
+//!   C-GET/C-MOVE), [`scu`] (the association we open to a C-MOVE destination) and the acceptor
+//!   here ([`serve`], [`serve_tls`]).
 //!
 //! Invariants kept here: a C-STORE success is sent only after [`crate::store::Store::write`]
 //! resolved (blob fsynced and renamed before, index + outbox committed and fsynced); a malformed
@@ -27,6 +30,8 @@ pub mod negotiate;
 pub mod pdu;
 pub mod query;
 pub mod quickack;
+pub mod retrieve;
+pub mod scu;
 pub mod sink;
 pub mod uids;
 pub mod worklist;

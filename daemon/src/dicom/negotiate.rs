@@ -1,21 +1,21 @@
 //! Association negotiation (PS3.8 7.1, PS3.7 D.3.3): who may associate, and which presentation
 //! contexts we accept. A pure function of the request, the caller's address and our policy.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use dicom_ul::pdu::{
     AssociationAC, AssociationRJ, AssociationRJResult, AssociationRJServiceProviderASCEReason,
     AssociationRJServiceProviderPresentationReason, AssociationRJServiceUserReason,
     AssociationRJSource, AssociationRQ, PresentationContextResult, PresentationContextResultReason,
-    UserVariableItem,
+    RequestorRoles, UserVariableItem,
 };
 
 use super::uids::{
     self, APPLICATION_CONTEXT, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME,
     QUERY_TRANSFER_SYNTAXES, STORAGE_TRANSFER_SYNTAXES, ServiceKind,
 };
-use crate::config::DicomConfig;
+use crate::config::{DicomConfig, MoveDestination};
 
 /// Who may associate with us. Reloadable (SIGHUP) as a whole.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +26,8 @@ pub struct AccessPolicy {
     pub accept_loopback: bool,
     /// Allowed calling AE titles, each with an optional required source address.
     pub peers: Vec<(String, Option<IpAddr>)>,
+    /// C-MOVE destinations by AE title (the peers with an address).
+    pub destinations: Vec<(String, MoveDestination)>,
 }
 
 impl AccessPolicy {
@@ -38,7 +40,17 @@ impl AccessPolicy {
                 .iter()
                 .map(|p| (p.ae_title.trim().to_owned(), p.address.parse().ok()))
                 .collect(),
+            destinations: c
+                .peers
+                .iter()
+                .filter_map(|p| Some((p.ae_title.trim().to_owned(), p.move_destination()?)))
+                .collect(),
         }
+    }
+
+    /// Where C-MOVE sends to for a Move Destination AE title (the first peer entry with it).
+    pub fn destination(&self, ae_title: &str) -> Option<MoveDestination> {
+        self.destinations.iter().find(|(ae, _)| ae == ae_title.trim()).map(|(_, d)| *d)
     }
 
     /// Whether this caller may associate.
@@ -76,6 +88,9 @@ pub struct Association {
     /// The caller's Maximum Length (0: unlimited): our P-DATA PDUs must not exceed it.
     pub peer_max_pdu: u32,
     pub contexts: HashMap<u8, AcceptedContext>,
+    /// Storage SOP classes for which the requester took the SCP role (SCP/SCU Role Selection,
+    /// PS3.7 D.3.3.4): C-GET sends its C-STORE sub-operations on those contexts.
+    pub requester_scp: HashSet<String>,
 }
 
 fn reject(result: AssociationRJResult, source: AssociationRJSource) -> AssociationRJ {
@@ -173,23 +188,46 @@ pub fn negotiate(
             transfer_syntax: ts.unwrap_or(uids::QUERY_TRANSFER_SYNTAXES[0]).to_owned(),
         });
     }
+    // SCP/SCU role selection: a C-GET requester proposes the SCP role for the storage classes it
+    // wants to receive. Accepted as proposed for every storage class with an accepted context.
+    let mut requester_scp = HashSet::new();
+    let mut role_replies = Vec::new();
+    for v in &rq.user_variables {
+        if let UserVariableItem::ScuScpRoleSelectionSubItem(uid, roles) = v {
+            let uid = uids::trim_uid(uid);
+            let accepted = contexts.values().any(|c| c.abstract_syntax == uid);
+            if uids::service_kind(uid) == Some(ServiceKind::Storage) && accepted {
+                if roles.scp {
+                    requester_scp.insert(uid.to_owned());
+                }
+                role_replies.push(UserVariableItem::ScuScpRoleSelectionSubItem(
+                    uid.to_owned(),
+                    RequestorRoles { scu: roles.scu, scp: roles.scp },
+                ));
+            }
+        }
+    }
+    let mut user_variables = vec![
+        UserVariableItem::MaxLength(our_max_pdu),
+        UserVariableItem::ImplementationClassUID(IMPLEMENTATION_CLASS_UID.to_owned()),
+    ];
+    user_variables.extend(role_replies);
+    user_variables
+        .push(UserVariableItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.to_owned()));
     let ac = AssociationAC {
         protocol_version: 1,
         calling_ae_title: rq.calling_ae_title.clone(),
         called_ae_title: rq.called_ae_title.clone(),
         application_context_name: APPLICATION_CONTEXT.to_owned(),
         presentation_contexts: results,
-        user_variables: vec![
-            UserVariableItem::MaxLength(our_max_pdu),
-            UserVariableItem::ImplementationClassUID(IMPLEMENTATION_CLASS_UID.to_owned()),
-            UserVariableItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.to_owned()),
-        ],
+        user_variables,
     };
     let assoc = Association {
         calling_ae: rq.calling_ae_title.trim().to_owned(),
         called_ae: rq.called_ae_title.trim().to_owned(),
         peer_max_pdu,
         contexts,
+        requester_scp,
     };
     Ok((assoc, ac))
 }
@@ -226,7 +264,7 @@ mod tests {
                 },
                 PresentationContextProposed {
                     id: 3,
-                    abstract_syntax: "1.2.840.10008.5.1.4.1.2.2.2".into(),
+                    abstract_syntax: "1.2.840.10008.5.1.1.9".into(), // print management
                     transfer_syntaxes: vec!["1.2.840.10008.1.2".into()],
                 },
                 PresentationContextProposed {
@@ -247,6 +285,7 @@ mod tests {
             ae_title: "HMS-EDGE".into(),
             accept_loopback: false,
             peers: vec![("CT1".into(), Some("10.0.0.5".parse().unwrap())), ("US".into(), None)],
+            destinations: Vec::new(),
         }
     }
 
@@ -267,6 +306,56 @@ mod tests {
             negotiate(&rq("US", "HMS-EDGE"), "192.0.2.1".parse().unwrap(), &policy(), 65536)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn accepts_the_scp_role_for_storage_classes_a_getscu_proposes() {
+        let mut r = rq("CT1", "HMS-EDGE");
+        r.user_variables.push(UserVariableItem::ScuScpRoleSelectionSubItem(
+            "1.2.840.10008.5.1.4.1.1.6.1".into(),
+            RequestorRoles { scu: false, scp: true },
+        ));
+        // Not a storage class, and a storage class without a context: no reply.
+        for uid in ["1.2.840.10008.1.1", "1.2.840.10008.5.1.4.1.1.2"] {
+            r.user_variables.push(UserVariableItem::ScuScpRoleSelectionSubItem(
+                uid.into(),
+                RequestorRoles { scu: true, scp: true },
+            ));
+        }
+        let (a, ac) = negotiate(&r, "10.0.0.5".parse().unwrap(), &policy(), 65536).unwrap();
+        assert_eq!(a.requester_scp, HashSet::from(["1.2.840.10008.5.1.4.1.1.6.1".to_owned()]));
+        let replies: Vec<_> = ac
+            .user_variables
+            .iter()
+            .filter(|v| matches!(v, UserVariableItem::ScuScpRoleSelectionSubItem(..)))
+            .collect();
+        assert_eq!(
+            replies,
+            [&UserVariableItem::ScuScpRoleSelectionSubItem(
+                "1.2.840.10008.5.1.4.1.1.6.1".into(),
+                RequestorRoles { scu: false, scp: true }
+            )]
+        );
+        // The reply survives the codec (a getscu reads it back).
+        let bytes = super::super::pdu::encode(&dicom_ul::pdu::Pdu::AssociationAC(ac.clone()));
+        let back = dicom_ul::pdu::read_pdu(&mut &bytes[..], 1 << 20, true).unwrap().unwrap();
+        assert_eq!(back, dicom_ul::pdu::Pdu::AssociationAC(ac));
+    }
+
+    #[test]
+    fn move_destinations_come_from_the_peers_with_an_address() {
+        let c: DicomConfig = crate::config::parse(
+            "[dicom]\npeers = [{ ae_title = \"VIEW\", address = \"10.0.0.8\", port = 4006 },\n\
+             { ae_title = \"US\" }]\n",
+            "",
+            Vec::new(),
+        )
+        .unwrap()
+        .dicom;
+        let p = AccessPolicy::from_config(&c);
+        assert_eq!(p.destination("VIEW ").unwrap().addr, "10.0.0.8:4006".parse().unwrap());
+        assert!(p.destination("US").is_none());
+        assert!(p.destination("NOBODY").is_none());
     }
 
     #[test]

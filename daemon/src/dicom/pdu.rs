@@ -203,6 +203,17 @@ pub fn abort_pdu(reason: AbortRQServiceProviderReason) -> Vec<u8> {
     encode(&Pdu::AbortRQ { source: AbortRQSource::ServiceProvider(reason) })
 }
 
+/// Largest PDV data we put in one P-DATA-TF PDU for a peer with this Maximum Length (`0` =
+/// unlimited; we then use 64 KiB).
+pub fn max_fragment(peer_max: u32) -> usize {
+    const OWN_FRAGMENT: usize = 64 * 1024;
+    if peer_max == 0 {
+        OWN_FRAGMENT
+    } else {
+        (peer_max as usize).saturating_sub(PDV_HEADER_LEN).clamp(1, OWN_FRAGMENT)
+    }
+}
+
 /// Appends P-DATA-TF PDUs carrying one whole message part (command or data set) to `out`,
 /// fragmented so that no PDU exceeds the peer's Maximum Length (`0` = unlimited).
 pub fn encode_pdata(
@@ -212,28 +223,33 @@ pub fn encode_pdata(
     data: &[u8],
     peer_max: u32,
 ) {
-    const OWN_FRAGMENT: usize = 64 * 1024;
-    let max_fragment = if peer_max == 0 {
-        OWN_FRAGMENT
-    } else {
-        (peer_max as usize).saturating_sub(PDV_HEADER_LEN).clamp(1, OWN_FRAGMENT)
-    };
-    let mut chunks: Vec<&[u8]> = data.chunks(max_fragment).collect();
+    let mut chunks: Vec<&[u8]> = data.chunks(max_fragment(peer_max)).collect();
     if chunks.is_empty() {
         chunks.push(&[]);
     }
     let n = chunks.len();
     for (i, chunk) in chunks.into_iter().enumerate() {
-        let control = u8::from(is_command) | if i + 1 == n { 2 } else { 0 };
-        let item_len = (chunk.len() + 2) as u32;
-        out.put_u8(pdu_type::P_DATA_TF);
-        out.put_u8(0);
-        out.put_u32(item_len + 4);
-        out.put_u32(item_len);
-        out.put_u8(context_id);
-        out.put_u8(control);
-        out.extend_from_slice(chunk);
+        encode_fragment(out, context_id, is_command, chunk, i + 1 == n);
     }
+}
+
+/// Appends one P-DATA-TF PDU with one PDV (the caller keeps `data` within [`max_fragment`]).
+pub fn encode_fragment(
+    out: &mut Vec<u8>,
+    context_id: u8,
+    is_command: bool,
+    data: &[u8],
+    last: bool,
+) {
+    let control = u8::from(is_command) | if last { 2 } else { 0 };
+    let item_len = (data.len() + 2) as u32;
+    out.put_u8(pdu_type::P_DATA_TF);
+    out.put_u8(0);
+    out.put_u32(item_len + 4);
+    out.put_u32(item_len);
+    out.put_u8(context_id);
+    out.put_u8(control);
+    out.extend_from_slice(data);
 }
 
 /// Writes and flushes bytes.

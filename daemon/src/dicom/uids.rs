@@ -16,10 +16,15 @@ pub const APPLICATION_CONTEXT: &str = "1.2.840.10008.3.1.1.1";
 
 pub use uids::{
     MODALITY_PERFORMED_PROCEDURE_STEP as MPPS,
-    MODALITY_WORKLIST_INFORMATION_MODEL_FIND as WORKLIST_FIND, STORAGE_COMMITMENT_PUSH_MODEL,
+    MODALITY_WORKLIST_INFORMATION_MODEL_FIND as WORKLIST_FIND,
+    PATIENT_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_GET as PATIENT_ROOT_GET,
+    PATIENT_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_MOVE as PATIENT_ROOT_MOVE,
+    STORAGE_COMMITMENT_PUSH_MODEL,
     STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE as STORAGE_COMMITMENT_INSTANCE,
+    STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_FIND as STUDY_ROOT_FIND,
+    STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_GET as STUDY_ROOT_GET,
+    STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_MOVE as STUDY_ROOT_MOVE, VERIFICATION,
 };
-pub use uids::{STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_FIND as STUDY_ROOT_FIND, VERIFICATION};
 
 /// Transfer syntaxes in which we accept storage, stored exactly as received (never transcoded).
 /// Order is irrelevant: we accept the caller's first proposal that is in this list.
@@ -81,6 +86,19 @@ pub enum ServiceKind {
     WorklistFind,
     /// Modality Performed Procedure Step (`dicom::mpps`).
     Mpps,
+    /// C-GET, Study Root or Patient Root information model.
+    Get(RetrieveModel),
+    /// C-MOVE, Study Root or Patient Root information model.
+    Move(RetrieveModel),
+}
+
+/// The information model of a C-GET/C-MOVE context: which levels its identifiers may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetrieveModel {
+    /// STUDY, SERIES, IMAGE.
+    StudyRoot,
+    /// PATIENT, STUDY, SERIES, IMAGE.
+    PatientRoot,
 }
 
 /// Classifies a proposed abstract syntax; `None` means we do not support it.
@@ -95,6 +113,14 @@ pub fn service_kind(abstract_syntax: &str) -> Option<ServiceKind> {
         Some(ServiceKind::WorklistFind)
     } else if abstract_syntax == MPPS {
         Some(ServiceKind::Mpps)
+    } else if abstract_syntax == STUDY_ROOT_GET {
+        Some(ServiceKind::Get(RetrieveModel::StudyRoot))
+    } else if abstract_syntax == PATIENT_ROOT_GET {
+        Some(ServiceKind::Get(RetrieveModel::PatientRoot))
+    } else if abstract_syntax == STUDY_ROOT_MOVE {
+        Some(ServiceKind::Move(RetrieveModel::StudyRoot))
+    } else if abstract_syntax == PATIENT_ROOT_MOVE {
+        Some(ServiceKind::Move(RetrieveModel::PatientRoot))
     } else if is_storage_sop_class(abstract_syntax) {
         Some(ServiceKind::Storage)
     } else {
@@ -179,6 +205,14 @@ mod tests {
         assert_eq!(service_kind(STUDY_ROOT_FIND), Some(ServiceKind::StudyRootFind));
         assert_eq!(service_kind("1.2.840.10008.5.1.4.31"), Some(ServiceKind::WorklistFind));
         assert_eq!(service_kind("1.2.840.10008.3.1.2.3.3"), Some(ServiceKind::Mpps));
+        assert_eq!(
+            service_kind("1.2.840.10008.5.1.4.1.2.2.3"),
+            Some(ServiceKind::Get(RetrieveModel::StudyRoot))
+        );
+        assert_eq!(
+            service_kind("1.2.840.10008.5.1.4.1.2.1.2"),
+            Some(ServiceKind::Move(RetrieveModel::PatientRoot))
+        );
     }
 
     #[test]
