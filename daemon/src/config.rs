@@ -75,6 +75,10 @@ pub const DEFAULT_DICOM_PEER_PORT: u16 = 11112;
 pub const DEFAULT_DICOM_PEER_TLS_PORT: u16 = 2762;
 /// Whether C-MOVE connects to a peer over TLS when its entry does not say.
 pub const DEFAULT_DICOM_PEER_TLS: bool = false;
+/// Storage Commitment reports go back on the requester's own association unless its `dicom.peers`
+/// entry says `commitment_new_association = true` (a requester that releases right after its
+/// N-ACTION and listens for the N-EVENT-REPORT on its own port).
+pub const DEFAULT_DICOM_PEER_COMMITMENT_NEW_ASSOCIATION: bool = false;
 /// Resources per upstream transaction Bundle.
 pub const DEFAULT_UPSTREAM_BATCH_SIZE: u32 = 200;
 /// Seconds between sync rounds when nothing triggers one sooner.
@@ -627,6 +631,15 @@ pub struct DicomPeer {
     /// under the system's trusted CAs). Absent: [`DEFAULT_DICOM_PEER_TLS`].
     #[serde(default = "default_peer_tls")]
     pub tls: bool,
+    /// Storage Commitment N-EVENT-REPORTs to this AE go on a new association we open to its
+    /// address and port (as for C-MOVE), not on the association of its N-ACTION. Absent:
+    /// [`DEFAULT_DICOM_PEER_COMMITMENT_NEW_ASSOCIATION`].
+    #[serde(default = "default_peer_commitment_new_association")]
+    pub commitment_new_association: bool,
+}
+
+fn default_peer_commitment_new_association() -> bool {
+    DEFAULT_DICOM_PEER_COMMITMENT_NEW_ASSOCIATION
 }
 
 fn default_peer_tls() -> bool {
@@ -648,6 +661,7 @@ impl DicomPeer {
             address: address.into(),
             port: None,
             tls: DEFAULT_DICOM_PEER_TLS,
+            commitment_new_association: DEFAULT_DICOM_PEER_COMMITMENT_NEW_ASSOCIATION,
         }
     }
 

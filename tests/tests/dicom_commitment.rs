@@ -18,12 +18,24 @@ fn commit(port: u16, transaction: &str, refs: &[(&str, &str)]) -> Value {
 }
 
 fn commit_with_action(port: u16, transaction: &str, refs: &[(&str, &str)], action: u16) -> Value {
+    commit_with(port, transaction, refs, action, None)
+}
+
+/// `report_port`: the requester releases after the N-ACTION-RSP and listens there for the report.
+fn commit_with(
+    port: u16,
+    transaction: &str,
+    refs: &[(&str, &str)],
+    action: u16,
+    report_port: Option<u16>,
+) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("dicom/commit_peer.py");
     let refs: Vec<String> = refs.iter().map(|(c, i)| format!("{c}={i}")).collect();
     // `timeout`: a peer that hangs fails the test instead of stalling the suite.
     let out = run(Command::new("timeout")
         .args(["120", "python3"])
         .env("ACTION_TYPE", action.to_string())
+        .envs(report_port.map(|p| ("REPORT_PORT", p.to_string())))
         .arg(script)
         .args(["127.0.0.1", &port.to_string(), AE, transaction])
         .args(&refs));
@@ -65,6 +77,7 @@ fn commitment_is_reported_only_for_durable_instances() {
     assert_eq!(r["event_type"], 1, "{r}");
     assert_eq!(r["transaction_uid"], "2.25.1001");
     assert_eq!(r["retrieve_ae"], AE);
+    assert_eq!(r["same_association"], true, "{r}");
     let mut want = vec![
         (CT_IMAGE_STORAGE.to_owned(), ct.to_owned()),
         (MR_IMAGE_STORAGE.to_owned(), mr.to_owned()),
@@ -135,4 +148,36 @@ fn commitment_is_reported_only_for_durable_instances() {
     let events = events();
     assert_eq!(events.len(), 3, "{events:?}");
     assert!(events[1].0.contains("2.25.1002") && events[1].1.contains("1 committed, 2 failed"));
+}
+
+/// A requester whose `dicom.peers` entry asks for reports on a new association releases right
+/// after the N-ACTION-RSP; we open an association to its address and port (proposing the SCP role
+/// of Storage Commitment) and deliver the N-EVENT-REPORT there.
+#[test]
+fn commitment_report_on_a_new_association_when_the_peer_asks_for_it() {
+    let report_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut peer = hms_edge::config::DicomPeer::new("COMMIT_SCU", "127.0.0.1");
+    peer.port = Some(report_port);
+    peer.commitment_new_association = true;
+    let config = hms_edge::config::DicomConfig { peers: vec![peer], ..Default::default() };
+    let scp = Scp::start_with(config, None);
+    let files = testfiles(&["CT_small.dcm"]);
+    assert_eq!(storescu(scp.port, &files).len(), 1);
+    let ct = info(&files)[0]["sop_instance"].as_str().unwrap().to_owned();
+    let r = commit_with(
+        scp.port,
+        "2.25.2001",
+        &[(CT_IMAGE_STORAGE, &ct), (CT_IMAGE_STORAGE, "1.2.3.999")],
+        1,
+        Some(report_port),
+    );
+    assert_eq!(r["action_status"], 0, "{r}");
+    assert_eq!(r["event_type"], 2, "{r}");
+    assert_eq!(r["same_association"], false, "{r}");
+    assert_eq!(r["transaction_uid"], "2.25.2001");
+    assert_eq!(pairs(&r["committed"]), vec![(CT_IMAGE_STORAGE.to_owned(), ct)]);
+    assert_eq!(r["failed"][0][2], 0x0112, "{r}");
 }

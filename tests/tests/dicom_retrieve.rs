@@ -133,12 +133,9 @@ fn storescp(dir: &Path) -> (ChildGuard, u16) {
 
 fn config_with_dest(port: u16) -> DicomConfig {
     let mut c = DicomConfig::default();
-    c.peers.push(DicomPeer {
-        ae_title: "DEST".into(),
-        address: "127.0.0.1".into(),
-        port: Some(port),
-        tls: false,
-    });
+    let mut dest = DicomPeer::new("DEST", "127.0.0.1");
+    dest.port = Some(port);
+    c.peers.push(dest);
     c
 }
 

@@ -795,6 +795,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.send_command(&pc, &rsp).await?;
 
         let ae = self.ctx.settings.ae_title.clone();
+        if let Some(dest) = self.ctx.policy().commitment_destination(&self.assoc.calling_ae) {
+            // The requester asked (in its `dicom.peers` entry) for the report on a new association.
+            tokio::spawn(report_on_new_association(
+                self.ctx.clone(),
+                dest,
+                self.assoc.calling_ae.clone(),
+                request.transaction_uid.clone(),
+                outcomes,
+            ));
+            return Ok(());
+        }
         let (event, data) = match commitment::event_report(
             &request.transaction_uid,
             &outcomes,
@@ -1108,6 +1119,75 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         pdu::encode_pdata(&mut self.out, pc.id, true, &rsp.encode(), self.assoc.peer_max_pdu);
         self.flush().await
     }
+}
+
+/// Attempts, and the pause before each retry, to deliver a Storage Commitment report on a new
+/// association (the requester may be busy or restarting).
+const COMMITMENT_REPORT_RETRIES: [Duration; 3] =
+    [Duration::ZERO, Duration::from_secs(5), Duration::from_secs(30)];
+
+/// Opens an association to the requester (we propose the SCP role of Storage Commitment) and
+/// sends the N-EVENT-REPORT there; retried, then logged as an error if it cannot be delivered.
+async fn report_on_new_association(
+    ctx: Arc<DicomContext>,
+    dest: crate::config::MoveDestination,
+    requester_ae: String,
+    transaction_uid: String,
+    outcomes: Vec<super::commitment::Outcome>,
+) {
+    use super::commitment;
+    let ts = dicom_dictionary_std::uids::IMPLICIT_VR_LITTLE_ENDIAN;
+    let s = &ctx.settings;
+    let (event, data) = match commitment::event_report(&transaction_uid, &outcomes, ts, &s.ae_title)
+    {
+        Ok(x) => x,
+        Err(e) => {
+            warn!(error = %e, "cannot encode the commitment report");
+            return;
+        }
+    };
+    let wanted = [(uids::STORAGE_COMMITMENT_PUSH_MODEL.to_owned(), ts.to_owned())];
+    let mut last_error = String::new();
+    for pause in COMMITMENT_REPORT_RETRIES {
+        tokio::time::sleep(pause).await;
+        let connected = super::scu::connect_with_roles(
+            dest,
+            &s.ae_title,
+            &requester_ae,
+            &wanted,
+            &[uids::STORAGE_COMMITMENT_PUSH_MODEL],
+            s.max_pdu,
+            s.artim,
+        )
+        .await;
+        let mut assoc = match connected {
+            Ok(a) => a,
+            Err(e) => {
+                last_error = e.to_string();
+                continue;
+            }
+        };
+        let sent = assoc
+            .event_report(
+                uids::STORAGE_COMMITMENT_PUSH_MODEL,
+                uids::STORAGE_COMMITMENT_INSTANCE,
+                event,
+                ts,
+                &data,
+            )
+            .await;
+        assoc.release().await;
+        match sent {
+            Ok(st) => {
+                info!(requester = %requester_ae, transaction = %transaction_uid,
+                    status = format!("{st:04X}"), "storage commitment reported on a new association");
+                return;
+            }
+            Err(e) => last_error = e.to_string(),
+        }
+    }
+    tracing::error!(requester = %requester_ae, transaction = %transaction_uid, error = %last_error,
+        "storage commitment report could not be delivered; the requester must ask again");
 }
 
 /// Removes a finished blob that no row references (duplicate, refused or failed write).

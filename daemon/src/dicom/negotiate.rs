@@ -28,6 +28,8 @@ pub struct AccessPolicy {
     pub peers: Vec<(String, Option<IpAddr>)>,
     /// C-MOVE destinations by AE title (the peers with an address).
     pub destinations: Vec<(String, MoveDestination)>,
+    /// AE titles whose Storage Commitment reports go on a new association to their destination.
+    pub commitment_new_association: HashSet<String>,
 }
 
 impl AccessPolicy {
@@ -45,10 +47,25 @@ impl AccessPolicy {
                 .iter()
                 .filter_map(|p| Some((p.ae_title.trim().to_owned(), p.move_destination()?)))
                 .collect(),
+            commitment_new_association: c
+                .peers
+                .iter()
+                .filter(|p| p.commitment_new_association)
+                .map(|p| p.ae_title.trim().to_owned())
+                .collect(),
         }
     }
 
     /// Where C-MOVE sends to for a Move Destination AE title (the first peer entry with it).
+    /// Where a Storage Commitment report for `ae_title` goes on a new association, if it asked
+    /// for that (`None`: on the requester's own association).
+    pub fn commitment_destination(&self, ae_title: &str) -> Option<MoveDestination> {
+        self.commitment_new_association
+            .contains(ae_title.trim())
+            .then(|| self.destination(ae_title))
+            .flatten()
+    }
+
     pub fn destination(&self, ae_title: &str) -> Option<MoveDestination> {
         self.destinations.iter().find(|(ae, _)| ae == ae_title.trim()).map(|(_, d)| *d)
     }
@@ -286,6 +303,7 @@ mod tests {
             accept_loopback: false,
             peers: vec![("CT1".into(), Some("10.0.0.5".parse().unwrap())), ("US".into(), None)],
             destinations: Vec::new(),
+            commitment_new_association: HashSet::new(),
         }
     }
 

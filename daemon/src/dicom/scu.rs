@@ -1,5 +1,5 @@
 //! Our side of an association we open (the requester of PS3.8): the C-MOVE destination
-//! association. Built from the same pieces as the acceptor: [`super::pdu`] framing (`dicom-ul`'s
+//! association, and the Storage Commitment report to a requester that asked for a new one. Built from the same pieces as the acceptor: [`super::pdu`] framing (`dicom-ul`'s
 //! codec for the association PDUs), [`super::dimse`] commands, and
 //! [`super::retrieve::send_store`] streaming stored data sets.
 
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use dicom_ul::pdu::{
     AbortRQSource, AssociationRQ, Pdu, PresentationContextProposed,
-    PresentationContextResultReason, UserVariableItem,
+    PresentationContextResultReason, RequestorRoles, UserVariableItem,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -84,6 +84,21 @@ pub async fn connect(
     our_max_pdu: u32,
     timeout: Duration,
 ) -> Result<Association, ScuError> {
+    connect_with_roles(dest, calling_ae, called_ae, wanted, &[], our_max_pdu, timeout).await
+}
+
+/// [`connect`], also proposing, by SCP/SCU role selection, that we play the SCP role (only) for
+/// the SOP classes of `scp_role_for` — as the Storage Commitment SCP must when it opens the
+/// association that carries its N-EVENT-REPORT (PS3.4 J.3.3).
+pub async fn connect_with_roles(
+    dest: MoveDestination,
+    calling_ae: &str,
+    called_ae: &str,
+    wanted: &[(String, String)],
+    scp_role_for: &[&str],
+    our_max_pdu: u32,
+    timeout: Duration,
+) -> Result<Association, ScuError> {
     let tcp = tokio::time::timeout(timeout, TcpStream::connect(dest.addr))
         .await
         .map_err(|_| ScuError::Timeout)?
@@ -118,11 +133,19 @@ pub async fn connect(
         called_ae_title: called_ae.to_owned(),
         application_context_name: APPLICATION_CONTEXT.to_owned(),
         presentation_contexts: proposed,
-        user_variables: vec![
+        user_variables: [
             UserVariableItem::MaxLength(our_max_pdu),
             UserVariableItem::ImplementationClassUID(IMPLEMENTATION_CLASS_UID.to_owned()),
             UserVariableItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.to_owned()),
-        ],
+        ]
+        .into_iter()
+        .chain(scp_role_for.iter().map(|uid| {
+            UserVariableItem::ScuScpRoleSelectionSubItem(
+                (*uid).to_owned(),
+                RequestorRoles { scu: false, scp: true },
+            )
+        }))
+        .collect(),
     };
     let mut a = Association {
         stream,
@@ -200,23 +223,59 @@ impl Association {
             Err(SendError::Broken(e)) => return Err(ScuError::Protocol(e.to_string())),
             Err(SendError::Io(e)) => return Err(ScuError::Io(e)),
         }
+        self.response(field::C_STORE_RSP, id).await.map(Some)
+    }
+
+    /// Sends an N-EVENT-REPORT (our request, `data` already encoded in `ts`) on the context of
+    /// `class` and returns the receiver's status.
+    pub async fn event_report(
+        &mut self,
+        class: &str,
+        instance: &str,
+        event_type: u16,
+        ts: &str,
+        data: &[u8],
+    ) -> Result<u16, ScuError> {
+        let Some(&pc) = self.contexts.get(&(class.to_owned(), ts.to_owned())) else {
+            return Err(ScuError::Protocol("no accepted context".into()));
+        };
+        let id = self.next_message_id;
+        self.next_message_id = self.next_message_id.wrapping_add(1).max(1);
+        let mut rq = Command::new();
+        rq.set_u16(tag::COMMAND_FIELD, field::N_EVENT_REPORT_RQ)
+            .set_u16(tag::MESSAGE_ID, id)
+            .set_u16(tag::COMMAND_DATA_SET_TYPE, 0x0000)
+            .set_uid(tag::AFFECTED_SOP_CLASS_UID, class)
+            .set_uid(tag::AFFECTED_SOP_INSTANCE_UID, instance)
+            .set_u16(tag::EVENT_TYPE_ID, event_type);
+        let mut out = Vec::with_capacity(data.len() + 512);
+        pdu::encode_pdata(&mut out, pc, true, &rq.encode(), self.peer_max);
+        pdu::encode_pdata(&mut out, pc, false, data, self.peer_max);
+        tokio::time::timeout(self.timeout, pdu::send(&mut self.stream, &out))
+            .await
+            .map_err(|_| ScuError::Timeout)??;
+        self.response(field::N_EVENT_REPORT_RSP, id).await
+    }
+
+    /// Reads the response `rsp_field` to our request `id` and returns its status.
+    async fn response(&mut self, rsp_field: u16, id: u16) -> Result<u16, ScuError> {
         let mut buf = Vec::new();
         loop {
             match self.read().await? {
                 Incoming::PData(pdvs) => {
                     for p in pdvs {
                         if !p.is_command {
-                            return Err(ScuError::Protocol("data set in a C-STORE-RSP".into()));
+                            return Err(ScuError::Protocol("data set in a response".into()));
                         }
                         buf.extend_from_slice(&p.data);
                         if p.is_last {
                             let rsp = Command::decode(&buf).map_err(ScuError::Protocol)?;
-                            if rsp.command_field() != field::C_STORE_RSP
+                            if rsp.command_field() != rsp_field
                                 || rsp.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO) != Some(id)
                             {
                                 return Err(ScuError::Protocol("unexpected response".into()));
                             }
-                            return rsp.u16(tag::STATUS).map(Some).ok_or_else(|| {
+                            return rsp.u16(tag::STATUS).ok_or_else(|| {
                                 ScuError::Protocol("response without status".into())
                             });
                         }
