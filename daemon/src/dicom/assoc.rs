@@ -702,23 +702,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             format!("dicom-find?{}", q.describe()),
             format!("success: {} match(es)", records.len()),
         );
-        let message_id = cmd.message_id();
         let ae = self.ctx.settings.ae_title.clone();
-        for rec in &records {
+        let ts = pc.transfer_syntax.clone();
+        self.send_matches(&pc, &cmd, &records, "C-FIND", |rec| {
+            query::response_identifier(&q, rec, &ts, &ae)
+        })
+        .await
+    }
+
+    /// Sends one Pending C-FIND-RSP with its identifier per match (batched writes), watching for
+    /// a C-CANCEL between matches, then the final status. Shared by C-FIND and the worklist.
+    async fn send_matches<T>(
+        &mut self,
+        pc: &AcceptedContext,
+        cmd: &Command,
+        matches: &[T],
+        what: &str,
+        encode: impl Fn(&T) -> Result<Vec<u8>, String>,
+    ) -> Result<(), AbortReason> {
+        let message_id = cmd.message_id();
+        for m in matches {
             if self.cancel_requested(message_id).await? {
                 self.flush().await?;
-                debug!(peer = %self.peer, "C-FIND cancelled");
-                return self.respond(&pc, &cmd, field::C_FIND_RSP, status::CANCEL, "").await;
+                debug!(peer = %self.peer, what, "query cancelled");
+                return self.respond(pc, cmd, field::C_FIND_RSP, status::CANCEL, "").await;
             }
-            let identifier = match query::response_identifier(&q, rec, &pc.transfer_syntax, &ae) {
+            let identifier = match encode(m) {
                 Ok(b) => b,
                 Err(e) => {
-                    warn!(peer = %self.peer, error = %e, "cannot encode a C-FIND response");
+                    warn!(peer = %self.peer, what, error = %e, "cannot encode a query response");
                     self.flush().await?;
                     return self
                         .respond(
-                            &pc,
-                            &cmd,
+                            pc,
+                            cmd,
                             field::C_FIND_RSP,
                             status::UNABLE_TO_PROCESS,
                             "encoding failed",
@@ -726,7 +743,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         .await;
                 }
             };
-            let rsp = Command::response_to(&cmd, field::C_FIND_RSP, status::PENDING, true);
+            let rsp = Command::response_to(cmd, field::C_FIND_RSP, status::PENDING, true);
             let peer_max = self.assoc.peer_max_pdu;
             pdu::encode_pdata(&mut self.out, pc.id, true, &rsp.encode(), peer_max);
             pdu::encode_pdata(&mut self.out, pc.id, false, &identifier, peer_max);
@@ -735,7 +752,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         self.flush().await?;
-        self.respond(&pc, &cmd, field::C_FIND_RSP, status::SUCCESS, "").await
+        self.respond(pc, cmd, field::C_FIND_RSP, status::SUCCESS, "").await
     }
 
     /// Storage Commitment: answers the N-ACTION, then reports the result at once with an
@@ -998,39 +1015,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             format!("dicom-worklist?{}", q.describe()),
             format!("success: {} match(es)", items.len()),
         );
-        let message_id = cmd.message_id();
-        for item in &items {
-            if self.cancel_requested(message_id).await? {
-                self.flush().await?;
-                debug!(peer = %self.peer, "worklist C-FIND cancelled");
-                return self.respond(&pc, &cmd, field::C_FIND_RSP, status::CANCEL, "").await;
-            }
-            let identifier = match worklist::response_identifier(&q, item, &pc.transfer_syntax) {
-                Ok(b) => b,
-                Err(e) => {
-                    warn!(peer = %self.peer, error = %e, "cannot encode a worklist response");
-                    self.flush().await?;
-                    return self
-                        .respond(
-                            &pc,
-                            &cmd,
-                            field::C_FIND_RSP,
-                            status::UNABLE_TO_PROCESS,
-                            "encoding failed",
-                        )
-                        .await;
-                }
-            };
-            let rsp = Command::response_to(&cmd, field::C_FIND_RSP, status::PENDING, true);
-            let peer_max = self.assoc.peer_max_pdu;
-            pdu::encode_pdata(&mut self.out, pc.id, true, &rsp.encode(), peer_max);
-            pdu::encode_pdata(&mut self.out, pc.id, false, &identifier, peer_max);
-            if self.out.len() >= WRITE_BATCH {
-                self.flush().await?;
-            }
-        }
-        self.flush().await?;
-        self.respond(&pc, &cmd, field::C_FIND_RSP, status::SUCCESS, "").await
+        let ts = pc.transfer_syntax.clone();
+        self.send_matches(&pc, &cmd, &items, "worklist", |item| {
+            worklist::response_identifier(&q, item, &ts)
+        })
+        .await
     }
 
     /// MPPS N-CREATE / N-SET: one durable write (Procedure, order, outbox, audit), then the
