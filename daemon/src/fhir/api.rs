@@ -1023,10 +1023,11 @@ async fn everything(
             if cur.is_none_or(|c| c.deleted) {
                 return Ok(None);
             }
+            // Index rows exist only for current, not deleted versions (a delete or an update
+            // clears them), so the compartment is read from the covering target index alone.
             let mut stmt = c.prepare_cached(
-                "SELECT DISTINCT r.rtype, r.id FROM fhir_idx_ref r JOIN fhir_current c
-                   ON c.rtype = r.rtype AND c.id = r.id AND c.deleted = 0
-                 WHERE r.target_type = 'Patient' AND r.target_id = ?1 ORDER BY r.rtype, r.id",
+                "SELECT DISTINCT r.rtype, r.id FROM fhir_idx_ref r
+                 WHERE r.target_id = ?1 AND r.target_type = 'Patient' ORDER BY r.rtype, r.id",
             )?;
             let mut keys = vec![("Patient".to_string(), pid.clone())];
             for row in

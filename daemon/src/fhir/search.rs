@@ -848,7 +848,8 @@ mod tests {
         let (sql, args) = plan(&req);
         let (ids, steps) = store
             .read_blocking(|c| {
-                let ids = execute(c, &req).map_err(|e| crate::store::StoreError::Rejected(e.to_string()))?;
+                let ids = execute(c, &req)
+                    .map_err(|e| crate::store::StoreError::Rejected(e.to_string()))?;
                 let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
                 let steps: Vec<String> = stmt
                     .query_map(rusqlite::params_from_iter(args.iter()), |r| r.get(3))?
