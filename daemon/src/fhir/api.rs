@@ -1168,10 +1168,15 @@ fn parse_if_match(headers: &HeaderMap) -> Result<Option<i64>, FhirError> {
     })
 }
 
+/// A server-assigned id: a UUIDv7 (48-bit millisecond time, then random bits). Time-ordered ids
+/// make the primary key, the owner indexes and the reference target index grow at their end
+/// instead of touching a random page (decrypted and re-encrypted by SQLCipher) per insert.
 pub(crate) fn new_id() -> String {
     let mut b = [0u8; 16];
     rand::fill(&mut b);
-    b[6] = (b[6] & 0x0f) | 0x40;
+    let ms = (crate::store::now_ms().max(0) as u64).to_be_bytes();
+    b[..6].copy_from_slice(&ms[2..]);
+    b[6] = (b[6] & 0x0f) | 0x70;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = hex::encode(b);
     format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
