@@ -40,6 +40,16 @@ pub struct FhirContext {
     /// Workstation client-certificate CN → granted SMART scopes (`fhir.client_certs`).
     pub client_certs: std::collections::BTreeMap<String, String>,
     pages: Mutex<HashMap<String, Arc<Snapshot>>>,
+    audits: Arc<AuditQueue>,
+}
+
+/// Audit records of read-type accesses waiting for the store's writer. All records queued
+/// while a flush is pending go into that one write (one savepoint in the group commit), so a
+/// burst of reads costs one queued write, not one per read.
+#[derive(Default)]
+struct AuditQueue {
+    /// (records, a flush is scheduled)
+    pending: Mutex<(Vec<AuditRecord>, bool)>,
 }
 
 impl std::fmt::Debug for FhirContext {
@@ -63,6 +73,7 @@ impl FhirContext {
             ledger,
             client_certs,
             pages: Mutex::new(HashMap::new()),
+            audits: Arc::default(),
         })
     }
 }
@@ -225,10 +236,36 @@ pub(crate) fn audit_read(
         outcome: outcome.into(),
         detail: None,
     };
-    let store = ctx.store.clone();
+    {
+        let mut pending = ctx.audits.pending.lock().expect("audit queue");
+        pending.0.push(rec);
+        if pending.1 {
+            return; // the scheduled flush takes this record too
+        }
+        pending.1 = true;
+    }
+    let (store, queue) = (ctx.store.clone(), ctx.audits.clone());
+    let flag = queue.clone();
     tokio::spawn(async move {
-        if let Err(e) = store.write(move |tx| Ok(storage::audit(tx, &rec)?)).await {
-            tracing::error!(error = %e, "audit record could not be written");
+        let written = store
+            .write(move |tx| {
+                // Taken when the writer runs it: everything queued until now.
+                let records = {
+                    let mut pending = queue.pending.lock().expect("audit queue");
+                    pending.1 = false;
+                    std::mem::take(&mut pending.0)
+                };
+                for rec in &records {
+                    storage::audit(tx, rec)?;
+                }
+                Ok(records.len())
+            })
+            .await;
+        if let Err(e) = written {
+            // If the write never ran (store closing), the records are still queued: let the
+            // next access schedule them again.
+            flag.pending.lock().expect("audit queue").1 = false;
+            tracing::error!(error = %e, "audit records could not be written");
         }
     });
 }
@@ -272,6 +309,51 @@ pub(super) fn json_response(status: StatusCode, body: &Value, q: &[(String, Stri
     let mut r = (status, text).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
     r
+}
+
+/// A response from JSON text that is already serialised (a stored resource, a Bundle built from
+/// stored resources): sent as is, parsed again only for `_pretty=true`.
+fn raw_json_response(status: StatusCode, text: String, q: &[(String, String)]) -> Response {
+    let text = if query_flag(q, "_pretty") == Some("true") {
+        match serde_json::from_str::<Value>(&text) {
+            Ok(v) => serde_json::to_string_pretty(&v).unwrap_or(text),
+            Err(_) => text,
+        }
+    } else {
+        text
+    };
+    let mut r = (status, text).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    r
+}
+
+/// A Bundle whose `entry` array is made of already serialised entries (see [`entry_json`]):
+/// `head` holds every other element.
+fn bundle_response(head: &Value, entries: &[String], q: &[(String, String)]) -> Response {
+    let mut text = head.to_string();
+    text.pop(); // the closing brace of the object
+    let len: usize = entries.iter().map(|e| e.len() + 1).sum();
+    text.reserve(len + 16);
+    if text.len() > 1 {
+        text.push(',');
+    }
+    text.push_str("\"entry\":[");
+    for (i, e) in entries.iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(e);
+    }
+    text.push_str("]}");
+    raw_json_response(StatusCode::OK, text, q)
+}
+
+/// One serialised Bundle entry around a serialised resource.
+fn entry_json(full_url: &str, resource: &str, mode: &str) -> String {
+    format!(
+        "{{\"fullUrl\":{},\"resource\":{resource},\"search\":{{\"mode\":\"{mode}\"}}}}",
+        Value::String(full_url.to_owned())
+    )
 }
 
 /// Formats ms since epoch as an HTTP date (IMF-fixdate).
@@ -432,11 +514,17 @@ async fn read(
         }
         Some(c) => {
             audit_read(&ctx, &who, "read", entity, "success");
-            let body: Value = serde_json::from_str(c.json.as_deref().unwrap_or("{}"))
-                .map_err(|e| FhirError::Internal(e.to_string()))?;
-            let elements = query_flag(&q, "_elements")
-                .map(|e| e.split(',').map(|s| s.trim().to_owned()).collect());
-            let mut r = json_response(StatusCode::OK, &apply_elements(body, &elements), &q);
+            let text = c.json.unwrap_or_else(|| "{}".into());
+            let mut r = match query_flag(&q, "_elements") {
+                // The stored text is the canonical serialisation: sent without re-parsing.
+                None => raw_json_response(StatusCode::OK, text, &q),
+                Some(e) => {
+                    let body: Value = serde_json::from_str(&text)
+                        .map_err(|e| FhirError::Internal(e.to_string()))?;
+                    let elements = Some(e.split(',').map(|s| s.trim().to_owned()).collect());
+                    json_response(StatusCode::OK, &apply_elements(body, &elements), &q)
+                }
+            };
             version_headers(&mut r, c.version, c.last_updated);
             Ok(r)
         }
@@ -726,8 +814,24 @@ async fn run_search(
         return Ok(json_response(StatusCode::OK, &b, &q));
     }
     let snap = Arc::new(Snapshot { req, ids, created: Instant::now() });
+    if snap.ids.len() <= snap.req.count {
+        // One page holds every match: nothing to page through, so no snapshot is kept and the
+        // self link is the search itself.
+        let query = serde_urlencoded::to_string(&q).unwrap_or_default();
+        let self_url = format!("{base}/{}?{query}", snap.req.rtype);
+        return page_bundle(&ctx, &base, PageKey::Single(&self_url), &snap, 0, &q, &who).await;
+    }
     let key = remember(&ctx, snap.clone());
-    page_bundle(&ctx, &base, &key, &snap, 0, &q, &who).await
+    page_bundle(&ctx, &base, PageKey::Snapshot(&key), &snap, 0, &q, &who).await
+}
+
+/// How a page of search results refers to itself.
+#[derive(Clone, Copy)]
+enum PageKey<'a> {
+    /// A kept snapshot (`_getpages`).
+    Snapshot(&'a str),
+    /// The only page; its URL.
+    Single(&'a str),
 }
 
 fn remember(ctx: &FhirContext, snap: Arc<Snapshot>) -> String {
@@ -745,21 +849,42 @@ fn remember(ctx: &FhirContext, snap: Arc<Snapshot>) -> String {
     key
 }
 
+/// A stored resource as its serialised JSON.
+struct Loaded {
+    rtype: String,
+    id: String,
+    json: String,
+}
+
+impl Loaded {
+    /// The Bundle entry of this resource (`_elements` applied if asked for).
+    fn entry(self, base: &str, mode: &str, elements: &Option<Vec<String>>) -> String {
+        let url = format!("{base}/{}/{}", self.rtype, self.id);
+        match elements {
+            None => entry_json(&url, &self.json, mode),
+            Some(_) => {
+                let v = serde_json::from_str::<Value>(&self.json).unwrap_or(Value::Null);
+                entry_json(&url, &apply_elements(v, elements).to_string(), mode)
+            }
+        }
+    }
+}
+
+/// The current versions of `keys` (deleted and unknown ones left out), in order.
 async fn load_resources(
     ctx: &FhirContext,
     keys: Vec<(String, String)>,
-) -> Result<Vec<Value>, FhirError> {
+) -> Result<Vec<Loaded>, FhirError> {
     ctx.store
         .read(move |c| {
-            let mut out = Vec::new();
-            for (t, i) in keys {
+            let mut out = Vec::with_capacity(keys.len());
+            for (rtype, id) in keys {
                 if let Some(cur) =
-                    storage::read_current(c, &t, &i).map_err(crate::store::StoreError::from)?
-                    && let Some(j) = cur.json
+                    storage::read_current(c, &rtype, &id).map_err(crate::store::StoreError::from)?
+                    && let Some(json) = cur.json
                     && !cur.deleted
-                    && let Ok(v) = serde_json::from_str::<Value>(&j)
                 {
-                    out.push(v);
+                    out.push(Loaded { rtype, id, json });
                 }
             }
             Ok(out)
@@ -784,7 +909,7 @@ fn page_links(base: &str, key: &str, offset: usize, count: usize, total: usize) 
 async fn page_bundle(
     ctx: &Arc<FhirContext>,
     base: &str,
-    key: &str,
+    key: PageKey<'_>,
     snap: &Arc<Snapshot>,
     offset: usize,
     q: &[(String, String)],
@@ -796,13 +921,8 @@ async fn page_bundle(
     let rtype = req.rtype.clone();
     let matches =
         load_resources(ctx, page_ids.iter().map(|i| (rtype.clone(), i.clone())).collect()).await?;
-    let mut entries: Vec<Value> = matches
-        .into_iter()
-        .map(|r| {
-            let id = r["id"].as_str().unwrap_or_default().to_owned();
-            json!({"fullUrl": format!("{base}/{rtype}/{id}"), "resource": apply_elements(r, &req.elements), "search": {"mode": "match"}})
-        })
-        .collect();
+    let mut entries: Vec<String> =
+        matches.into_iter().map(|r| r.entry(base, "match", &req.elements)).collect();
     if !req.includes.is_empty() || !req.revincludes.is_empty() {
         let (r2, ids2, rt2) = (req.clone(), page_ids.clone(), rtype.clone());
         let extra = ctx
@@ -830,16 +950,14 @@ async fn page_bundle(
         let extra: Vec<(String, String)> =
             extra.into_iter().filter(|(t, _)| who.principal.allows(t, Interaction::Read)).collect();
         for r in load_resources(ctx, extra).await? {
-            let (t, id) = (
-                r["resourceType"].as_str().unwrap_or_default(),
-                r["id"].as_str().unwrap_or_default(),
-            );
-            entries.push(json!({"fullUrl": format!("{base}/{t}/{id}"), "resource": r, "search": {"mode": "include"}}));
+            entries.push(r.entry(base, "include", &None));
         }
     }
-    let links = page_links(base, key, offset, count, snap.ids.len());
-    let mut bundle =
-        json!({"resourceType": "Bundle", "type": "searchset", "link": links, "entry": entries});
+    let links = match key {
+        PageKey::Snapshot(key) => page_links(base, key, offset, count, snap.ids.len()),
+        PageKey::Single(url) => vec![json!({"relation": "self", "url": url})],
+    };
+    let mut bundle = json!({"resourceType": "Bundle", "type": "searchset", "link": links});
     if req.total != Total::None {
         bundle["total"] = json!(snap.ids.len());
     }
@@ -849,12 +967,9 @@ async fn page_bundle(
             "not-supported",
             &format!("ignored search parameters: {}", req.ignored.join(", ")),
         );
-        bundle["entry"]
-            .as_array_mut()
-            .expect("array")
-            .push(json!({"resource": oo, "search": {"mode": "outcome"}}));
+        entries.push(json!({"resource": oo, "search": {"mode": "outcome"}}).to_string());
     }
-    Ok(json_response(StatusCode::OK, &bundle, q))
+    Ok(bundle_response(&bundle, &entries, q))
 }
 
 /// `GET /fhir?_getpages=…` (paging) — anything else at the root is not supported.
@@ -882,7 +997,7 @@ async fn system_get(
     }
     let who = authorize(&ctx, &headers, addr.as_deref(), &snap.req.rtype, Interaction::Search)?;
     audit_read(&ctx, &who, "search-page", format!("{}?_getpages={key}", snap.req.rtype), "success");
-    page_bundle(&ctx, &base_url(&headers), key, &snap, offset, &q, &who).await
+    page_bundle(&ctx, &base_url(&headers), PageKey::Snapshot(key), &snap, offset, &q, &who).await
 }
 
 async fn everything(
@@ -908,10 +1023,11 @@ async fn everything(
             if cur.is_none_or(|c| c.deleted) {
                 return Ok(None);
             }
+            // Index rows exist only for current, not deleted versions (a delete or an update
+            // clears them), so the compartment is read from the covering target index alone.
             let mut stmt = c.prepare_cached(
-                "SELECT DISTINCT r.rtype, r.id FROM fhir_idx_ref r JOIN fhir_current c
-                   ON c.rtype = r.rtype AND c.id = r.id AND c.deleted = 0
-                 WHERE r.target_type = 'Patient' AND r.target_id = ?1 ORDER BY r.rtype, r.id",
+                "SELECT DISTINCT r.rtype, r.id FROM fhir_idx_ref r
+                 WHERE r.target_id = ?1 AND r.target_type = 'Patient' ORDER BY r.rtype, r.id",
             )?;
             let mut keys = vec![("Patient".to_string(), pid.clone())];
             for row in
@@ -968,17 +1084,14 @@ async fn everything_page(
         .collect();
     let keys: Vec<(String, String)> =
         keys.into_iter().filter(|(t, _)| who.principal.allows(t, Interaction::Read)).collect();
-    let entries: Vec<Value> = load_resources(ctx, keys)
+    let entries: Vec<String> = load_resources(ctx, keys)
         .await?
         .into_iter()
-        .map(|r| {
-            let (t, id) = (r["resourceType"].as_str().unwrap_or_default().to_owned(), r["id"].as_str().unwrap_or_default().to_owned());
-            json!({"fullUrl": format!("{base}/{t}/{id}"), "resource": r, "search": {"mode": "match"}})
-        })
+        .map(|r| r.entry(base, "match", &None))
         .collect();
     let links = page_links(base, key, offset, count, snap.ids.len());
-    let b = json!({"resourceType": "Bundle", "type": "searchset", "total": snap.ids.len(), "link": links, "entry": entries});
-    Ok(json_response(StatusCode::OK, &b, q))
+    let b = json!({"resourceType": "Bundle", "type": "searchset", "total": snap.ids.len(), "link": links});
+    Ok(bundle_response(&b, &entries, q))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1055,10 +1168,15 @@ fn parse_if_match(headers: &HeaderMap) -> Result<Option<i64>, FhirError> {
     })
 }
 
+/// A server-assigned id: a UUIDv7 (48-bit millisecond time, then random bits). Time-ordered ids
+/// make the primary key, the owner indexes and the reference target index grow at their end
+/// instead of touching a random page (decrypted and re-encrypted by SQLCipher) per insert.
 pub(crate) fn new_id() -> String {
     let mut b = [0u8; 16];
     rand::fill(&mut b);
-    b[6] = (b[6] & 0x0f) | 0x40;
+    let ms = (crate::store::now_ms().max(0) as u64).to_be_bytes();
+    b[..6].copy_from_slice(&ms[2..]);
+    b[6] = (b[6] & 0x0f) | 0x70;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = hex::encode(b);
     format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])

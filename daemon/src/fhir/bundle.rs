@@ -127,11 +127,12 @@ fn search_in_tx(conn: &Connection, rtype: &str, query: &str) -> Result<Vec<Strin
 }
 
 /// Replaces `reference` values: bundle-local full URLs by their assigned `Type/id`, and
-/// conditional references (`Type?search`) by the one resource they match.
+/// conditional references (`Type?search`) by the one resource they match (remembered in `map`:
+/// a Synthea bundle names the same practitioner or organization hundreds of times).
 fn rewrite_references(
     conn: &Connection,
     v: &mut Value,
-    map: &HashMap<String, String>,
+    map: &mut HashMap<String, String>,
 ) -> Result<(), FhirError> {
     match v {
         Value::Object(m) => {
@@ -146,7 +147,11 @@ fn rewrite_references(
                     {
                         let found = search_in_tx(conn, t, q)?;
                         match found.len() {
-                            1 => *r = format!("{t}/{}", found[0]),
+                            1 => {
+                                let to = format!("{t}/{}", found[0]);
+                                map.insert(r.clone(), to.clone());
+                                *r = to;
+                            }
                             0 => {
                                 return Err(FhirError::PreconditionFailed(format!(
                                     "conditional reference {r} matches nothing"
@@ -358,7 +363,7 @@ pub async fn transaction(
             }
             for (i, e) in entries.iter_mut().enumerate() {
                 if let Some(r) = e.resource.as_mut() {
-                    rewrite_references(tx.sql(), r, &map).map_err(|err| entry_err(i, err))?;
+                    rewrite_references(tx.sql(), r, &mut map).map_err(|err| entry_err(i, err))?;
                 }
             }
             let mut order: Vec<usize> = (0..n).collect();
@@ -412,7 +417,7 @@ pub async fn batch(
         let result = store
             .write(move |tx| {
                 if let Some(r) = e.resource.as_mut() {
-                    rewrite_references(tx.sql(), r, &HashMap::new())?;
+                    rewrite_references(tx.sql(), r, &mut HashMap::new())?;
                 }
                 Ok(run_entry(tx, &e, None, &who)?)
             })

@@ -507,8 +507,31 @@ fn table_of(kind: ParamKind) -> &'static str {
     }
 }
 
-/// `c.id IN (…)`-style condition for one clause.
-fn clause_sql(q: &mut Sql_, rtype: &str, c: &Clause) -> String {
+/// How well a clause can drive the search (lower is more selective, tried first); `None`: it
+/// cannot (negations, `:missing`, `:contains`, `:text`, `_lastUpdated`), it is only checked.
+fn drive_rank(rtype: &str, c: &Clause) -> Option<u8> {
+    if matches!(c.modifier.as_deref(), Some("not" | "missing" | "contains" | "text")) {
+        return None;
+    }
+    match c.code.as_str() {
+        "_id" => Some(0),
+        "_lastUpdated" => None,
+        _ if c.chain.is_some() => Some(4),
+        code => Some(match params::find(rtype, code)?.kind {
+            ParamKind::Reference => 1,
+            ParamKind::Token | ParamKind::Uri => 2,
+            ParamKind::String => 3,
+            ParamKind::Date => 5,
+            ParamKind::Quantity | ParamKind::Number => 6,
+        }),
+    }
+}
+
+/// Condition for one clause on the current row `c`. The driving clause (`drive`) is an
+/// `c.id IN (SELECT id FROM <value index> …)`: SQLite reads the matching ids from the covering
+/// value index and looks each up by primary key. Every other clause is a correlated `EXISTS` on
+/// the owner index `(rtype, id, param, values…)`: one index probe per candidate.
+fn clause_sql(q: &mut Sql_, rtype: &str, c: &Clause, drive: bool) -> String {
     let modifier = c.modifier.as_deref();
     match c.code.as_str() {
         "_id" => {
@@ -531,13 +554,14 @@ fn clause_sql(q: &mut Sql_, rtype: &str, c: &Clause) -> String {
         _ => {}
     }
     let def = params::find(rtype, &c.code).expect("validated");
+    let owned = |q: &mut Sql_, table: &str, param: &str, cond: &str| {
+        format!(
+            "EXISTS (SELECT 1 FROM {table} s WHERE s.rtype = c.rtype AND s.id = c.id AND s.param = {}{cond})",
+            q.arg(param.to_owned())
+        )
+    };
     if modifier == Some("missing") {
-        let present = format!(
-            "c.id IN (SELECT id FROM {} WHERE rtype = {} AND param = {})",
-            table_of(def.kind),
-            q.arg(rtype.to_owned()),
-            q.arg(def.code.to_owned())
-        );
+        let present = owned(q, table_of(def.kind), def.code, "");
         let want_missing = c.values.first().map(String::as_str) == Some("true");
         return if want_missing { format!("NOT {present}") } else { present };
     }
@@ -557,32 +581,51 @@ fn clause_sql(q: &mut Sql_, rtype: &str, c: &Clause) -> String {
                 conds.join(" OR ")
             ));
         }
-        return format!(
-            "c.id IN (SELECT id FROM fhir_idx_ref WHERE rtype = {} AND param = {} AND ({}))",
-            q.arg(rtype.to_owned()),
-            q.arg(def.code.to_owned()),
-            alts.join(" OR ")
-        );
+        if alts.is_empty() {
+            return "0".into();
+        }
+        let alts = alts.join(" OR ");
+        return if drive {
+            format!(
+                "c.id IN (SELECT id FROM fhir_idx_ref WHERE rtype = {} AND param = {} AND ({alts}))",
+                q.arg(rtype.to_owned()),
+                q.arg(def.code.to_owned()),
+            )
+        } else {
+            owned(q, "fhir_idx_ref", def.code, &format!(" AND ({alts})"))
+        };
     }
     let negate = modifier == Some("not");
     let value_mod = if negate { None } else { modifier };
     let conds: Vec<String> =
         c.values.iter().map(|v| value_condition(q, def.kind, value_mod, v)).collect();
-    format!(
-        "c.id {} (SELECT id FROM {} WHERE rtype = {} AND param = {} AND ({}))",
-        if negate { "NOT IN" } else { "IN" },
-        table_of(def.kind),
-        q.arg(rtype.to_owned()),
-        q.arg(def.code.to_owned()),
-        conds.join(" OR ")
-    )
+    let conds = conds.join(" OR ");
+    if drive && !negate {
+        return format!(
+            "c.id IN (SELECT id FROM {} WHERE rtype = {} AND param = {} AND ({conds}))",
+            table_of(def.kind),
+            q.arg(rtype.to_owned()),
+            q.arg(def.code.to_owned()),
+        );
+    }
+    let exists = owned(q, table_of(def.kind), def.code, &format!(" AND ({conds})"));
+    if negate { format!("NOT {exists}") } else { exists }
 }
 
-fn sort_sql(q: &mut Sql_, rtype: &str, name: &str, desc: bool) -> String {
+/// Sort key for one `_sort` entry: `(join, order-by terms)`. Index parameters are joined once
+/// (`LEFT JOIN` on the owner index, aggregated per resource) instead of a subquery per row.
+fn sort_sql(
+    q: &mut Sql_,
+    rtype_arg: &str,
+    rtype: &str,
+    n: usize,
+    name: &str,
+    desc: bool,
+) -> (String, String) {
     let dir = if desc { "DESC" } else { "ASC" };
     match name {
-        "_id" => format!("c.id {dir}"),
-        "_lastUpdated" => format!("c.last_updated {dir}"),
+        "_id" => (String::new(), format!("c.id {dir}")),
+        "_lastUpdated" => (String::new(), format!("c.last_updated {dir}")),
         code => {
             let def = params::find(rtype, code).expect("validated");
             let (agg, col) = match (def.kind, desc) {
@@ -597,38 +640,75 @@ fn sort_sql(q: &mut Sql_, rtype: &str, name: &str, desc: bool) -> String {
                     (if desc { "MAX" } else { "MIN" }, "value")
                 }
             };
-            // Resources without the value sort last either way.
-            let sub = format!(
-                "(SELECT {agg}({col}) FROM {} s WHERE s.rtype = c.rtype AND s.id = c.id AND s.param = {})",
+            let join = format!(
+                " LEFT JOIN {} s{n} ON s{n}.rtype = {rtype_arg} AND s{n}.id = c.id AND s{n}.param = {}",
                 table_of(def.kind),
                 q.arg(def.code.to_owned())
             );
-            format!("{sub} IS NULL, {sub} {dir}")
+            // Resources without the value sort last either way.
+            let key = format!("{agg}(s{n}.{col})");
+            (join, format!("{key} IS NULL, {key} {dir}"))
         }
     }
 }
 
+/// The SQL (and its arguments) selecting the ids of every match, in result order.
+fn plan(req: &SearchRequest) -> (String, Vec<Sql>) {
+    let mut q = Sql_ { args: Vec::new() };
+    let rtype_arg = q.arg(req.rtype.clone());
+    let driver = req
+        .clauses
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| drive_rank(&req.rtype, c).map(|r| (r, i)))
+        .min()
+        .map(|(_, i)| i);
+    let mut conds = Vec::new();
+    for (i, c) in req.clauses.iter().enumerate() {
+        conds.push(clause_sql(&mut q, &req.rtype, c, Some(i) == driver));
+    }
+    let mut matches = format!("FROM fhir_current c WHERE c.rtype = {rtype_arg}");
+    // The driving clause first: SQLite plans the primary-key lookup from it.
+    if let Some(d) = driver {
+        matches.push_str(" AND ");
+        matches.push_str(&conds[d]);
+    }
+    matches.push_str(" AND c.deleted = 0");
+    for (i, cond) in conds.iter().enumerate() {
+        if Some(i) != driver {
+            matches.push_str(" AND ");
+            matches.push_str(cond);
+        }
+    }
+    let mut joins = String::new();
+    let mut order = Vec::new();
+    for (n, (name, desc)) in req.sort.iter().enumerate() {
+        let (j, o) = sort_sql(&mut q, &rtype_arg, &req.rtype, n, name, *desc);
+        joins.push_str(&j);
+        order.push(o);
+    }
+    order.push("c.id".into());
+    let sql = if joins.is_empty() {
+        format!("SELECT c.id {matches} ORDER BY {}", order.join(", "))
+    } else {
+        // The matches are found first (materialised: otherwise SQLite may satisfy the GROUP BY
+        // by walking every resource of the type in key order), then joined to their sort keys.
+        format!(
+            "WITH m AS MATERIALIZED (SELECT c.id, c.last_updated {matches}) \
+             SELECT c.id FROM m c{joins} GROUP BY c.id ORDER BY {}",
+            order.join(", ")
+        )
+    };
+    (sql, q.args)
+}
+
 /// Runs the search; returns the ids of every match in result order.
 pub fn execute(conn: &Connection, req: &SearchRequest) -> Result<Vec<String>, FhirError> {
-    let mut q = Sql_ { args: Vec::new() };
-    let mut sql = format!(
-        "SELECT c.id FROM fhir_current c WHERE c.rtype = {} AND c.deleted = 0",
-        q.arg(req.rtype.clone())
-    );
-    for c in &req.clauses {
-        let cond = clause_sql(&mut q, &req.rtype, c);
-        sql.push_str(" AND ");
-        sql.push_str(&cond);
-    }
-    let mut order: Vec<String> =
-        req.sort.iter().map(|(n, d)| sort_sql(&mut q, &req.rtype, n, *d)).collect();
-    order.push("c.id".into());
-    sql.push_str(" ORDER BY ");
-    sql.push_str(&order.join(", "));
+    let (mut sql, args) = plan(req);
     sql.push_str(&format!(" LIMIT {}", MAX_RESULTS + 1));
-    let mut stmt = conn.prepare(&sql)?;
+    let mut stmt = conn.prepare_cached(&sql)?;
     let ids: Vec<String> = stmt
-        .query_map(rusqlite::params_from_iter(q.args.iter()), |r| r.get(0))?
+        .query_map(rusqlite::params_from_iter(args.iter()), |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     if ids.len() > MAX_RESULTS {
         return Err(FhirError::Unprocessable(format!(
@@ -727,6 +807,63 @@ mod tests {
         let r = parse("Patient", &p(&[("shoe-size", "9")]), false).unwrap();
         assert_eq!(r.ignored, vec!["shoe-size"]);
         assert!(parse("Binary", &p(&[("x", "1")]), false).is_err());
+    }
+
+    /// The planned search reads the index tables through their covering indexes: the driving
+    /// clause from the value index, the other clause and the sort key from the owner index —
+    /// no table scan — and returns the right rows in order.
+    #[test]
+    fn plan_uses_covering_indexes_and_sorts_by_join() {
+        use crate::keys::Key;
+        use crate::store::{Store, StoreOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &Key::random(), &StoreOptions::default()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(store.write(|tx| {
+            for (i, (pat, code, day)) in [
+                ("p1", "8867-4", "2026-01-03"),
+                ("p1", "8867-4", "2026-01-05"),
+                ("p1", "8302-2", "2026-01-09"),
+                ("p2", "8867-4", "2026-01-07"),
+                ("p1", "8867-4", "2026-01-04"),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let obs = serde_json::json!({"resourceType": "Observation", "id": format!("o{i}"),
+                    "status": "final", "subject": {"reference": format!("Patient/{pat}")},
+                    "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+                    "effectiveDateTime": day});
+                crate::fhir::storage::put(tx, "Observation", &format!("o{i}"), obs, None, "local")?;
+            }
+            Ok(())
+        }))
+        .unwrap();
+        let req = parse(
+            "Observation",
+            &p(&[("patient", "p1"), ("code", "http://loinc.org|8867-4"), ("_sort", "-date")]),
+            true,
+        )
+        .unwrap();
+        let (sql, args) = plan(&req);
+        let (ids, steps) = store
+            .read_blocking(|c| {
+                let ids = execute(c, &req)
+                    .map_err(|e| crate::store::StoreError::Rejected(e.to_string()))?;
+                let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                let steps: Vec<String> = stmt
+                    .query_map(rusqlite::params_from_iter(args.iter()), |r| r.get(3))?
+                    .collect::<Result<_, _>>()?;
+                Ok((ids, steps))
+            })
+            .unwrap();
+        assert_eq!(ids, vec!["o1", "o4", "o0"]);
+        let plan = steps.join("\n");
+        // The only scan is of the materialised matches (aliased `c` for the sort join).
+        assert!(steps.iter().filter(|s| s.starts_with("SCAN")).count() <= 1, "{plan}");
+        assert!(plan.contains("COVERING INDEX fhir_idx_ref_search"), "{plan}");
+        assert!(plan.contains("COVERING INDEX fhir_idx_token_owner"), "{plan}");
+        assert!(plan.contains("COVERING INDEX fhir_idx_date_owner"), "{plan}");
     }
 
     #[test]

@@ -76,6 +76,35 @@ pub const MIGRATION: &str = r#"
     ) STRICT;
 "#;
 
+/// Covering indexes for search (appended to the store's migrations after [`MIGRATION`]): every
+/// index ends with the columns a search reads, so a driving clause (`id` from the value index), a
+/// correlated check or a sort key (values from the owner index) never touch the table rows.
+/// `fhir_idx_ref_target` is ordered as `$everything` and `_revinclude` read it.
+pub const MIGRATION_COVERING: &str = r#"
+    DROP INDEX fhir_idx_token_search;
+    DROP INDEX fhir_idx_token_owner;
+    CREATE INDEX fhir_idx_token_search ON fhir_idx_token (rtype, param, code, system, id);
+    CREATE INDEX fhir_idx_token_owner ON fhir_idx_token (rtype, id, param, code, system);
+    DROP INDEX fhir_idx_string_search;
+    DROP INDEX fhir_idx_string_owner;
+    CREATE INDEX fhir_idx_string_search ON fhir_idx_string (rtype, param, norm, id);
+    CREATE INDEX fhir_idx_string_owner ON fhir_idx_string (rtype, id, param, norm);
+    DROP INDEX fhir_idx_date_search;
+    DROP INDEX fhir_idx_date_owner;
+    CREATE INDEX fhir_idx_date_search ON fhir_idx_date (rtype, param, lo, hi, id);
+    CREATE INDEX fhir_idx_date_owner ON fhir_idx_date (rtype, id, param, lo, hi);
+    DROP INDEX fhir_idx_ref_search;
+    DROP INDEX fhir_idx_ref_target;
+    DROP INDEX fhir_idx_ref_owner;
+    CREATE INDEX fhir_idx_ref_search ON fhir_idx_ref (rtype, param, target_id, target_type, id);
+    CREATE INDEX fhir_idx_ref_target ON fhir_idx_ref (target_id, target_type, rtype, id, param);
+    CREATE INDEX fhir_idx_ref_owner ON fhir_idx_ref (rtype, id, param, target_id, target_type);
+    DROP INDEX fhir_idx_number_search;
+    DROP INDEX fhir_idx_number_owner;
+    CREATE INDEX fhir_idx_number_search ON fhir_idx_number (rtype, param, value, id);
+    CREATE INDEX fhir_idx_number_owner ON fhir_idx_number (rtype, id, param, value);
+"#;
+
 /// The current state of one resource.
 #[derive(Debug, Clone)]
 pub struct Current {

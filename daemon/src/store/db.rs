@@ -57,6 +57,8 @@ pub const MIGRATIONS: &[&str] = &[
     crate::sync::MIGRATION,
     // 6: integrity ledger — Merkle log leaves, signed checkpoints, chain anchors (see `ledger`).
     crate::ledger::MIGRATION,
+    // 7: covering search indexes for the FHIR index tables (see `fhir::storage`).
+    crate::fhir::storage::MIGRATION_COVERING,
 ];
 
 /// Marker row proving a database is an hms-edge store.
@@ -133,6 +135,9 @@ pub fn open(
     }
     conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)?;
     conn.busy_timeout(Duration::from_secs(30))?;
+    // The FHIR write path alone uses ~20 distinct statements (history, current, five index
+    // tables, ledger, outbox, searches): the default cache of 16 would re-prepare them.
+    conn.set_prepared_statement_cache_capacity(128);
     conn.execute_batch(&format!(
         "PRAGMA foreign_keys = ON; PRAGMA cache_size = -{cache_kib}; PRAGMA temp_store = MEMORY;"
     ))?;
