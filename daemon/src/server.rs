@@ -347,7 +347,7 @@ pub async fn run(
         listeners.fhir,
         daemon.tls.clone(),
         client_auth,
-        crate::fhir::api::router(fhir_ctx).merge(crate::dicomweb::router(dicomweb_ctx)),
+        crate::fhir::api::router(fhir_ctx.clone()).merge(crate::dicomweb::router(dicomweb_ctx)),
         cfg.fhir.max_connections as usize,
         token.clone(),
         daemon.tasks.clone(),
@@ -447,6 +447,8 @@ pub async fn run(
         );
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), admin_task).await;
+    // Read audit records still waiting for their batch are written before the store closes.
+    fhir_ctx.flush_audits().await;
     let store = daemon.store.clone();
     tokio::task::spawn_blocking(move || store.close()).await.map_err(std::io::Error::other)?;
     tracing::info!("stopped");

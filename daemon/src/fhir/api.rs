@@ -59,6 +59,14 @@ impl std::fmt::Debug for FhirContext {
 }
 
 impl FhirContext {
+    /// Writes the read audit records still waiting for their batch; called on shutdown before
+    /// the store closes.
+    pub async fn flush_audits(&self) {
+        if !self.audits.pending.lock().expect("audit queue").0.is_empty() {
+            write_pending_audits(&self.store, &self.audits).await;
+        }
+    }
+
     pub fn new(
         store: Arc<Store>,
         max_body_bytes: usize,
@@ -245,29 +253,46 @@ pub(crate) fn audit_read(
         pending.1 = true;
     }
     let (store, queue) = (ctx.store.clone(), ctx.audits.clone());
-    let flag = queue.clone();
     tokio::spawn(async move {
-        let written = store
-            .write(move |tx| {
-                // Taken when the writer runs it: everything queued until now.
-                let records = {
-                    let mut pending = queue.pending.lock().expect("audit queue");
-                    pending.1 = false;
-                    std::mem::take(&mut pending.0)
-                };
-                for rec in &records {
-                    storage::audit(tx, rec)?;
-                }
-                Ok(records.len())
-            })
-            .await;
-        if let Err(e) = written {
-            // If the write never ran (store closing), the records are still queued: let the
-            // next access schedule them again.
-            flag.pending.lock().expect("audit queue").1 = false;
-            tracing::error!(error = %e, "audit records could not be written");
-        }
+        // Reads arriving meanwhile join this write. Every commit makes SQLite drop the page
+        // cache of each reader connection (WAL mode), so one write per read would keep the
+        // readers decrypting the same pages again and again.
+        tokio::time::sleep(READ_AUDIT_BATCH_DELAY).await;
+        write_pending_audits(&store, &queue).await;
     });
+}
+
+/// How long a read's audit record waits for others to share its store write. A crash in this
+/// window loses those records (the read itself has been answered); a clean stop writes them
+/// ([`FhirContext::flush_audits`]).
+pub const READ_AUDIT_BATCH_DELAY: std::time::Duration = std::time::Duration::from_millis(25);
+
+/// Writes every queued read audit record in one store write.
+async fn write_pending_audits(store: &Arc<Store>, queue: &Arc<AuditQueue>) {
+    let q = queue.clone();
+    let written = store
+        .write(move |tx| {
+            // Taken when the writer runs it: everything queued until now.
+            let records = {
+                let mut pending = q.pending.lock().expect("audit queue");
+                pending.1 = false;
+                std::mem::take(&mut pending.0)
+            };
+            for rec in &records {
+                storage::audit(tx, rec)?;
+            }
+            Ok(records.len())
+        })
+        .await;
+    if let Err(e) = written {
+        // If the write never ran (store closing), the records are still queued: let the
+        // next access schedule them again.
+        let mut pending = queue.pending.lock().expect("audit queue");
+        pending.1 = false;
+        if !pending.0.is_empty() {
+            tracing::error!(error = %e, records = pending.0.len(), "audit records could not be written");
+        }
+    }
 }
 
 pub(super) fn base_url(headers: &HeaderMap) -> String {

@@ -72,11 +72,26 @@ pub const STORE_MARKER: (&str, &str) = ("format", "hms-edge-store-v1");
 /// initialisation, and its `PRAGMA key` fails with SQLITE_ERROR ("An error occurred with PRAGMA
 /// key or rekey") because SQLCipher is not ready yet. A `Once` makes every other thread wait until
 /// the first initialisation, SQLCipher's part included, has finished.
-#[allow(unsafe_code)] // the one FFI call of the crate: rusqlite has no safe wrapper for it
+///
+/// Before it, memory statistics are switched off: with them on (SQLite's default) every
+/// allocation and free of every connection takes one process-wide mutex, which profiles of the
+/// FHIR search showed as lock contention between the reader threads. We never read the statistics.
+#[allow(unsafe_code)] // the crate's only FFI calls: rusqlite has no safe wrapper for them
 fn initialize_once() -> Result<(), StoreError> {
     static INIT: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
-    // SAFETY: sqlite3_initialize takes no arguments and is safe to call from any thread.
-    let rc = *INIT.get_or_init(|| unsafe { rusqlite::ffi::sqlite3_initialize() });
+    let rc = *INIT.get_or_init(|| {
+        // SAFETY: sqlite3_config is called before sqlite3_initialize, inside the Once, so no
+        // other thread uses SQLite yet; MEMSTATUS takes one int argument. If something had
+        // initialised SQLite already it returns SQLITE_MISUSE and changes nothing (ignored).
+        unsafe {
+            let _ = rusqlite::ffi::sqlite3_config(
+                rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS,
+                0 as std::os::raw::c_int,
+            );
+            // SAFETY: sqlite3_initialize takes no arguments and is safe to call from any thread.
+            rusqlite::ffi::sqlite3_initialize()
+        }
+    });
     if rc == rusqlite::ffi::SQLITE_OK {
         Ok(())
     } else {
@@ -135,6 +150,10 @@ pub fn open(
     }
     conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)?;
     conn.busy_timeout(Duration::from_secs(30))?;
+    // Query planner stability: a plan never depends on bound values. Without it SQLite marks
+    // some parameters "re-prepare when rebound", and the cached search statements were parsed
+    // and planned again on every request (a quarter of the CPU of an Observation search).
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     // The FHIR write path alone uses ~20 distinct statements (history, current, five index
     // tables, ledger, outbox, searches): the default cache of 16 would re-prepare them.
     conn.set_prepared_statement_cache_capacity(128);
