@@ -527,11 +527,25 @@ fn drive_rank(rtype: &str, c: &Clause) -> Option<u8> {
     }
 }
 
-/// Condition for one clause on the current row `c`. The driving clause (`drive`) is an
-/// `c.id IN (SELECT id FROM <value index> …)`: SQLite reads the matching ids from the covering
-/// value index and looks each up by primary key. Every other clause is a correlated `EXISTS` on
-/// the owner index `(rtype, id, param, values…)`: one index probe per candidate.
-fn clause_sql(q: &mut Sql_, rtype: &str, c: &Clause, drive: bool) -> String {
+/// How one clause is written.
+enum Role<'a> {
+    /// The driving clause: `c.id IN (SELECT d.id FROM <value index> d … AND <inner>)`. SQLite
+    /// reads the matching ids from the covering value index; `inner` are the other clauses'
+    /// probes, checked there on the index row so that only full matches are looked up in
+    /// `fhir_current`.
+    Drive(&'a [String]),
+    /// A check on the row called `alias` (`c`: the current row; `d`: the driver's index row).
+    Check(&'a str),
+}
+
+/// Condition for one clause. Every clause but the driving one is a correlated `EXISTS` on the
+/// owner index `(rtype, id, param, values…)`: one index probe per candidate.
+fn clause_sql(q: &mut Sql_, rtype: &str, c: &Clause, role: Role<'_>) -> String {
+    let (drive, alias, inner) = match role {
+        Role::Drive(inner) => (true, "c", inner),
+        Role::Check(alias) => (false, alias, &[][..]),
+    };
+    let inner: String = inner.iter().map(|i| format!(" AND {i}")).collect();
     let modifier = c.modifier.as_deref();
     match c.code.as_str() {
         "_id" => {
@@ -556,7 +570,7 @@ fn clause_sql(q: &mut Sql_, rtype: &str, c: &Clause, drive: bool) -> String {
     let def = params::find(rtype, &c.code).expect("validated");
     let owned = |q: &mut Sql_, table: &str, param: &str, cond: &str| {
         format!(
-            "EXISTS (SELECT 1 FROM {table} s WHERE s.rtype = c.rtype AND s.id = c.id AND s.param = {}{cond})",
+            "EXISTS (SELECT 1 FROM {table} s WHERE s.rtype = {alias}.rtype AND s.id = {alias}.id AND s.param = {}{cond})",
             q.arg(param.to_owned())
         )
     };
@@ -587,7 +601,7 @@ fn clause_sql(q: &mut Sql_, rtype: &str, c: &Clause, drive: bool) -> String {
         let alts = alts.join(" OR ");
         return if drive {
             format!(
-                "c.id IN (SELECT id FROM fhir_idx_ref WHERE rtype = {} AND param = {} AND ({alts}))",
+                "c.id IN (SELECT d.id FROM fhir_idx_ref d WHERE d.rtype = {} AND d.param = {} AND ({alts}){inner})",
                 q.arg(rtype.to_owned()),
                 q.arg(def.code.to_owned()),
             )
@@ -602,7 +616,7 @@ fn clause_sql(q: &mut Sql_, rtype: &str, c: &Clause, drive: bool) -> String {
     let conds = conds.join(" OR ");
     if drive && !negate {
         return format!(
-            "c.id IN (SELECT id FROM {} WHERE rtype = {} AND param = {} AND ({conds}))",
+            "c.id IN (SELECT d.id FROM {} d WHERE d.rtype = {} AND d.param = {} AND ({conds}){inner})",
             table_of(def.kind),
             q.arg(rtype.to_owned()),
             q.arg(def.code.to_owned()),
@@ -663,9 +677,24 @@ fn plan(req: &SearchRequest) -> (String, Vec<Sql>) {
         .filter_map(|(i, c)| drive_rank(&req.rtype, c).map(|r| (r, i)))
         .min()
         .map(|(_, i)| i);
-    let mut conds = Vec::new();
+    // Clauses on index values are checked inside the driving subquery (on its index row) when
+    // it has one; `_id` and `_lastUpdated` read `fhir_current` and stay outside.
+    let on_current = |c: &Clause| matches!(c.code.as_str(), "_id" | "_lastUpdated");
+    let nested = driver.is_some_and(|d| !on_current(&req.clauses[d]));
+    let mut inner = Vec::new();
+    let mut conds = vec![String::new(); req.clauses.len()];
     for (i, c) in req.clauses.iter().enumerate() {
-        conds.push(clause_sql(&mut q, &req.rtype, c, Some(i) == driver));
+        if Some(i) == driver {
+            continue;
+        }
+        if nested && !on_current(c) {
+            inner.push(clause_sql(&mut q, &req.rtype, c, Role::Check("d")));
+        } else {
+            conds[i] = clause_sql(&mut q, &req.rtype, c, Role::Check("c"));
+        }
+    }
+    if let Some(d) = driver {
+        conds[d] = clause_sql(&mut q, &req.rtype, &req.clauses[d], Role::Drive(&inner));
     }
     let mut matches = format!("FROM fhir_current c WHERE c.rtype = {rtype_arg}");
     // The driving clause first: SQLite plans the primary-key lookup from it.
@@ -675,7 +704,7 @@ fn plan(req: &SearchRequest) -> (String, Vec<Sql>) {
     }
     matches.push_str(" AND c.deleted = 0");
     for (i, cond) in conds.iter().enumerate() {
-        if Some(i) != driver {
+        if Some(i) != driver && !cond.is_empty() {
             matches.push_str(" AND ");
             matches.push_str(cond);
         }
@@ -859,6 +888,9 @@ mod tests {
             .unwrap();
         assert_eq!(ids, vec!["o1", "o4", "o0"]);
         let plan = steps.join("\n");
+        // The code probe runs inside the driving subquery, on the patient index row: only full
+        // matches are looked up in fhir_current.
+        assert!(sql.contains("s.rtype = d.rtype AND s.id = d.id"), "{sql}");
         // The only scan is of the materialised matches (aliased `c` for the sort join).
         assert!(steps.iter().filter(|s| s.starts_with("SCAN")).count() <= 1, "{plan}");
         assert!(plan.contains("COVERING INDEX fhir_idx_ref_search"), "{plan}");
