@@ -37,8 +37,13 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
 pub const DEFAULT_MIN_FREE_DISK_MB: u64 = 1024;
 /// At most this many writes share one commit + fsync.
 pub const DEFAULT_GROUP_COMMIT_MAX_BATCH: u32 = 512;
-/// SQLCipher page cache per connection, KiB.
-pub const DEFAULT_DB_CACHE_KIB: u32 = 16 * 1024;
+/// SQLCipher page cache of the writer connection, KiB. The writer's cache stays valid between
+/// its transactions (no other connection writes), so it carries the hot index pages of a load.
+pub const DEFAULT_DB_CACHE_KIB: u32 = 32 * 1024;
+/// SQLCipher page cache of each reader connection, KiB. Small on purpose: in WAL mode every
+/// commit (a write, a batch of read audit events) empties the readers' caches, so a reader
+/// cache only lives for tens of milliseconds; a large one mostly costs memory.
+pub const DEFAULT_DB_READER_CACHE_KIB: u32 = 4 * 1024;
 /// Read-only connections kept open for concurrent readers.
 pub const DEFAULT_DB_READERS: u32 = 4;
 /// FHIR HTTPS listener. Loopback only by default; a packaged box opens it to the LAN.
@@ -229,8 +234,10 @@ impl Default for AdminConfig {
 pub struct StoreConfig {
     /// Most writes folded into one transaction and one fsync by the group committer.
     pub group_commit_max_batch: u32,
-    /// SQLCipher page cache per connection, KiB.
+    /// SQLCipher page cache of the writer connection, KiB.
     pub db_cache_kib: u32,
+    /// SQLCipher page cache of each reader connection, KiB.
+    pub db_reader_cache_kib: u32,
     /// Read-only database connections for concurrent readers.
     pub db_readers: u32,
 }
@@ -240,6 +247,7 @@ impl Default for StoreConfig {
         Self {
             group_commit_max_batch: DEFAULT_GROUP_COMMIT_MAX_BATCH,
             db_cache_kib: DEFAULT_DB_CACHE_KIB,
+            db_reader_cache_kib: DEFAULT_DB_READER_CACHE_KIB,
             db_readers: DEFAULT_DB_READERS,
         }
     }

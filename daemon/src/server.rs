@@ -182,6 +182,7 @@ pub async fn start(
     let opts = StoreOptions {
         group_commit_max_batch: config.store.group_commit_max_batch as usize,
         db_cache_kib: config.store.db_cache_kib,
+        db_reader_cache_kib: config.store.db_reader_cache_kib,
         db_readers: config.store.db_readers as usize,
     };
     let store_dir = state_dir.clone();

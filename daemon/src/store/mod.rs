@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::keys::{Key, KeyPurpose};
 pub use blob::{BlobId, BlobMeta, BlobReader, BlobStore, BlobWriter};
@@ -196,6 +196,27 @@ where
 
 type Job = Box<dyn PendingWrite>;
 
+/// A read to run on one of the reader threads' connections.
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+/// One reader thread: runs read jobs on its own connection until the job channel closes.
+///
+/// Why threads of our own rather than `spawn_blocking`: tokio's blocking pool starts a thread
+/// whenever none is idle at that instant, and under a steady read load it grew to ~40 threads,
+/// each with its own allocator heap (RSS) and each connection hopping between them. A fixed
+/// set of threads keeps one connection per thread and its memory in one place.
+fn reader_loop(conn: Connection, jobs: Arc<Mutex<std::sync::mpsc::Receiver<ReadJob>>>) {
+    loop {
+        let job = match jobs.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok(job) = job else { return };
+        // A panicking read fails that request (its result channel is dropped), not the thread.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&conn)));
+    }
+}
+
 /// A key/value record: its value and the blob it owns, if any.
 pub type KvRecord = (Vec<u8>, Option<BlobId>);
 
@@ -216,8 +237,12 @@ pub struct Store {
     blobs: BlobStore,
     writer: Mutex<Option<mpsc::UnboundedSender<Job>>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    readers: Mutex<Vec<Connection>>,
-    reader_permits: Semaphore,
+    /// Jobs for the reader threads (one read-only connection each).
+    reader_jobs: Mutex<Option<std::sync::mpsc::Sender<ReadJob>>>,
+    reader_threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The connection of [`Store::read_blocking`] (CLI, tests, blocking helpers), whose
+    /// closures borrow their caller's data and so cannot be sent to a reader thread.
+    blocking_reader: Mutex<Option<Connection>>,
     stats: Arc<StoreStats>,
     audit_key: Key,
     ledger_signing_key: Key,
@@ -234,6 +259,7 @@ impl std::fmt::Debug for Store {
 pub struct StoreOptions {
     pub group_commit_max_batch: usize,
     pub db_cache_kib: u32,
+    pub db_reader_cache_kib: u32,
     pub db_readers: usize,
 }
 
@@ -242,6 +268,7 @@ impl Default for StoreOptions {
         Self {
             group_commit_max_batch: crate::config::DEFAULT_GROUP_COMMIT_MAX_BATCH as usize,
             db_cache_kib: crate::config::DEFAULT_DB_CACHE_KIB,
+            db_reader_cache_kib: crate::config::DEFAULT_DB_READER_CACHE_KIB,
             db_readers: crate::config::DEFAULT_DB_READERS as usize,
         }
     }
@@ -261,7 +288,19 @@ impl Store {
         sweep_orphans(&conn, &blobs)?;
         let mut readers = Vec::with_capacity(opts.db_readers);
         for _ in 0..opts.db_readers.max(1) {
-            readers.push(db::open(&db_path, &db_key, true, opts.db_cache_kib)?);
+            readers.push(db::open(&db_path, &db_key, true, opts.db_reader_cache_kib)?);
+        }
+        let blocking_reader = db::open(&db_path, &db_key, true, opts.db_reader_cache_kib)?;
+        let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<ReadJob>();
+        let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+        let mut reader_threads = Vec::with_capacity(readers.len());
+        for (i, conn) in readers.into_iter().enumerate() {
+            let rx = jobs_rx.clone();
+            reader_threads.push(
+                std::thread::Builder::new()
+                    .name(format!("store-reader-{i}"))
+                    .spawn(move || reader_loop(conn, rx))?,
+            );
         }
         let stats = Arc::new(StoreStats::default());
         let (tx, rx) = mpsc::unbounded_channel();
@@ -276,8 +315,9 @@ impl Store {
             blobs,
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(handle)),
-            reader_permits: Semaphore::new(readers.len()),
-            readers: Mutex::new(readers),
+            reader_jobs: Mutex::new(Some(jobs_tx)),
+            reader_threads: Mutex::new(reader_threads),
+            blocking_reader: Mutex::new(Some(blocking_reader)),
             stats,
             audit_key: keys.audit,
             ledger_signing_key: keys.ledger_signing,
@@ -327,17 +367,16 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let _permit = self.reader_permits.acquire().await.map_err(|_| StoreError::Closed)?;
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn =
-                this.readers.lock().expect("readers lock").pop().ok_or(StoreError::Closed)?;
-            let out = f(&conn);
-            this.readers.lock().expect("readers lock").push(conn);
-            out
-        })
-        .await
-        .map_err(|e| StoreError::Commit(format!("reader task failed: {e}")))?
+        let (tx, rx) = oneshot::channel();
+        self.submit_read(Box::new(move |conn| {
+            let _ = tx.send(f(conn));
+        }))?;
+        rx.await.map_err(|_| StoreError::Commit("reader task failed".into()))?
+    }
+
+    fn submit_read(&self, job: ReadJob) -> Result<(), StoreError> {
+        let sender = self.reader_jobs.lock().expect("readers lock").clone();
+        sender.ok_or(StoreError::Closed)?.send(job).map_err(|_| StoreError::Closed)
     }
 
     /// Blocking variant of [`Store::read`] for non-async callers (CLI, tests).
@@ -345,10 +384,9 @@ impl Store {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let conn = self.readers.lock().expect("readers lock").pop().ok_or(StoreError::Closed)?;
-        let out = f(&conn);
-        self.readers.lock().expect("readers lock").push(conn);
-        out
+        let guard = self.blocking_reader.lock().unwrap_or_else(|p| p.into_inner());
+        let conn = guard.as_ref().ok_or(StoreError::Closed)?;
+        f(conn)
     }
 
     /// Reads a key/value record.
@@ -405,8 +443,11 @@ impl Store {
     pub fn close(&self) {
         // Readers go first so that the writer is the last connection: its close checkpoints the
         // WAL into the database file and removes it.
-        self.readers.lock().expect("readers lock").clear();
-        self.reader_permits.close();
+        self.reader_jobs.lock().expect("readers lock").take();
+        for h in std::mem::take(&mut *self.reader_threads.lock().expect("readers lock")) {
+            let _ = h.join();
+        }
+        self.blocking_reader.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.writer.lock().expect("writer lock").take();
         if let Some(h) = self.writer_thread.lock().expect("writer lock").take() {
             let _ = h.join();
