@@ -919,30 +919,45 @@ mod tests {
         assert!(parse("Binary", &p(&[("x", "1")]), false).is_err());
     }
 
-    /// The clause that selects fewer rows drives: a patient's rare code rather than the
-    /// patient's many Observations, and the patient when the code is common.
-    #[test]
-    fn the_more_selective_clause_drives() {
+    /// A fresh store holding Observations `o0, o1, …` of (patient, LOINC code, effective date
+    /// or "").
+    fn store_with_observations(
+        rows: &[(String, &str, &str)],
+    ) -> (tempfile::TempDir, std::sync::Arc<crate::store::Store>) {
         use crate::keys::Key;
         use crate::store::{Store, StoreOptions};
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), &Key::random(), &StoreOptions::default()).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(store.write(|tx| {
-            // p1: 2,100 heart rates (over DRIVER_GOOD_ENOUGH) and a rare code; p2..p60: one each.
-            let mut rows: Vec<(String, &str)> =
-                (0..2_100).map(|_| ("p1".into(), "8867-4")).collect();
-            rows.push(("p1".into(), "1742-6"));
-            rows.extend((2..61).map(|n| (format!("p{n}"), "8867-4")));
-            for (i, (pat, code)) in rows.into_iter().enumerate() {
-                let obs = serde_json::json!({"resourceType": "Observation", "id": format!("o{i}"),
-                    "status": "final", "subject": {"reference": format!("Patient/{pat}")},
+        let rows: Vec<(String, String, String)> =
+            rows.iter().map(|(p, c, d)| (p.clone(), (*c).to_owned(), (*d).to_owned())).collect();
+        rt.block_on(store.write(move |tx| {
+            for (i, (pat, code, day)) in rows.iter().enumerate() {
+                let mut obs = serde_json::json!({"resourceType": "Observation",
+                    "id": format!("o{i}"), "status": "final",
+                    "subject": {"reference": format!("Patient/{pat}")},
                     "code": {"coding": [{"system": "http://loinc.org", "code": code}]}});
+                if !day.is_empty() {
+                    obs["effectiveDateTime"] = day.clone().into();
+                }
                 crate::fhir::storage::put(tx, "Observation", &format!("o{i}"), obs, None, "local")?;
             }
             Ok(())
         }))
         .unwrap();
+        (dir, store)
+    }
+
+    /// The clause that selects fewer rows drives: a patient's rare code rather than the
+    /// patient's many Observations, and the patient when the code is common.
+    #[test]
+    fn the_more_selective_clause_drives() {
+        // p1: 2,100 heart rates (over DRIVER_GOOD_ENOUGH) and a rare code; p2..p60: one each.
+        let mut rows: Vec<(String, &str, &str)> =
+            (0..2_100).map(|_| ("p1".into(), "8867-4", "")).collect();
+        rows.push(("p1".into(), "1742-6", ""));
+        rows.extend((2..61).map(|n| (format!("p{n}"), "8867-4", "")));
+        let (_dir, store) = store_with_observations(&rows);
         let search = |pat: &str, code: &str| {
             let req = parse(
                 "Observation",
@@ -970,31 +985,13 @@ mod tests {
     /// no table scan — and returns the right rows in order.
     #[test]
     fn plan_uses_covering_indexes_and_sorts_by_join() {
-        use crate::keys::Key;
-        use crate::store::{Store, StoreOptions};
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &Key::random(), &StoreOptions::default()).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(store.write(|tx| {
-            for (i, (pat, code, day)) in [
-                ("p1", "8867-4", "2026-01-03"),
-                ("p1", "8867-4", "2026-01-05"),
-                ("p1", "8302-2", "2026-01-09"),
-                ("p2", "8867-4", "2026-01-07"),
-                ("p1", "8867-4", "2026-01-04"),
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                let obs = serde_json::json!({"resourceType": "Observation", "id": format!("o{i}"),
-                    "status": "final", "subject": {"reference": format!("Patient/{pat}")},
-                    "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
-                    "effectiveDateTime": day});
-                crate::fhir::storage::put(tx, "Observation", &format!("o{i}"), obs, None, "local")?;
-            }
-            Ok(())
-        }))
-        .unwrap();
+        let (_dir, store) = store_with_observations(&[
+            ("p1".into(), "8867-4", "2026-01-03"),
+            ("p1".into(), "8867-4", "2026-01-05"),
+            ("p1".into(), "8302-2", "2026-01-09"),
+            ("p2".into(), "8867-4", "2026-01-07"),
+            ("p1".into(), "8867-4", "2026-01-04"),
+        ]);
         let req = parse(
             "Observation",
             &p(&[("patient", "p1"), ("code", "http://loinc.org|8867-4"), ("_sort", "-date")]),
