@@ -291,15 +291,18 @@ async fn write_pending_audits(store: &Arc<Store>, queue: &Arc<AuditQueue>) {
                 pending.1 = false;
                 std::mem::take(&mut pending.0)
             };
-            for rec in &records {
-                storage::audit(tx, rec)?;
+            if let Err(e) = records.iter().try_for_each(|rec| storage::audit(tx, rec)) {
+                // This write's savepoint is rolled back: the records go back to the queue, to
+                // be written with the next batch and counted in the error below.
+                q.pending.lock().expect("audit queue").0.splice(0..0, records);
+                return Err(e.into());
             }
             Ok(records.len())
         })
         .await;
     if let Err(e) = written {
-        // If the write never ran (store closing), the records are still queued: let the
-        // next access schedule them again.
+        // The records are still queued (the write never ran, or it failed and put them back):
+        // the next access schedules them again.
         let mut pending = queue.pending.lock().expect("audit queue");
         pending.1 = false;
         if !pending.0.is_empty() {
