@@ -811,10 +811,74 @@ fn plan(req: &SearchRequest, driver: Option<usize>) -> (String, Vec<Sql>) {
     (sql, q.args)
 }
 
+/// The plan of a search within one patient's chart on a token kept per patient (see
+/// `storage::MIGRATION_PATIENT_TOKEN`), such as `Observation?patient=…&code=…&_sort=-date`:
+/// one range of `fhir_idx_patient_token_search` holds the matches of both clauses and their
+/// sort key. `None` when the search is not of that shape (then [`plan`] runs it).
+///
+/// Shape: a plain `patient` clause (reference, no modifier or chain), a plain clause on one of
+/// `storage::PATIENT_TOKEN_PARAMS`, any other clauses but `_id` and `_lastUpdated` (checked on
+/// the index row as in [`plan`]), and no sort, or a sort on the type's `date` parameter. The
+/// results are the same as [`plan`]'s, in the same order: the row's `date_lo` / `date_hi` are
+/// the `MIN(lo)` / `MAX(hi)` that [`sort_sql`] aggregates, and deleted resources have no index
+/// rows. `INDEXED BY`: without it, a search with no sort may walk the whole owner index,
+/// whose order is the `GROUP BY`'s.
+fn patient_token_plan(req: &SearchRequest) -> Option<(String, Vec<Sql>)> {
+    use super::storage::PATIENT_TOKEN_PARAMS;
+    let rtype = req.rtype.as_str();
+    let plain = |c: &Clause| c.modifier.is_none() && c.chain.is_none() && !c.values.is_empty();
+    let kind = |code: &str| params::find(rtype, code).map(|d| d.kind);
+    let patient = req.clauses.iter().position(|c| {
+        c.code == "patient" && plain(c) && kind("patient") == Some(ParamKind::Reference)
+    })?;
+    let token = req.clauses.iter().position(|c| {
+        PATIENT_TOKEN_PARAMS.contains(&c.code.as_str())
+            && plain(c)
+            && kind(&c.code) == Some(ParamKind::Token)
+    })?;
+    if req.clauses.iter().any(|c| matches!(c.code.as_str(), "_id" | "_lastUpdated")) {
+        return None;
+    }
+    let order = match req.sort.as_slice() {
+        [] => "d.id",
+        [(name, desc)] if name == "date" && kind("date") == Some(ParamKind::Date) => {
+            if *desc {
+                "MAX(d.date_hi) IS NULL, MAX(d.date_hi) DESC, d.id"
+            } else {
+                "MIN(d.date_lo) IS NULL, MIN(d.date_lo) ASC, d.id"
+            }
+        }
+        _ => return None,
+    };
+    let mut q = Sql_ { args: Vec::new() };
+    let rtype_arg = q.arg(rtype.to_owned());
+    let any_of = |q: &mut Sql_, c: &Clause, k: ParamKind| {
+        let conds: Vec<String> = c.values.iter().map(|v| value_condition(q, k, None, v)).collect();
+        conds.join(" OR ")
+    };
+    let patients = any_of(&mut q, &req.clauses[patient], ParamKind::Reference);
+    let param_arg = q.arg(req.clauses[token].code.clone());
+    let tokens = any_of(&mut q, &req.clauses[token], ParamKind::Token);
+    let mut sql = format!(
+        "SELECT d.id FROM fhir_idx_patient_token d INDEXED BY fhir_idx_patient_token_search WHERE d.rtype = {rtype_arg} \
+         AND ({patients}) AND d.param = {param_arg} AND ({tokens})"
+    );
+    for (i, c) in req.clauses.iter().enumerate() {
+        if i != patient && i != token {
+            sql.push_str(" AND ");
+            sql.push_str(&clause_sql(&mut q, rtype, c, Role::Check("d")));
+        }
+    }
+    sql.push_str(&format!(" GROUP BY d.id ORDER BY {order}"));
+    Some((sql, q.args))
+}
+
 /// Runs the search; returns the ids of every match in result order.
 pub fn execute(conn: &Connection, req: &SearchRequest) -> Result<Vec<String>, FhirError> {
-    let driver = choose_driver(conn, req)?;
-    let (mut sql, args) = plan(req, driver);
+    let (mut sql, args) = match patient_token_plan(req) {
+        Some(planned) => planned,
+        None => plan(req, choose_driver(conn, req)?),
+    };
     sql.push_str(&format!(" LIMIT {}", MAX_RESULTS + 1));
     let mut stmt = conn.prepare_cached(&sql)?;
     let ids: Vec<String> = stmt
@@ -1020,6 +1084,174 @@ mod tests {
         assert!(plan.contains("COVERING INDEX fhir_idx_ref_search"), "{plan}");
         assert!(plan.contains("COVERING INDEX fhir_idx_token_owner"), "{plan}");
         assert!(plan.contains("COVERING INDEX fhir_idx_date_owner"), "{plan}");
+    }
+
+    /// A store of varied Observations for the patient-token plan: several codings, categories,
+    /// date times and periods or no date, a subject that is not a Patient, updates that move a
+    /// resource to another patient and code, and deletions.
+    fn store_for_patient_tokens() -> (tempfile::TempDir, std::sync::Arc<crate::store::Store>) {
+        use crate::keys::Key;
+        use crate::store::{Store, StoreOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &Key::random(), &StoreOptions::default()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(store.write(|tx| {
+            use crate::fhir::storage::{delete, put};
+            for i in 0..240u32 {
+                let pat = format!("p{}", i % 4);
+                let subject = if i % 37 == 5 {
+                    format!("Group/{pat}")
+                } else {
+                    format!("Patient/{pat}")
+                };
+                let code = ["8867-4", "8302-2", "29463-7"][(i % 3) as usize];
+                let mut coding = vec![serde_json::json!({"system": "http://loinc.org", "code": code})];
+                if i % 5 == 0 {
+                    coding.push(serde_json::json!({"system": "http://snomed.info/sct", "code": "364075005"}));
+                }
+                if i % 11 == 0 {
+                    coding.push(serde_json::json!({"code": code}));
+                }
+                let cat = ["vital-signs", "laboratory"][(i % 2) as usize];
+                let mut obs = serde_json::json!({"resourceType": "Observation", "id": format!("o{i}"),
+                    "status": if i % 7 == 0 { "amended" } else { "final" },
+                    "subject": {"reference": subject},
+                    "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": cat}]}],
+                    "code": {"coding": coding}});
+                match i % 6 {
+                    0 => {}
+                    1 => {
+                        obs["effectivePeriod"] = serde_json::json!({
+                            "start": format!("2025-0{}-10", 1 + i % 9), "end": format!("2026-0{}-02", 1 + i % 7)});
+                    }
+                    _ => obs["effectiveDateTime"] = format!("2026-{:02}-{:02}T10:{:02}:00Z", 1 + i % 12, 1 + i % 28, i % 60).into(),
+                }
+                put(tx, "Observation", &format!("o{i}"), obs.clone(), None, "local")?;
+                if i % 13 == 0 {
+                    obs["subject"] = serde_json::json!({"reference": "Patient/p9"});
+                    obs["code"] = serde_json::json!({"coding": [{"system": "http://loinc.org", "code": "1742-6"}]});
+                    put(tx, "Observation", &format!("o{i}"), obs, None, "local")?;
+                }
+                if i % 17 == 0 {
+                    delete(tx, "Observation", &format!("o{i}"), "local")?;
+                }
+            }
+            Ok(())
+        }))
+        .unwrap();
+        (dir, store)
+    }
+
+    /// The patient-token plan returns what the general plan returns, in the same order, for
+    /// every combination of patient, code or category value forms, an extra clause and sort;
+    /// and it reads one covering index.
+    #[test]
+    fn patient_token_plan_matches_the_general_plan() {
+        let (_dir, store) = store_for_patient_tokens();
+        let patients = ["p0", "Patient/p1", "p2,p3", "p9", "Group/p0", "nobody"];
+        let tokens = [
+            ("code", "http://loinc.org|8867-4"),
+            ("code", "8302-2"),
+            ("code", "|8867-4"),
+            ("code", "http://snomed.info/sct|"),
+            ("code", "http://loinc.org|1742-6,29463-7"),
+            ("category", "vital-signs"),
+            ("category", "http://terminology.hl7.org/CodeSystem/observation-category|laboratory"),
+        ];
+        let extras: [&[(&str, &str)]; 3] =
+            [&[], &[("status", "amended")], &[("date", "ge2026-03-01")]];
+        let sorts = [None, Some("-date"), Some("date")];
+        let mut planned = 0;
+        for pat in patients {
+            for (param, value) in tokens {
+                for extra in extras {
+                    for sort in sorts {
+                        let mut pairs = vec![("patient", pat), (param, value)];
+                        pairs.extend_from_slice(extra);
+                        if let Some(sort) = sort {
+                            pairs.push(("_sort", sort));
+                        }
+                        let req = parse("Observation", &p(&pairs), true).unwrap();
+                        let (sql, args) = patient_token_plan(&req).expect("of the shape");
+                        let (fast, general, steps) = store
+                            .read_blocking(|c| {
+                                let run =
+                                    |sql: &str, args: &[Sql]| -> rusqlite::Result<Vec<String>> {
+                                        c.prepare(sql)?
+                                            .query_map(rusqlite::params_from_iter(args), |r| {
+                                                r.get(0)
+                                            })?
+                                            .collect()
+                                    };
+                                let (gsql, gargs) =
+                                    plan(&req, drive_candidates(&req).first().copied());
+                                let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                                let steps: Vec<String> = stmt
+                                    .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                                        r.get(3)
+                                    })?
+                                    .collect::<Result<_, _>>()?;
+                                Ok((run(&sql, &args)?, run(&gsql, &gargs)?, steps))
+                            })
+                            .unwrap();
+                        assert_eq!(fast, general, "{pairs:?}");
+                        let steps = steps.join("\n");
+                        assert!(
+                            steps.contains("COVERING INDEX fhir_idx_patient_token_search"),
+                            "{steps}"
+                        );
+                        assert!(!steps.contains("SCAN"), "{pairs:?}: {steps}");
+                        planned += usize::from(!fast.is_empty());
+                    }
+                }
+            }
+        }
+        // Most combinations match something: the comparison is not of empty lists.
+        assert!(planned > 150, "{planned}");
+    }
+
+    /// Other shapes keep the general plan: a modifier, a chain, `_id`, another sort.
+    #[test]
+    fn patient_token_plan_only_for_its_shape() {
+        for pairs in [
+            &[("patient", "p1"), ("code:not", "x")][..],
+            &[("patient:Patient", "p1"), ("code", "x")],
+            &[("patient.name", "x"), ("code", "x")],
+            &[("patient", "p1"), ("code", "x"), ("_id", "o1")],
+            &[("patient", "p1"), ("code", "x"), ("_sort", "_lastUpdated")],
+            &[("patient", "p1"), ("status", "final")],
+            &[("subject", "Patient/p1"), ("code", "x")],
+        ] {
+            let req = parse("Observation", &p(pairs), true).unwrap();
+            assert!(patient_token_plan(&req).is_none(), "{pairs:?}");
+        }
+        let req = parse("Condition", &p(&[("patient", "p1"), ("code", "x")]), true).unwrap();
+        assert!(patient_token_plan(&req).is_some());
+    }
+
+    /// The migration's backfill writes the rows that writing the resources writes.
+    #[test]
+    fn patient_token_backfill_equals_the_written_rows() {
+        let (_dir, store) = store_for_patient_tokens();
+        let rows = |c: &rusqlite::Connection| -> rusqlite::Result<Vec<String>> {
+            c.prepare(
+                "SELECT json_array(rtype, id, target_type, target_id, param, system, code, date_lo, date_hi)
+                 FROM fhir_idx_patient_token ORDER BY 1",
+            )?
+            .query_map([], |r| r.get(0))?
+            .collect()
+        };
+        let written = store.read_blocking(|c| Ok(rows(c)?)).unwrap();
+        assert!(written.len() > 300, "{}", written.len());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(store.write(|tx| {
+            tx.sql().execute_batch("DELETE FROM fhir_idx_patient_token")?;
+            tx.sql().execute_batch(crate::fhir::storage::PATIENT_TOKEN_BACKFILL)?;
+            Ok(())
+        }))
+        .unwrap();
+        let backfilled = store.read_blocking(|c| Ok(rows(c)?)).unwrap();
+        assert_eq!(backfilled, written);
     }
 
     #[test]

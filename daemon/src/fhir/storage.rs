@@ -105,6 +105,59 @@ pub const MIGRATION_COVERING: &str = r#"
     CREATE INDEX fhir_idx_number_owner ON fhir_idx_number (rtype, id, param, value);
 "#;
 
+/// Token parameters also kept per patient in `fhir_idx_patient_token` (see
+/// [`MIGRATION_PATIENT_TOKEN`]): the ones a ward view searches within one chart.
+pub const PATIENT_TOKEN_PARAMS: &[&str] = &["code", "category"];
+
+/// The backfill of `fhir_idx_patient_token` from the index rows written before it existed:
+/// one row per (`patient` reference, token of a [`PATIENT_TOKEN_PARAMS`] parameter) of a
+/// resource, with the earliest start and latest end of its `date` parameter. [`write_index`]
+/// writes the same rows for every new version (a unit test compares the two).
+macro_rules! patient_token_backfill {
+    () => {
+        r#"
+    INSERT INTO fhir_idx_patient_token
+        (rtype, id, target_type, target_id, param, system, code, date_lo, date_hi)
+    SELECT t.rtype, t.id, r.target_type, r.target_id, t.param, t.system, t.code,
+        (SELECT MIN(d.lo) FROM fhir_idx_date d WHERE d.rtype = t.rtype AND d.id = t.id AND d.param = 'date'),
+        (SELECT MAX(d.hi) FROM fhir_idx_date d WHERE d.rtype = t.rtype AND d.id = t.id AND d.param = 'date')
+    FROM fhir_idx_token t
+    JOIN fhir_idx_ref r ON r.rtype = t.rtype AND r.id = t.id AND r.param = 'patient'
+    WHERE t.param IN ('code', 'category');
+"#
+    };
+}
+
+/// The backfill alone, for the test that compares it with [`write_index`].
+#[cfg(test)]
+pub(crate) const PATIENT_TOKEN_BACKFILL: &str = patient_token_backfill!();
+
+/// Patient-compartment token index (appended to the store's migrations after
+/// [`MIGRATION_COVERING`]).
+///
+/// Why: the ward's most frequent search is one chart's values of one code, newest first
+/// (`Observation?patient=…&code=…&_sort=-date`). With separate index tables it reads every row
+/// of the patient or of the code and probes the other table and the date per row: fine for a
+/// patient with a few hundred Observations, tens of milliseconds for a long-lived patient with
+/// tens of thousands. This table holds the (patient, token, date) triple of each resource, so
+/// that search is one range of one covering index, already holding the sort key.
+pub const MIGRATION_PATIENT_TOKEN: &str = concat!(
+    r#"
+    CREATE TABLE fhir_idx_patient_token (
+        rtype TEXT NOT NULL, id TEXT NOT NULL,
+        target_type TEXT, target_id TEXT NOT NULL,
+        param TEXT NOT NULL, system TEXT, code TEXT NOT NULL,
+        date_lo INTEGER, date_hi INTEGER
+    ) STRICT;
+"#,
+    patient_token_backfill!(),
+    r#"
+    CREATE INDEX fhir_idx_patient_token_search ON fhir_idx_patient_token
+        (rtype, target_id, param, code, system, target_type, date_hi, date_lo, id);
+    CREATE INDEX fhir_idx_patient_token_owner ON fhir_idx_patient_token (rtype, id);
+"#
+);
+
 /// The current state of one resource.
 #[derive(Debug, Clone)]
 pub struct Current {
@@ -365,8 +418,14 @@ pub fn delete(
     }))
 }
 
-const INDEX_TABLES: [&str; 5] =
-    ["fhir_idx_token", "fhir_idx_string", "fhir_idx_date", "fhir_idx_ref", "fhir_idx_number"];
+const INDEX_TABLES: [&str; 6] = [
+    "fhir_idx_token",
+    "fhir_idx_string",
+    "fhir_idx_date",
+    "fhir_idx_ref",
+    "fhir_idx_number",
+    "fhir_idx_patient_token",
+];
 
 fn clear_index(conn: &Connection, rtype: &str, id: &str) -> Result<(), FhirError> {
     for t in INDEX_TABLES {
@@ -420,6 +479,56 @@ fn write_index(
                 )?
                 .execute(params![rtype, id, e.param, v])?,
         };
+    }
+    write_patient_tokens(conn, rtype, id, entries)
+}
+
+/// The `fhir_idx_patient_token` rows of one resource (see [`MIGRATION_PATIENT_TOKEN`]).
+fn write_patient_tokens(
+    conn: &Connection,
+    rtype: &str,
+    id: &str,
+    entries: &[IndexEntry],
+) -> Result<(), FhirError> {
+    let patients: Vec<(&Option<String>, &String)> = entries
+        .iter()
+        .filter(|e| e.param == "patient")
+        .filter_map(|e| match &e.value {
+            IndexValue::Reference { target_type, target_id } => Some((target_type, target_id)),
+            _ => None,
+        })
+        .collect();
+    if patients.is_empty() {
+        return Ok(());
+    }
+    let dates = || {
+        entries.iter().filter(|e| e.param == "date").filter_map(|e| match e.value {
+            IndexValue::Date { lo, hi } => Some((lo, hi)),
+            _ => None,
+        })
+    };
+    let date_lo = dates().map(|(lo, _)| lo).min();
+    let date_hi = dates().map(|(_, hi)| hi).max();
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO fhir_idx_patient_token
+            (rtype, id, target_type, target_id, param, system, code, date_lo, date_hi)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?;
+    for e in entries.iter().filter(|e| PATIENT_TOKEN_PARAMS.contains(&e.param)) {
+        let IndexValue::Token { system, code, .. } = &e.value else { continue };
+        for (target_type, target_id) in &patients {
+            insert.execute(params![
+                rtype,
+                id,
+                target_type,
+                target_id,
+                e.param,
+                system,
+                code,
+                date_lo,
+                date_hi
+            ])?;
+        }
     }
     Ok(())
 }

@@ -59,6 +59,8 @@ pub const MIGRATIONS: &[&str] = &[
     crate::ledger::MIGRATION,
     // 7: covering search indexes for the FHIR index tables (see `fhir::storage`).
     crate::fhir::storage::MIGRATION_COVERING,
+    // 8: per-patient token index with the date sort key (see `fhir::storage`).
+    crate::fhir::storage::MIGRATION_PATIENT_TOKEN,
 ];
 
 /// Marker row proving a database is an hms-edge store.
