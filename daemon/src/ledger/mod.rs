@@ -397,7 +397,7 @@ impl Ledger {
         Arc::new(Ledger {
             origin: origin.to_owned(),
             signer: NoteSigner::from_seed(signing_seed, origin),
-            tree: Mutex::new(Tree::new()),
+            tree: Mutex::new(Tree::pruned()),
             checkpointing: tokio::sync::Mutex::new(()),
         })
     }
@@ -495,7 +495,8 @@ impl Ledger {
         let (size, root, latest) = store
             .read(move |c| {
                 let size = this.sync_tree(c)?;
-                let root = this.tree.lock().expect("tree lock").root(size);
+                let load = |s, e| load_leaf_hashes(c, s, e);
+                let root = this.tree.lock().expect("tree lock").root_with(size, &load)?;
                 Ok((size, root, Ledger::latest_checkpoint(c)?))
             })
             .await?;
@@ -541,11 +542,7 @@ impl Ledger {
                 Ok(found)
             })
             .await
-            .map_err(|e| match e {
-                // The only refusal here: a hole in the stored log.
-                StoreError::Rejected(m) => LedgerError::Tampered(m),
-                e => e.into(),
-            })?
+            .map_err(tampered_if_rejected)?
             .ok_or_else(|| LedgerError::NotFound("no such record".into()))
             .and_then(|(rec, leaf)| match leaf {
                 None => Err(LedgerError::NotFound(format!("{} has no ledger leaf", rec.name()))),
@@ -566,20 +563,27 @@ impl Ledger {
                 LedgerError::Tampered(format!("no checkpoint can cover leaf #{idx}"))
             })?,
         };
-        let (path, root) = {
-            let tree = self.tree.lock().expect("tree lock");
-            if tree.len() < cp.size {
-                return Err(LedgerError::Tampered(format!(
-                    "the log has {} leaves but its checkpoint says {}",
-                    tree.len(),
-                    cp.size
-                )));
-            }
-            if tree.leaf(idx) != Some(tree::leaf_hash(&leaf)) {
-                return Err(LedgerError::Tampered(format!("ledger leaf #{idx} changed")));
-            }
-            (tree.inclusion_proof(idx, cp.size), tree.root(cp.size))
-        };
+        let this = self.clone();
+        let (cp_size, want) = (cp.size, tree::leaf_hash(&leaf));
+        let (path, root) = store
+            .read(move |c| {
+                let load = |s, e| load_leaf_hashes(c, s, e);
+                let tree = this.tree.lock().expect("tree lock");
+                if tree.len() < cp_size {
+                    return Ok(Err(format!(
+                        "the log has {} leaves but its checkpoint says {cp_size}",
+                        tree.len()
+                    )));
+                }
+                if tree.leaf_with(idx, &load)? != Some(want) {
+                    return Ok(Err(format!("ledger leaf #{idx} changed")));
+                }
+                let path = tree.inclusion_proof_with(idx, cp_size, &load)?;
+                Ok(Ok((path, tree.root_with(cp_size, &load)?)))
+            })
+            .await
+            .map_err(tampered_if_rejected)?
+            .map_err(LedgerError::Tampered)?;
         if root != cp.root {
             return Err(LedgerError::Tampered(format!(
                 "the log no longer matches its signed checkpoint at size {}",
@@ -592,18 +596,31 @@ impl Ledger {
         let min = cp.size;
         let anchored = store.read(move |c| anchor::newest_confirmed(c, min)).await?;
         if let Some(a) = anchored {
-            let tree = self.tree.lock().expect("tree lock");
-            if a.size > tree.len() || hex::encode(tree.root(a.size)) != a.root {
-                return Err(LedgerError::Tampered(format!(
-                    "the log no longer matches its chain anchor at size {}",
-                    a.size
-                )));
-            }
-            let consistency: Vec<String> = if a.size > cp.size {
-                tree.consistency_proof(cp.size, a.size).iter().map(hex::encode).collect()
-            } else {
-                Vec::new()
-            };
+            let this = self.clone();
+            let (a_size, a_root) = (a.size, a.root.clone());
+            let consistency = store
+                .read(move |c| {
+                    let load = |s, e| load_leaf_hashes(c, s, e);
+                    let tree = this.tree.lock().expect("tree lock");
+                    if a_size > tree.len() || hex::encode(tree.root_with(a_size, &load)?) != a_root
+                    {
+                        return Ok(None);
+                    }
+                    Ok(Some(if a_size > cp_size {
+                        tree.consistency_proof_with(cp_size, a_size, &load)?
+                    } else {
+                        Vec::new()
+                    }))
+                })
+                .await
+                .map_err(tampered_if_rejected)?
+                .ok_or_else(|| {
+                    LedgerError::Tampered(format!(
+                        "the log no longer matches its chain anchor at size {}",
+                        a.size
+                    ))
+                })?;
+            let consistency: Vec<String> = consistency.iter().map(hex::encode).collect();
             doc.anchor = serde_json::json!({
                 "chain_id": a.chain_id,
                 "contract": a.contract,
@@ -679,6 +696,38 @@ fn sync_tree_from(tree: &mut Tree, conn: &Connection) -> Result<u64, StoreError>
         tree.push_leaf(&leaf);
     }
     Ok(tree.len())
+}
+
+/// A read of the log refuses (`Rejected`) only for a hole in it: tampering.
+fn tampered_if_rejected(e: StoreError) -> LedgerError {
+    match e {
+        StoreError::Rejected(m) => LedgerError::Tampered(m),
+        e => e.into(),
+    }
+}
+
+/// The leaf hashes `[start, end)` read back from the log (for the pruned tree's proofs).
+fn load_leaf_hashes(conn: &Connection, start: u64, end: u64) -> Result<Vec<Hash>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT idx, leaf FROM ledger_leaves WHERE idx >= ?1 AND idx < ?2 ORDER BY idx",
+    )?;
+    let mut rows = stmt.query([start as i64, end as i64])?;
+    let mut out = Vec::with_capacity((end - start) as usize);
+    while let Some(r) = rows.next()? {
+        let idx: i64 = r.get(0)?;
+        let leaf: Vec<u8> = r.get(1)?;
+        if idx as u64 != start + out.len() as u64 {
+            break;
+        }
+        out.push(tree::leaf_hash(&leaf));
+    }
+    if out.len() as u64 != end - start {
+        return Err(StoreError::Rejected(format!(
+            "ledger leaf #{} is missing",
+            start + out.len() as u64
+        )));
+    }
+    Ok(out)
 }
 
 fn checkpoint_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredCheckpoint> {
