@@ -43,7 +43,25 @@ pub fn run(conn: &Connection, key: &Key, vkey: &VKey) -> Result<Report, StoreErr
 fn run_in_snapshot(conn: &Connection, key: &Key, vkey: &VKey) -> Result<Report, StoreError> {
     let mut report = Report::default();
     // The log as recomputed from the records; where a record is gone, its stored leaf stands in.
-    let mut recomputed = Tree::new();
+    // The roots to compare, taken while the leaves stream in: the tree keeps only its upper
+    // levels (a full tree would hold 64 bytes a leaf), and the root at its current size is all
+    // a pruned tree can give without reading leaves back.
+    let mut stmt = conn.prepare("SELECT size, note FROM ledger_checkpoints ORDER BY size")?;
+    let cps: Vec<(i64, String)> =
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+    drop(stmt);
+    let anchors = super::anchor::confirmed(conn)?;
+    let wanted: std::collections::BTreeSet<u64> =
+        cps.iter().map(|(s, _)| *s as u64).chain(anchors.iter().map(|a| a.size)).collect();
+    let mut roots = std::collections::HashMap::new();
+    let mut recomputed = Tree::pruned();
+    // Appends one recomputed leaf, noting the root when a checkpoint or anchor has this size.
+    let mut push = |tree: &mut Tree, leaf: &[u8]| {
+        tree.push_leaf(leaf);
+        if wanted.contains(&tree.len()) {
+            roots.insert(tree.len(), tree.current_root());
+        }
+    };
     let mut stmt = conn.prepare("SELECT idx, kind, ref, leaf FROM ledger_leaves ORDER BY idx")?;
     let mut rows = stmt.query([])?;
     while let Some(r) = rows.next()? {
@@ -53,11 +71,11 @@ fn run_in_snapshot(conn: &Connection, key: &Key, vkey: &VKey) -> Result<Report, 
         let leaf: Vec<u8> = r.get(3)?;
         while recomputed.len() < idx {
             report.problems.push(format!("leaf #{}: missing from the log", recomputed.len()));
-            recomputed.push_leaf(&[]);
+            push(&mut recomputed, &[]);
         }
         let Some(kind) = LeafKind::parse(&kind_s) else {
             report.problems.push(format!("leaf #{idx}: unknown kind {kind_s:?}"));
-            recomputed.push_leaf(&leaf);
+            push(&mut recomputed, &leaf);
             continue;
         };
         match load_record(conn, kind, row_id)? {
@@ -70,7 +88,7 @@ fn run_in_snapshot(conn: &Connection, key: &Key, vkey: &VKey) -> Result<Report, 
                         LeafKind::Dicom => "DICOM instance",
                     }
                 ));
-                recomputed.push_leaf(&leaf);
+                push(&mut recomputed, &leaf);
             }
             Some(rec) => {
                 let fresh = rec.leaf(key);
@@ -80,7 +98,7 @@ fn run_in_snapshot(conn: &Connection, key: &Key, vkey: &VKey) -> Result<Report, 
                         rec.name()
                     ));
                 }
-                recomputed.push_leaf(&fresh);
+                push(&mut recomputed, &fresh);
             }
         }
     }
@@ -107,9 +125,6 @@ fn run_in_snapshot(conn: &Connection, key: &Key, vkey: &VKey) -> Result<Report, 
     }
 
     // Every signed checkpoint must be a valid signature over the recomputed root at its size.
-    let mut stmt = conn.prepare("SELECT size, note FROM ledger_checkpoints ORDER BY size")?;
-    let cps: Vec<(i64, String)> =
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
     for (size, note) in cps {
         report.checkpoints += 1;
         let size = size as u64;
@@ -134,7 +149,7 @@ fn run_in_snapshot(conn: &Connection, key: &Key, vkey: &VKey) -> Result<Report, 
             ));
             continue;
         }
-        if recomputed.root(size) != cp.root {
+        if roots.get(&size) != Some(&cp.root) {
             report.problems.push(format!(
                 "checkpoint at size {size}: the recomputed log does not match its signed root"
             ));
@@ -145,9 +160,9 @@ fn run_in_snapshot(conn: &Connection, key: &Key, vkey: &VKey) -> Result<Report, 
 
     // Every confirmed chain anchor must be the recomputed root at its size (the chain itself is
     // checked by `hms-edge verify --rpc`).
-    for a in super::anchor::confirmed(conn)? {
+    for a in anchors {
         report.anchors += 1;
-        if a.size > recomputed.len() || hex::encode(recomputed.root(a.size)) != a.root {
+        if roots.get(&a.size).is_none_or(|r| hex::encode(r) != a.root) {
             report.problems.push(format!(
                 "chain anchor at size {} (transaction {}): the recomputed log does not match the anchored root",
                 a.size, a.tx_hash

@@ -224,6 +224,12 @@ impl Tree {
             .collect()
     }
 
+    /// Root hash of the whole tree: needs only the nodes kept in memory, pruned or not (the
+    /// right edge lies in the newest block).
+    pub fn current_root(&self) -> Hash {
+        self.root_with(self.len(), &nothing_to_load).unwrap_or_else(|e| match e {})
+    }
+
     /// [`Tree::leaf_with`] of a tree made by [`Tree::new`].
     pub fn leaf(&self, idx: u64) -> Option<Hash> {
         self.leaf_with(idx, &nothing_to_load).unwrap_or_else(|e| match e {})
@@ -347,6 +353,7 @@ mod tests {
             pruned.push_hash(*h);
             most = most.max(pruned.nodes_in_memory());
             assert_eq!(pruned.len(), i as u64 + 1);
+            assert_eq!(pruned.current_root(), full.root(i as u64 + 1));
         }
         // Below the pruning level only the newest block; above it n / 2^8 nodes per level.
         assert!(most < 2 * block as usize + 16, "{most} nodes kept");
