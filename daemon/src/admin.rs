@@ -69,8 +69,8 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
 
 async fn readyz(State(d): State<Arc<Daemon>>) -> impl IntoResponse {
     let mut problems = Vec::new();
-    if d.store.read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?)).await.is_err() {
-        problems.push("store not readable".to_string());
+    if let Err(why) = d.store.probe().await {
+        problems.push(why);
     }
     let min = d.config().admin.min_free_disk_mb * 1024 * 1024;
     match free_bytes(d.store.root()) {

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod audit;
 pub mod config;
+pub mod conn_gate;
 pub mod dicom;
 pub mod dicomweb;
 pub mod fhir;

@@ -427,12 +427,22 @@ pub async fn run(
     }
 
     tokio::pin!(shutdown);
+    let writer_down = writer_down(daemon.store.clone());
+    tokio::pin!(writer_down);
+    let mut writer_failed = false;
     loop {
         tokio::select! {
             _ = hup.recv() => reload(&daemon),
             _ = term.recv() => { tracing::info!("SIGTERM received"); break }
             _ = int.recv() => { tracing::info!("SIGINT received"); break }
             () = &mut shutdown => break,
+            () = &mut writer_down => {
+                // Nothing can be written any more: stop (exit status 1) so that systemd
+                // restarts the daemon instead of leaving it up and unable to store.
+                tracing::error!("the store writer stopped; shutting down for a restart");
+                writer_failed = true;
+                break
+            }
         }
     }
 
@@ -452,8 +462,22 @@ pub async fn run(
     fhir_ctx.flush_audits().await;
     let store = daemon.store.clone();
     tokio::task::spawn_blocking(move || store.close()).await.map_err(std::io::Error::other)?;
+    if writer_failed {
+        return Err(std::io::Error::other("the store writer stopped").into());
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Resolves when the store's writer thread has ended although nobody closed the store.
+async fn writer_down(store: Arc<crate::store::Store>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if !store.writer_alive() {
+            return;
+        }
+    }
 }
 
 fn notify(states: &[sd_notify::NotifyState<'_>]) {
@@ -462,8 +486,9 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-/// Feeds the systemd watchdog, but only while the store still answers a read: a wedged store
-/// stops the pings and systemd restarts us.
+/// Feeds the systemd watchdog, but only while the store passes its probe (writer alive, a no-op
+/// write committed, a read on the probe's own connection): a dead writer or a wedged store stops
+/// the pings and systemd restarts us.
 async fn watchdog(daemon: Arc<Daemon>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     loop {
@@ -471,10 +496,10 @@ async fn watchdog(daemon: Arc<Daemon>, every: Duration) {
         if daemon.shutdown.is_cancelled() {
             return;
         }
-        let probe = daemon.store.read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?));
-        match tokio::time::timeout(every, probe).await {
-            Ok(Ok(_)) => notify(&[sd_notify::NotifyState::Watchdog]),
-            _ => tracing::error!("store did not answer; withholding watchdog ping"),
+        match tokio::time::timeout(every, daemon.store.probe()).await {
+            Ok(Ok(())) => notify(&[sd_notify::NotifyState::Watchdog]),
+            Ok(Err(why)) => tracing::error!(%why, "store unhealthy; withholding watchdog ping"),
+            Err(_) => tracing::error!("store probe timed out; withholding watchdog ping"),
         }
     }
 }

@@ -81,6 +81,9 @@ pub struct DaemonOptions {
     pub env: HashMap<String, String>,
     /// Set `HMS_EDGE_PATHS_STATE_DIR` to `<workdir>/state` (else the dev default in the cwd).
     pub explicit_state_dir: bool,
+    /// A program (and its arguments) that runs the daemon, e.g. `fiu-run -x` for fault
+    /// injection; it must exec the daemon so that the pid is the daemon's.
+    pub wrapper: Vec<String>,
 }
 
 /// A running `hms-edged` with its captured stderr and notify socket.
@@ -104,7 +107,14 @@ impl DaemonProc {
         let fhir: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let dicom: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let dicom_tls: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut cmd = Command::new(bin("hms-edged"));
+        let mut cmd = match opts.wrapper.split_first() {
+            None => Command::new(bin("hms-edged")),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("hms-edged"));
+                c
+            }
+        };
         cmd.current_dir(workdir)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())

@@ -76,8 +76,12 @@ fn sighup_reloads_what_it_can_and_says_what_needs_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("edge.toml");
     std::fs::write(&cfg, "[log]\nlevel = \"info\"\n").unwrap();
-    let opts =
-        DaemonOptions { config: Some(cfg.clone()), explicit_state_dir: true, env: HashMap::new() };
+    let opts = DaemonOptions {
+        config: Some(cfg.clone()),
+        explicit_state_dir: true,
+        env: HashMap::new(),
+        wrapper: vec![],
+    };
     let mut d = DaemonProc::start(dir.path(), &opts);
 
     std::fs::write(
@@ -160,7 +164,12 @@ fn unknown_config_key_stops_start_with_its_name() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("edge.toml");
     std::fs::write(&cfg, "[admin]\nlisten_addr = \"127.0.0.1:1\"\n").unwrap();
-    let opts = DaemonOptions { config: Some(cfg), explicit_state_dir: true, env: HashMap::new() };
+    let opts = DaemonOptions {
+        config: Some(cfg),
+        explicit_state_dir: true,
+        env: HashMap::new(),
+        wrapper: vec![],
+    };
     let (status, log) = DaemonProc::spawn(dir.path(), &opts).wait_exit();
     assert_eq!(status.code(), Some(78), "{log}");
     assert!(log.contains("listen_addr") && log.contains("unknown field"), "{log}");

@@ -376,3 +376,93 @@ fn jwks_on_disk_is_followed_without_restart() {
     assert_eq!(get(&old_tok), 401);
     assert_eq!(get(&new_tok), 200);
 }
+
+/// Issue 16: a token not valid yet (`nbf`), a SMART v2 granular scope and a create-only token
+/// with `If-None-Exist` are each held to what they grant; an unauthenticated create is refused
+/// before its body is read.
+#[test]
+fn tokens_are_held_to_exactly_what_they_grant() {
+    let e = start();
+    let all = token(&e.idp, "k1", claims("user/*.cruds"));
+    let post = |tok: &str, body: &Value, if_none_exist: Option<&str>| {
+        let mut rb =
+            e.c.post(format!("{}/Patient", e.base))
+                .bearer_auth(tok)
+                .header("content-type", "application/fhir+json")
+                .body(body.to_string());
+        if let Some(c) = if_none_exist {
+            rb = rb.header("if-none-exist", c);
+        }
+        rb.send().unwrap()
+    };
+    let patient = json!({"resourceType": "Patient",
+        "identifier": [{"system": "urn:mrn", "value": "NBF-1"}], "name": [{"family": "Nbf"}]});
+    assert_eq!(post(&all, &patient, None).status(), 201);
+
+    // `nbf` an hour ahead: not valid yet.
+    let mut c = claims("user/*.cruds");
+    c["nbf"] = json!(now() + 3600);
+    let (s, b) = status_of(post(&token(&e.idp, "k1", c), &patient, None));
+    assert_eq!(s, 401, "{b}");
+
+    // A granular scope is not widened to the whole type: no Observation search at all.
+    let granular = token(&e.idp, "k1", claims("user/Observation.rs?category=laboratory"));
+    let r = e.c.get(format!("{}/Observation", e.base)).bearer_auth(&granular).send().unwrap();
+    assert_eq!(r.status(), 403);
+
+    // A create-only token may not learn, through If-None-Exist, what exists.
+    let create_only = token(&e.idp, "k1", claims("user/Patient.c"));
+    let (s, _) = status_of(post(&create_only, &patient, Some("identifier=urn:mrn|NBF-1")));
+    assert_eq!(s, 403);
+    // With search but no read: the match is reported (200, Location) without the resource.
+    let create_search = token(&e.idp, "k1", claims("user/Patient.cs"));
+    let r = post(&create_search, &patient, Some("identifier=urn:mrn|NBF-1"));
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("location"));
+    assert!(r.bytes().unwrap().is_empty(), "the existing Patient leaked to a token without read");
+    // With read: the existing resource comes back.
+    let r = post(&all, &patient, Some("identifier=urn:mrn|NBF-1"));
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().unwrap()["name"][0]["family"], "Nbf");
+
+    // No token and a body announced as 50 MB that never comes: refused at once (the body is
+    // not waited for), and the daemon still serves.
+    let answer = raw_request(
+        &e,
+        "POST /fhir/Patient HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/fhir+json\r\n\
+         Content-Length: 50000000\r\n\r\n{",
+    );
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    let (s, _) =
+        status_of(e.c.get(format!("{}/Patient", e.base)).bearer_auth(&all).send().unwrap());
+    assert_eq!(s, 200);
+}
+
+/// Sends `head` over TLS and returns the response head (what arrived within 20 s).
+fn raw_request(e: &Env, head: &str) -> String {
+    use std::io::{Read, Write};
+    let ca = e.d.state_dir().join("tls/ca.pem");
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = std::sync::Arc::new(
+        rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth(),
+    );
+    let conn = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
+    let sock = std::net::TcpStream::connect(e.d.fhir).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    tls.write_all(head.as_bytes()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tls.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}

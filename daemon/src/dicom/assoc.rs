@@ -85,14 +85,16 @@ enum Message {
     },
 }
 
-/// Serves one connection: negotiation, then DIMSE messages until release or abort. `slot` is
-/// false when every association slot is taken: the request is then rejected (transient).
+/// Serves one connection: negotiation, then DIMSE messages until release or abort. `pending` is
+/// the connection's place among the not-yet-accepted ones; an association slot is taken only
+/// once the caller's request is accepted (when all are taken, the request is rejected as
+/// transient), and the pending place is given back then.
 pub async fn serve_connection<S>(
     mut stream: S,
     peer: SocketAddr,
     ctx: Arc<DicomContext>,
     shutdown: watch::Receiver<bool>,
-    slot: bool,
+    pending: crate::conn_gate::GatePermit,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -118,13 +120,6 @@ pub async fn serve_connection<S>(
             return;
         }
     };
-    if !slot {
-        warn!(%peer, calling_ae = %rq.calling_ae_title, "association limit reached; rejecting");
-        metrics::counter!("hms_dicom_associations_rejected_total", "reason" => "busy").increment(1);
-        let _ = pdu::send(&mut stream, &pdu::encode(&Pdu::AssociationRJ(negotiate::busy()))).await;
-        let _ = stream.shutdown().await;
-        return;
-    }
     let policy = ctx.policy();
     let (assoc, ac) = match negotiate::negotiate(&rq, peer.ip(), &policy, s.max_pdu) {
         Ok(x) => x,
@@ -133,11 +128,26 @@ pub async fn serve_connection<S>(
                 reason = %rj.source, "association rejected");
             metrics::counter!("hms_dicom_associations_rejected_total", "reason" => "policy")
                 .increment(1);
-            let _ = pdu::send(&mut stream, &pdu::encode(&Pdu::AssociationRJ(rj))).await;
-            let _ = stream.shutdown().await;
+            let _ = tokio::time::timeout(s.artim, async {
+                let _ = pdu::send(&mut stream, &pdu::encode(&Pdu::AssociationRJ(rj))).await;
+                let _ = stream.shutdown().await;
+            })
+            .await;
             return;
         }
     };
+    let Some(_slot) = ctx.try_slot() else {
+        warn!(%peer, calling_ae = %rq.calling_ae_title, "association limit reached; rejecting");
+        metrics::counter!("hms_dicom_associations_rejected_total", "reason" => "busy").increment(1);
+        let _ = tokio::time::timeout(s.artim, async {
+            let _ =
+                pdu::send(&mut stream, &pdu::encode(&Pdu::AssociationRJ(negotiate::busy()))).await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
+        return;
+    };
+    drop(pending);
     if pdu::send(&mut stream, &pdu::encode(&Pdu::AssociationAC(ac))).await.is_err() {
         return;
     }

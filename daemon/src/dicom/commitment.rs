@@ -80,11 +80,7 @@ fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
 
 /// Decodes the N-ACTION data set (received in transfer syntax `ts`).
 pub fn parse_request(bytes: &[u8], ts: &str) -> Result<Request, RequestError> {
-    let ts = TransferSyntaxRegistry
-        .get(ts)
-        .ok_or_else(|| RequestError::Undecodable(format!("transfer syntax {ts} unknown")))?;
-    let obj = InMemDicomObject::read_dataset_with_ts(bytes, ts)
-        .map_err(|e| RequestError::Undecodable(e.to_string()))?;
+    let obj = super::dataset::read_small(bytes, ts).map_err(RequestError::Undecodable)?;
     let transaction_uid = text(&obj, tags::TRANSACTION_UID)
         .ok_or(RequestError::Missing("Transaction UID missing"))?;
     let seq = obj

@@ -67,8 +67,12 @@ const COLLECTED: &[u32] = &[
 ];
 /// Values longer than this are not indexed (no indexed attribute is legitimately longer).
 const MAX_COLLECTED_VALUE: u32 = 1024;
-/// Deepest nesting of undefined-length sequences and items we follow.
-const MAX_DEPTH: usize = 64;
+/// Deepest nesting of sequences and items accepted in any data set we receive (C-STORE data sets,
+/// C-FIND/worklist/C-GET/C-MOVE identifiers, N-ACTION, N-CREATE, N-SET): the one limit, checked
+/// by [`DatasetScanner`] for streamed instances and by [`check_nesting`] for every data set that
+/// the (recursive) object model parses. Real IODs nest well under 10 levels.
+pub const MAX_NESTING_DEPTH: usize = 64;
+const MAX_DEPTH: usize = MAX_NESTING_DEPTH;
 const UNDEFINED: u32 = 0xFFFF_FFFF;
 const ITEM: u32 = 0xFFFE_E000;
 const ITEM_DELIMITER: u32 = 0xFFFE_E00D;
@@ -439,9 +443,201 @@ pub fn part10_dataset_offset(head: &[u8]) -> Option<usize> {
     Some(144 + len)
 }
 
+/// Walks a complete, in-memory data set (little endian, explicit or implicit VR) without
+/// recursion and refuses one whose sequences nest deeper than [`MAX_NESTING_DEPTH`], or whose
+/// structure is broken (a value running past the end, a delimiter out of place). Runs before
+/// the object model parses a data set, because that parser recurses once per level and a
+/// crafted identifier of 50,000 levels (under 1 MB) overflows the stack.
+///
+/// Sequences are recognised as the object model does: VR `SQ`, an undefined length, or, in
+/// implicit VR, a tag the standard dictionary lists as a sequence.
+pub fn check_nesting(bytes: &[u8], explicit_vr: bool) -> Result<(), String> {
+    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry, VirtualVr};
+    use dicom_core::{Tag, VR};
+    use dicom_dictionary_std::StandardDataDictionary;
+
+    #[derive(Clone, Copy)]
+    struct Open {
+        /// Offset where a defined-length frame ends; `None` for undefined length.
+        end: Option<usize>,
+        /// A sequence (holds items) rather than an item (holds elements).
+        sequence: bool,
+        implicit: bool,
+    }
+    let u16_at =
+        |p: usize| -> Option<u16> { bytes.get(p..p + 2).map(|b| u16::from_le_bytes([b[0], b[1]])) };
+    let u32_at = |p: usize| -> Option<u32> {
+        bytes.get(p..p + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let truncated = || "data set ends inside an element".to_string();
+    let mut stack: Vec<Open> = Vec::new();
+    let mut pos = 0usize;
+    loop {
+        while let Some(Open { end: Some(end), .. }) = stack.last().copied() {
+            if pos < end {
+                break;
+            }
+            if pos > end {
+                return Err("an element runs past the end of its sequence or item".into());
+            }
+            stack.pop();
+        }
+        if pos == bytes.len() {
+            break;
+        }
+        let top = stack.last().copied();
+        let implicit = top.map_or(!explicit_vr, |f| f.implicit);
+        let in_sequence = top.is_some_and(|f| f.sequence);
+        let group = u16_at(pos).ok_or_else(truncated)?;
+        let element = u16_at(pos + 2).ok_or_else(truncated)?;
+        let tag = (u32::from(group) << 16) | u32::from(element);
+        if group == 0xFFFE {
+            let len = u32_at(pos + 4).ok_or_else(truncated)?;
+            pos += 8;
+            match tag {
+                ITEM if in_sequence => {
+                    let end = if len == UNDEFINED {
+                        None
+                    } else {
+                        Some(pos.checked_add(len as usize).ok_or_else(truncated)?)
+                    };
+                    stack.push(Open { end, sequence: false, implicit });
+                }
+                ITEM_DELIMITER if top.is_some_and(|f| !f.sequence && f.end.is_none()) => {
+                    stack.pop();
+                }
+                SEQUENCE_DELIMITER if top.is_some_and(|f| f.sequence && f.end.is_none()) => {
+                    stack.pop();
+                }
+                _ => return Err(format!("item tag ({group:04X},{element:04X}) out of place")),
+            }
+        } else {
+            if in_sequence {
+                return Err("a sequence holds an element where an item belongs".into());
+            }
+            let (vr, len, header) = if implicit {
+                (None, u32_at(pos + 4).ok_or_else(truncated)?, 8)
+            } else {
+                let vr = bytes.get(pos + 4..pos + 6).ok_or_else(truncated)?;
+                if has_long_length(vr) {
+                    (Some([vr[0], vr[1]]), u32_at(pos + 8).ok_or_else(truncated)?, 12)
+                } else {
+                    (Some([vr[0], vr[1]]), u32::from(u16_at(pos + 6).ok_or_else(truncated)?), 8)
+                }
+            };
+            pos += header;
+            let dictionary_sq = implicit
+                && StandardDataDictionary
+                    .by_tag(Tag(group, element))
+                    .is_some_and(|e| matches!(e.vr(), VirtualVr::Exact(VR::SQ)));
+            let sequence = vr == Some(*b"SQ") || len == UNDEFINED || dictionary_sq;
+            if sequence {
+                let end = if len == UNDEFINED {
+                    None
+                } else {
+                    Some(pos.checked_add(len as usize).ok_or_else(truncated)?)
+                };
+                let inner_implicit = implicit || vr == Some(*b"UN");
+                stack.push(Open { end, sequence: true, implicit: inner_implicit });
+            } else {
+                pos = pos.checked_add(len as usize).ok_or_else(truncated)?;
+                if pos > bytes.len() {
+                    return Err(truncated());
+                }
+            }
+        }
+        // Items and sequences each count as a level, as the object model recurses for both.
+        if stack.len() > 2 * MAX_NESTING_DEPTH {
+            return Err(format!("sequences nested deeper than {MAX_NESTING_DEPTH} levels"));
+        }
+    }
+    if !stack.is_empty() {
+        return Err("data set ends inside a sequence".into());
+    }
+    Ok(())
+}
+
+/// Parses a small data set received in a DIMSE message (an identifier, an N-ACTION, N-CREATE or
+/// N-SET data set) into the object model, after [`check_nesting`] has bounded its depth. Every
+/// such data set goes through here; none is parsed by the object model directly.
+pub fn read_small(bytes: &[u8], ts_uid: &str) -> Result<dicom_object::InMemDicomObject, String> {
+    use dicom_encoding::TransferSyntaxIndex;
+    let uid = ts_uid.trim_end_matches(['\0', ' ']);
+    let explicit_vr = match uid {
+        dicom_dictionary_std::uids::IMPLICIT_VR_LITTLE_ENDIAN => false,
+        dicom_dictionary_std::uids::EXPLICIT_VR_LITTLE_ENDIAN => true,
+        other => return Err(format!("transfer syntax {other} not accepted for this data set")),
+    };
+    let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
+        .get(uid)
+        .ok_or_else(|| format!("transfer syntax {uid} unknown"))?;
+    check_nesting(bytes, explicit_vr)?;
+    dicom_object::InMemDicomObject::read_dataset_with_ts(bytes, ts).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn nested_implicit(levels: usize, closed: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        for _ in 0..levels {
+            out.extend_from_slice(&[0x40, 0x00, 0x75, 0x02, 0xFF, 0xFF, 0xFF, 0xFF]);
+            out.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        }
+        if closed {
+            for _ in 0..levels {
+                out.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+                out.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+            }
+        }
+        out
+    }
+
+    /// Defined-length nesting in implicit VR, recognised by the dictionary (the object model
+    /// recurses into it although no VR says SQ).
+    fn nested_defined_implicit(levels: usize) -> Vec<u8> {
+        let mut inner = Vec::new();
+        for _ in 0..levels {
+            let mut item = vec![0xFE, 0xFF, 0x00, 0xE0];
+            item.extend_from_slice(&(inner.len() as u32).to_le_bytes());
+            item.extend_from_slice(&inner);
+            let mut seq = vec![0x40, 0x00, 0x75, 0x02];
+            seq.extend_from_slice(&(item.len() as u32).to_le_bytes());
+            seq.extend_from_slice(&item);
+            inner = seq;
+        }
+        inner
+    }
+
+    #[test]
+    fn nesting_is_bounded_before_the_object_model_parses() {
+        let ts = "1.2.840.10008.1.2";
+        assert!(check_nesting(&nested_implicit(10, true), false).is_ok());
+        assert!(read_small(&nested_implicit(10, true), ts).is_ok());
+        let err = check_nesting(&nested_implicit(MAX_NESTING_DEPTH + 1, true), false).unwrap_err();
+        assert!(err.contains("nested deeper"), "{err}");
+        // 50,000 levels: refused without recursion (this would overflow the stack otherwise).
+        assert!(read_small(&nested_implicit(50_000, false), ts).is_err());
+        assert!(read_small(&nested_implicit(50_000, true), ts).is_err());
+        assert!(check_nesting(&nested_defined_implicit(10), false).is_ok());
+        assert!(read_small(&nested_defined_implicit(10), ts).is_ok());
+        assert!(read_small(&nested_defined_implicit(5_000), ts).is_err());
+        // Broken structure: unclosed, a value past the end, a stray delimiter.
+        assert!(check_nesting(&nested_implicit(3, false), false).is_err());
+        assert!(check_nesting(&[0x10, 0x00, 0x10, 0x00, 9, 0, 0, 0, b'A'], false).is_err());
+        assert!(check_nesting(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0], false).is_err());
+        // Other transfer syntaxes are not taken for these small data sets.
+        assert!(read_small(&nested_implicit(1, true), "1.2.840.10008.1.2.2").is_err());
+    }
+
+    proptest::proptest! {
+        /// No byte string makes the checker panic.
+        #[test]
+        fn check_nesting_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512), explicit: bool) {
+            let _ = check_nesting(&bytes, explicit);
+        }
+    }
 
     fn explicit(tag: u32, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();

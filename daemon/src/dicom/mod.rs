@@ -44,15 +44,18 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{DicomConfig, DuplicatePolicy};
 use crate::store::Store;
 pub use negotiate::AccessPolicy;
 
-/// Connections beyond the association limit that are still read (to reject them properly)
-/// rather than dropped.
-const EXTRA_BUSY_CONNECTIONS: usize = 16;
+/// Connections not yet accepted as an association (TLS handshake, waiting for the
+/// A-ASSOCIATE-RQ, negotiating), plain and TLS listeners together. They do not hold an
+/// association slot: silent sockets cannot lock out the modalities.
+pub const MAX_PENDING_CONNECTIONS: usize = 64;
+/// Of those, at most this many from one source address (a modality opens a few at once).
+pub const MAX_PENDING_PER_ADDRESS: usize = 8;
 
 /// Settings fixed at start.
 #[derive(Debug, Clone)]
@@ -90,6 +93,8 @@ pub struct DicomContext {
     pub settings: DicomSettings,
     policy: RwLock<Arc<AccessPolicy>>,
     slots: Arc<Semaphore>,
+    /// Admission of connections before their association is accepted.
+    pending: Arc<crate::conn_gate::ConnGate>,
 }
 
 impl std::fmt::Debug for DicomContext {
@@ -122,6 +127,11 @@ impl DicomContext {
         Arc::new(Self {
             store,
             slots: Arc::new(Semaphore::new(settings.max_associations)),
+            pending: crate::conn_gate::ConnGate::new(
+                "dicom",
+                MAX_PENDING_CONNECTIONS,
+                MAX_PENDING_PER_ADDRESS,
+            ),
             settings,
             policy: RwLock::new(Arc::new(AccessPolicy::from_config(config))),
         })
@@ -153,6 +163,11 @@ impl DicomContext {
     /// Associations in progress.
     pub fn active_associations(&self) -> usize {
         self.settings.max_associations - self.slots.available_permits()
+    }
+
+    /// Takes an association slot, if one is free (held for the association's life).
+    pub fn try_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
     }
 }
 
@@ -253,20 +268,21 @@ async fn accept_loop(
                 if let Err(e) = sock.set_nodelay(true) {
                     warn!(error = %e, "cannot set TCP_NODELAY");
                 }
-                let permit = ctx.slots.clone().try_acquire_owned().ok();
-                if permit.is_none()
-                    && tasks.len() >= ctx.settings.max_associations + EXTRA_BUSY_CONNECTIONS
-                {
-                    drop(sock);
-                    continue;
-                }
+                let pending = match ctx.pending.try_admit(peer.ip()) {
+                    Ok(p) => p,
+                    Err(why) => {
+                        debug!(%peer, limit = why.as_str(), "too many pending connections; closed");
+                        metrics::counter!("hms_dicom_connections_refused_total",
+                            "reason" => why.as_str()).increment(1);
+                        drop(sock);
+                        continue;
+                    }
+                };
                 let ctx = ctx.clone();
                 let stop = stop_rx.clone();
                 let tls = tls.as_ref().map(|source| tokio_rustls::TlsAcceptor::from(source()));
                 tasks.spawn(async move {
-                    let _permit = permit;
-                    let slot = _permit.is_some();
-                    handle(sock, peer, ctx, stop, slot, tls).await;
+                    handle(sock, peer, ctx, stop, pending, tls).await;
                 });
             }
         }
@@ -283,15 +299,15 @@ async fn handle(
     peer: SocketAddr,
     ctx: Arc<DicomContext>,
     stop: watch::Receiver<bool>,
-    slot: bool,
+    pending: crate::conn_gate::GatePermit,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let sock = quickack::QuickAck(sock);
     match tls {
-        None => assoc::serve_connection(sock, peer, ctx, stop, slot).await,
+        None => assoc::serve_connection(sock, peer, ctx, stop, pending).await,
         Some(acceptor) => {
             match tokio::time::timeout(ctx.settings.artim, acceptor.accept(sock)).await {
-                Ok(Ok(stream)) => assoc::serve_connection(stream, peer, ctx, stop, slot).await,
+                Ok(Ok(stream)) => assoc::serve_connection(stream, peer, ctx, stop, pending).await,
                 Ok(Err(e)) => warn!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => warn!(%peer, "TLS handshake timed out"),
             }

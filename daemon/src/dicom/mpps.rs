@@ -30,9 +30,7 @@
 //! updated" (N-SET of a COMPLETED or DISCONTINUED step), 0110 also for a store failure.
 
 use dicom_core::Tag;
-use dicom_encoding::TransferSyntaxIndex;
 use dicom_object::InMemDicomObject;
-use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use serde_json::{Value, json};
 
 use super::worklist;
@@ -94,8 +92,7 @@ fn text(obj: &InMemDicomObject, g: u16, e: u16) -> String {
 
 /// Decodes an N-CREATE / N-SET data set.
 pub fn parse(bytes: &[u8], ts: &str) -> Result<Attributes, String> {
-    let ts = TransferSyntaxRegistry.get(ts).ok_or_else(|| format!("transfer syntax {ts}"))?;
-    let obj = InMemDicomObject::read_dataset_with_ts(bytes, ts).map_err(|e| e.to_string())?;
+    let obj = super::dataset::read_small(bytes, ts)?;
     let status = obj.get(Tag(0x0040, 0x0252)).map(|_| text(&obj, 0x0040, 0x0252));
     let scheduled = obj
         .get(Tag(0x0040, 0x0270))

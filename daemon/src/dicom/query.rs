@@ -85,11 +85,7 @@ pub enum QueryError {
 
 /// Decodes an identifier received in transfer syntax `ts`.
 pub fn parse_identifier(bytes: &[u8], ts: &str) -> Result<Query, QueryError> {
-    let ts = TransferSyntaxRegistry
-        .get(ts)
-        .ok_or_else(|| QueryError::Undecodable(format!("transfer syntax {ts} unknown")))?;
-    let obj = InMemDicomObject::read_dataset_with_ts(bytes, ts)
-        .map_err(|e| QueryError::Undecodable(e.to_string()))?;
+    let obj = super::dataset::read_small(bytes, ts).map_err(QueryError::Undecodable)?;
     let mut level = None;
     let mut keys = Vec::new();
     for elem in obj.iter() {
@@ -126,6 +122,50 @@ pub fn run(
     q: &Query,
     limit: usize,
 ) -> Result<Result<Vec<Record>, usize>, StoreError> {
+    let mut out = Vec::new();
+    let mut over = false;
+    for_each_match(conn, q, |rec| {
+        if out.len() == limit {
+            over = true;
+            return false;
+        }
+        out.push(rec);
+        true
+    })?;
+    Ok(if over { Err(limit) } else { Ok(out) })
+}
+
+/// The matches `offset..offset + take` and whether more follow: only that window is kept in
+/// memory (QIDO-RS `offset`/`limit`), however many studies match.
+pub fn run_page(
+    conn: &Connection,
+    q: &Query,
+    offset: usize,
+    take: usize,
+) -> Result<(Vec<Record>, bool), StoreError> {
+    let mut out = Vec::new();
+    let (mut seen, mut more) = (0usize, false);
+    for_each_match(conn, q, |rec| {
+        seen += 1;
+        if seen <= offset {
+            return true;
+        }
+        if out.len() == take {
+            more = true;
+            return false;
+        }
+        out.push(rec);
+        true
+    })?;
+    Ok((out, more))
+}
+
+/// Calls `f` with each match in order until it returns false.
+fn for_each_match(
+    conn: &Connection,
+    q: &Query,
+    mut f: impl FnMut(Record) -> bool,
+) -> Result<(), StoreError> {
     let key = |tag: u32| q.keys.iter().find(|k| k.tag == tag && !k.value.is_empty());
     let uid_list = |tag: u32| -> Option<String> {
         key(tag).map(|k| {
@@ -181,7 +221,6 @@ pub fn run(
     let n_params = stmt.parameter_count();
     let all = [patient_id, studies, series, sops];
     let mut rows = stmt.query(rusqlite::params_from_iter(all.iter().take(n_params)))?;
-    let mut out = Vec::new();
     while let Some(r) = rows.next()? {
         let text = |i: usize| -> rusqlite::Result<String> {
             Ok(r.get::<_, Option<String>>(i)?.unwrap_or_default())
@@ -220,14 +259,11 @@ pub fn run(
             rec.insert(tags::INSTANCE_NUMBER, num(21)?);
             rec.insert(tags::NUMBER_OF_FRAMES, num(22)?);
         }
-        if q.keys.iter().all(|k| matches_key(k, rec.get(&k.tag).map(String::as_str))) {
-            if out.len() == limit {
-                return Ok(Err(limit));
-            }
-            out.push(rec);
+        if q.keys.iter().all(|k| matches_key(k, rec.get(&k.tag).map(String::as_str))) && !f(rec) {
+            break;
         }
     }
-    Ok(Ok(out))
+    Ok(())
 }
 
 /// Whether a record value satisfies a key. Attributes we do not index (`None`) match anything:

@@ -86,11 +86,7 @@ pub fn parse_identifier(
     ts: &str,
     model: RetrieveModel,
 ) -> Result<Retrieve, QueryError> {
-    let ts = TransferSyntaxRegistry
-        .get(ts)
-        .ok_or_else(|| QueryError::Undecodable(format!("transfer syntax {ts} unknown")))?;
-    let obj = InMemDicomObject::read_dataset_with_ts(bytes, ts)
-        .map_err(|e| QueryError::Undecodable(e.to_string()))?;
+    let obj = super::dataset::read_small(bytes, ts).map_err(QueryError::Undecodable)?;
     let text = |t: u32| -> Option<String> {
         let e = obj.element(Tag((t >> 16) as u16, t as u16)).ok()?;
         let s = e.to_str().ok()?;

@@ -149,11 +149,7 @@ fn keys_of(obj: &InMemDicomObject) -> Vec<Key> {
 
 /// Decodes a worklist identifier received in transfer syntax `ts`.
 pub fn parse_identifier(bytes: &[u8], ts: &str) -> Result<WorklistQuery, QueryError> {
-    let ts = TransferSyntaxRegistry
-        .get(ts)
-        .ok_or_else(|| QueryError::Undecodable(format!("transfer syntax {ts} unknown")))?;
-    let obj = InMemDicomObject::read_dataset_with_ts(bytes, ts)
-        .map_err(|e| QueryError::Undecodable(e.to_string()))?;
+    let obj = super::dataset::read_small(bytes, ts).map_err(QueryError::Undecodable)?;
     let keys = keys_of(&obj);
     let sps_keys = obj
         .get(Tag(0x0040, 0x0100))

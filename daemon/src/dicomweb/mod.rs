@@ -193,20 +193,14 @@ async fn qido(
         }
     };
     let query = q.query.clone();
-    let records = ctx
-        .fhir
-        .store
-        .read(move |c| query::run(c, &query, usize::MAX))
-        .await
-        .map_err(|e| FhirError::Internal(e.to_string()))?
-        .unwrap_or_default();
-    let total = records.len();
     let cap = q.limit.unwrap_or(ctx.max_results).min(ctx.max_results);
+    let offset = q.offset;
+    // Only the requested window is kept in memory, however many instances match.
+    let (records, more) =
+        ctx.fhir.store.read(move |c| query::run_page(c, &query, offset, cap)).await?;
     let base = base_url(&headers);
     let out: Vec<Value> = records
         .iter()
-        .skip(q.offset)
-        .take(cap)
         .map(|rec| {
             let g = |t| rec.get(&t).map(String::as_str).unwrap_or("");
             use crate::dicom::dataset::tags;
@@ -229,7 +223,7 @@ async fn qido(
         .collect();
     audit_read(&ctx.fhir, &who, "dicomweb-search", ent, "success");
     let mut r = json_response(StatusCode::OK, &Value::Array(out));
-    if q.limit.is_none() && total > q.offset + cap {
+    if q.limit.is_none() && more {
         r.headers_mut().insert(
             header::WARNING,
             HeaderValue::from_static(

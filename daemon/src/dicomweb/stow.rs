@@ -33,6 +33,11 @@ const CLASS_NOT_SUPPORTED: u16 = 0x0122;
 const OUT_OF_RESOURCES: u16 = 0xA700;
 const DOES_NOT_MATCH: u16 = 0xA900;
 const CANNOT_UNDERSTAND: u16 = 0xC000;
+/// Most parts (instances) in one STOW-RS request; each leaves an outcome in the response. A CT
+/// series is a few thousand; more goes in further requests.
+pub const MAX_STOW_PARTS: usize = 10_000;
+/// Most `Warning` headers (one per refused part) in one response.
+const MAX_WARNINGS: usize = 100;
 
 pub async fn stow(
     ctx: State<Arc<DicomWebContext>>,
@@ -137,6 +142,12 @@ async fn run(
             for ev in events {
                 match ev {
                     Event::Part(h) => {
+                        if outcomes.len() >= MAX_STOW_PARTS {
+                            return Err(FhirError::PayloadTooLarge(format!(
+                                "at most {MAX_STOW_PARTS} instances in one STOW-RS request; \
+                                 the first {MAX_STOW_PARTS} were processed"
+                            )));
+                        }
                         let t = h
                             .iter()
                             .find(|(k, _)| k == "content-type")
@@ -197,7 +208,9 @@ async fn run(
                 item.insert("00081155".into(), ui(sop.as_str()));
                 item.insert("00081197".into(), json!({"vr": "US", "Value": [reason]}));
                 tracing::info!(sop, why, "STOW-RS part refused");
-                warnings.push(format!("299 hms-edge \"{}: {}\"", if sop.is_empty() { "part" } else { sop.as_str() }, why.replace(['"', '\r', '\n'], "'")));
+                if warnings.len() < MAX_WARNINGS {
+                    warnings.push(format!("299 hms-edge \"{}: {}\"", if sop.is_empty() { "part" } else { sop.as_str() }, why.replace(['"', '\r', '\n'], "'")));
+                }
                 failures.push(Value::Object(item));
             }
         }

@@ -827,6 +827,9 @@ async fn search_post(
     addr: Option<axum::Extension<ClientAddr>>,
     body: Body,
 ) -> ApiResult {
+    // Who is asking, and whether they may search this type, is known before the body is read.
+    check_type(&rtype)?;
+    authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Search)?;
     let bytes = read_body(&ctx, body).await?;
     let form: Vec<(String, String)> = serde_urlencoded::from_bytes(&bytes)
         .map_err(|e| FhirError::BadRequest(format!("_search body must be form-encoded: {e}")))?;
@@ -989,6 +992,7 @@ async fn page_bundle(
                 }
                 keys.sort();
                 keys.dedup();
+                keys.truncate(search::MAX_INCLUDED);
                 Ok(keys)
             })
             .await?;
@@ -1143,8 +1147,19 @@ async fn everything_page(
 // ---------------------------------------------------------------------------------------------
 // Writes
 
+/// A request body must arrive within this (a slow-loris body holds a connection and a task).
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn read_body(ctx: &FhirContext, body: Body) -> Result<Bytes, FhirError> {
-    axum::body::to_bytes(body, ctx.max_body_bytes).await.map_err(|e| {
+    let read =
+        tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, ctx.max_body_bytes));
+    let Ok(read) = read.await else {
+        return Err(FhirError::RequestTimeout(format!(
+            "the request body did not arrive within {} s",
+            BODY_READ_TIMEOUT.as_secs()
+        )));
+    };
+    read.map_err(|e| {
         let msg = e.to_string();
         if msg.contains("length limit")
             || std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit"))
@@ -1253,11 +1268,11 @@ fn write_response(
             );
             json_response(status, &oo, q)
         }
-        _ => {
-            let body: Value =
-                w.json.as_deref().and_then(|j| serde_json::from_str(j).ok()).unwrap_or(Value::Null);
-            json_response(status, &body, q)
-        }
+        _ => match w.json.as_deref().and_then(|j| serde_json::from_str::<Value>(j).ok()) {
+            Some(body) => json_response(status, &body, q),
+            // No body to show (or the caller may not read it): the headers say what happened.
+            None => status.into_response(),
+        },
     };
     version_headers(&mut r, w.version, w.last_updated);
     if let Ok(loc) =
@@ -1291,13 +1306,17 @@ async fn create(
     check_type(&rtype)?;
     check_writable(&rtype)?;
     check_content_type(&headers)?;
+    // Authenticate and check the scope first: an unauthenticated caller never gets a body read
+    // and parsed (JSON parsing multiplies memory).
+    let who = authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Create)?;
     let bytes = read_body(&ctx, body).await?;
     let mut resource = parse_resource(&bytes, &rtype)?;
-    let who = authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Create)?;
     let if_none_exist =
         headers.get("if-none-exist").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let cond = match &if_none_exist {
         Some(s) => {
+            // The match test is a search: a create-only token may not learn what exists.
+            authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Search)?;
             let pairs: Vec<(String, String)> =
                 serde_urlencoded::from_str(s.trim_start_matches('?'))
                     .map_err(|e| FhirError::BadRequest(format!("If-None-Exist: {e}")))?;
@@ -1316,7 +1335,15 @@ async fn create(
                 match found.len() {
                     0 => {}
                     1 => {
-                        let cur = storage::read_current(tx.sql(), &rt, &found[0])?.expect("found");
+                        let cur =
+                            storage::read_current(tx.sql(), &rt, &found[0])?.ok_or_else(|| {
+                                FhirError::Conflict("the match was just deleted".into())
+                            })?;
+                        // The existing resource goes back only to a caller who may read it,
+                        // and that disclosure is audited like any read.
+                        let may_read = who.principal.allows(&rt, Interaction::Read);
+                        let entity = format!("{rt}/{}", found[0]);
+                        storage::audit(tx, &write_audit(&who, "create-matched-existing", entity))?;
                         return Ok((
                             false,
                             Written {
@@ -1324,7 +1351,7 @@ async fn create(
                                 id: found[0].clone(),
                                 version: cur.version,
                                 last_updated: cur.last_updated,
-                                json: cur.json,
+                                json: if may_read { cur.json } else { None },
                                 created: false,
                             },
                         ));
@@ -1359,6 +1386,7 @@ async fn update(
     check_id(&id)?;
     check_writable(&rtype)?;
     check_content_type(&headers)?;
+    let who = authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Update)?;
     let bytes = read_body(&ctx, body).await?;
     let resource = parse_resource(&bytes, &rtype)?;
     match resource.get("id").and_then(Value::as_str) {
@@ -1371,7 +1399,6 @@ async fn update(
         None => return Err(FhirError::BadRequest("update needs the id in the body too".into())),
     }
     let if_match = parse_if_match(&headers)?;
-    let who = authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Update)?;
     let rt = rtype.clone();
     let w = ctx
         .store

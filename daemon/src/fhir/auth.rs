@@ -54,7 +54,13 @@ fn parse_scopes(scope: &str) -> Vec<Grant> {
             continue;
         }
         let Some((rtype, perms)) = rest.split_once('.') else { continue };
-        let perms = perms.split('?').next().unwrap_or("");
+        // A SMART v2 granular scope (`user/Observation.rs?category=laboratory`) grants part of a
+        // type. We do not enforce such constraints, so it grants nothing rather than the whole
+        // type (never widen a scope).
+        if perms.contains('?') {
+            tracing::debug!(scope = s, "granular scope not supported; ignored");
+            continue;
+        }
         let letters: HashSet<char> = match perms {
             "*" => "cruds".chars().collect(),
             "read" => "rs".chars().collect(),
@@ -270,6 +276,8 @@ impl Verifier {
         v.set_issuer(&[&self.issuer]);
         v.set_audience(&[&self.audience]);
         v.set_required_spec_claims(&["exp", "iss", "aud"]);
+        // A token that says it is not valid yet (`nbf`) is refused like an expired one.
+        v.validate_nbf = true;
         let data = decode::<Claims>(token, &key, &v).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {

@@ -94,7 +94,7 @@ pub fn parse_range(s: &str) -> Option<(Millis, Millis)> {
             if end == start {
                 return None;
             }
-            let frac = &s[start..end];
+            let frac = &s[start..end]; // ASCII digits only: char boundaries
             let digits = frac.len().min(3);
             ms = frac[..digits].parse::<i64>().ok()? * 10i64.pow(3 - digits as u32);
             precision = 10i64.pow(3 - digits as u32).max(1);
@@ -104,12 +104,20 @@ pub fn parse_range(s: &str) -> Option<(Millis, Millis)> {
     if hh > 24 || mi > 59 || sec > 60 {
         return None;
     }
-    let offset_ms = match &s[pos..] {
-        "" | "Z" => 0,
-        tz if (tz.starts_with('+') || tz.starts_with('-')) && tz.len() == 6 && &tz[3..4] == ":" => {
-            let oh: i64 = tz[1..3].parse().ok()?;
-            let om: i64 = tz[4..6].parse().ok()?;
-            let sign = if tz.starts_with('-') { -1 } else { 1 };
+    // Byte-wise from here on: the rest is untrusted and may hold any UTF-8 (slicing a `str`
+    // inside a multi-byte character panics).
+    let offset_ms = match b.get(pos..)? {
+        b"" | b"Z" => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let two = |a: u8, b: u8| -> Option<i64> {
+                (a.is_ascii_digit() && b.is_ascii_digit())
+                    .then(|| i64::from(a - b'0') * 10 + i64::from(b - b'0'))
+            };
+            let (oh, om) = (two(*h1, *h2)?, two(*m1, *m2)?);
+            if oh > 14 || om > 59 {
+                return None;
+            }
+            let sign = if *sign == b'-' { -1 } else { 1 };
             sign * (oh * 3_600_000 + om * 60_000)
         }
         _ => return None,
@@ -145,6 +153,32 @@ pub fn format_instant(ms: Millis) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_utf8_in_the_time_zone_is_refused_not_a_panic() {
+        for s in [
+            "2000-01-01T10:00+0\u{e9}00",
+            "2000-01-01T10:00+\u{e9}:00",
+            "2000-01-01T10:00:00.5+01:\u{e9}",
+            "2000-01-01T10:00\u{1F600}",
+            "2000-01-01T10:00:00.\u{e9}",
+            "2000-\u{e9}-01",
+            "2000-01-01T10:00+01:00\u{e9}",
+            "2000-01-01T10:00+15:00",
+        ] {
+            assert_eq!(parse_range(s), None, "{s}");
+        }
+        assert!(parse_range("2000-01-01T10:00+14:00").is_some());
+        assert!(parse_range("2000-01-01T10:00-03:30").is_some());
+    }
+
+    proptest::proptest! {
+        /// No string makes the parser panic.
+        #[test]
+        fn never_panics(s in "\\PC{0,40}") {
+            let _ = parse_range(&s);
+        }
+    }
 
     #[test]
     fn ranges_follow_precision() {

@@ -187,6 +187,10 @@ pub fn valid_id(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
+/// What a caller is told when its query ran past the store's SQL deadline.
+pub const QUERY_DEADLINE_MESSAGE: &str =
+    "the query took too long and was stopped; narrow the search and try again";
+
 /// Every failure of the FHIR layer, each with its HTTP status and an OperationOutcome.
 #[derive(Debug, thiserror::Error)]
 pub enum FhirError {
@@ -207,6 +211,8 @@ pub enum FhirError {
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
+    RequestTimeout(String),
+    #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("{0}")]
     NotAcceptable(String),
@@ -222,6 +228,9 @@ pub enum FhirError {
 
 impl From<rusqlite::Error> for FhirError {
     fn from(e: rusqlite::Error) -> Self {
+        if crate::store::is_interrupted(&e) {
+            return FhirError::Unavailable(QUERY_DEADLINE_MESSAGE.into());
+        }
         FhirError::Internal(e.to_string())
     }
 }
@@ -237,6 +246,11 @@ impl From<crate::store::StoreError> for FhirError {
             StoreError::Rejected(m) => FhirError::BadRequest(m),
             e if e.is_disk_full() => FhirError::Unavailable("disk full".into()),
             StoreError::Closed => FhirError::Unavailable("shutting down".into()),
+            e if e.is_deadline() => FhirError::Unavailable(QUERY_DEADLINE_MESSAGE.into()),
+            StoreError::WriterDown => FhirError::Unavailable("the store writer has stopped".into()),
+            e if e.is_io_failure() => FhirError::Unavailable(format!(
+                "the disk failed under the write ({e}); it was not acknowledged, try again"
+            )),
             e => FhirError::Internal(e.to_string()),
         }
     }
@@ -262,6 +276,7 @@ impl FhirError {
             FhirError::Gone(_) => 410,
             FhirError::PreconditionFailed(_) => 412,
             FhirError::PayloadTooLarge(_) => 413,
+            FhirError::RequestTimeout(_) => 408,
             FhirError::UnsupportedMediaType(_) => 415,
             FhirError::Unprocessable(_) => 422,
             FhirError::Unavailable(_) => 503,
@@ -277,6 +292,7 @@ impl FhirError {
             FhirError::NotFound(_) | FhirError::Gone(_) => "not-found",
             FhirError::Conflict(_) | FhirError::PreconditionFailed(_) => "conflict",
             FhirError::PayloadTooLarge(_) => "too-costly",
+            FhirError::RequestTimeout(_) => "timeout",
             FhirError::MethodNotAllowed(_)
             | FhirError::UnsupportedMediaType(_)
             | FhirError::NotAcceptable(_) => "not-supported",

@@ -15,6 +15,20 @@ pub const MAX_COUNT: usize = 1000;
 /// Most matches one search materialises (for stable paging). Larger result sets are refused
 /// with a request to narrow the search.
 pub const MAX_RESULTS: usize = 200_000;
+/// Most `_sort` keys in one search. Each key is a join on the index; a repeated key adds
+/// nothing, so repeats are dropped and more distinct keys than this are refused (400).
+pub const MAX_SORT_KEYS: usize = 4;
+/// Most search clauses (parameters other than `_count`, `_sort`, …) in one search: each is a
+/// probe or join of the plan. Real ward clients send a handful.
+pub const MAX_CLAUSES: usize = 16;
+/// Most comma-separated (ORed) values of one clause.
+pub const MAX_VALUES_PER_CLAUSE: usize = 64;
+/// Most `_include` plus `_revinclude` parameters of one search.
+pub const MAX_INCLUDES: usize = 8;
+/// Most resources `_include` and `_revinclude` add to one page, all of them together; the
+/// rest are left out (a patient with 30,000 Observations must not make one page of Patients
+/// load them all).
+pub const MAX_INCLUDED: usize = 1000;
 
 /// `_total` handling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +190,13 @@ pub fn parse(
                     {
                         return bad(format!("cannot sort {rtype} by unknown parameter {name:?}"));
                     }
+                    // A later key equal to an earlier one cannot change the order.
+                    if req.sort.iter().any(|(n, _)| n == name) {
+                        continue;
+                    }
+                    if req.sort.len() == MAX_SORT_KEYS {
+                        return bad(format!("at most {MAX_SORT_KEYS} _sort keys"));
+                    }
                     req.sort.push((name.to_owned(), desc));
                 }
             }
@@ -196,6 +217,9 @@ pub fn parse(
                         "{key}: {}:{} is not a reference search parameter",
                         inc.source, inc.param
                     ));
+                }
+                if req.includes.len() + req.revincludes.len() == MAX_INCLUDES {
+                    return bad(format!("at most {MAX_INCLUDES} _include and _revinclude"));
                 }
                 if key == "_include" {
                     if inc.source != rtype {
@@ -275,11 +299,20 @@ pub fn parse(
                         return bad(format!("chained parameter {p:?} is unknown on {targets:?}"));
                     }
                 }
+                if req.clauses.len() == MAX_CLAUSES {
+                    return bad(format!("at most {MAX_CLAUSES} search parameters in one search"));
+                }
+                let values = split_values(value);
+                if values.len() > MAX_VALUES_PER_CLAUSE {
+                    return bad(format!(
+                        "{key}: at most {MAX_VALUES_PER_CLAUSE} comma-separated values"
+                    ));
+                }
                 req.clauses.push(Clause {
                     code: name.to_owned(),
                     modifier: modifier.filter(|_| chain.is_none()),
                     chain,
-                    values: split_values(value),
+                    values,
                 });
             }
         }
@@ -939,6 +972,12 @@ fn collect_pairs<P: rusqlite::Params>(
             stmt.query_map(params, |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
         for r in rows {
             out.push(r?);
+            if out.len() >= MAX_INCLUDED {
+                break;
+            }
+        }
+        if out.len() >= MAX_INCLUDED {
+            break;
         }
     }
     out.sort();
@@ -952,6 +991,22 @@ mod tests {
 
     fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect()
+    }
+
+    #[test]
+    fn multiplying_clauses_are_bounded() {
+        let keys = vec!["name"; 500].join(",");
+        let r = parse("Patient", &p(&[("_sort", &keys)]), true).unwrap();
+        assert_eq!(r.sort, vec![("name".to_owned(), false)]);
+        let five = "name,birthdate,gender,_id,_lastUpdated";
+        assert!(parse("Patient", &p(&[("_sort", five)]), true).is_err());
+        let many: Vec<(&str, &str)> = vec![("name", "x"); MAX_CLAUSES + 1];
+        assert!(parse("Patient", &p(&many), true).is_err());
+        let values = vec!["x"; MAX_VALUES_PER_CLAUSE + 1].join(",");
+        assert!(parse("Patient", &p(&[("name", &values)]), true).is_err());
+        let incs: Vec<(&str, &str)> =
+            vec![("_revinclude", "Observation:subject"); MAX_INCLUDES + 1];
+        assert!(parse("Patient", &p(&incs), true).is_err());
     }
 
     #[test]

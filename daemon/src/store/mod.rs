@@ -18,7 +18,7 @@ pub mod blob;
 pub mod db;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -53,6 +53,12 @@ pub enum StoreError {
     /// An error of the caller's own layer, carried through a write closure unchanged.
     #[error("{0}")]
     Caller(Box<dyn std::error::Error + Send + Sync>),
+    /// The write's own code panicked; that write was rolled back alone and the writer goes on.
+    #[error("internal error while writing (the write was rolled back)")]
+    Panicked,
+    /// The writer thread is gone: nothing can be written until the daemon restarts.
+    #[error("the store writer has stopped")]
+    WriterDown,
 }
 
 impl StoreError {
@@ -66,6 +72,80 @@ impl StoreError {
             StoreError::Commit(m) => m.contains("full"),
             _ => false,
         }
+    }
+
+    /// True when the disk failed under the write (an I/O error, a failed commit or sync): a
+    /// transient condition for the caller (HTTP 503, DIMSE A700), never a bug of the request.
+    pub fn is_io_failure(&self) -> bool {
+        match self {
+            StoreError::Io(_) | StoreError::Commit(_) => true,
+            StoreError::Db(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::SystemIoFailure
+                    | rusqlite::ErrorCode::DiskFull
+                    | rusqlite::ErrorCode::CannotOpen
+            ),
+            _ => false,
+        }
+    }
+
+    /// True when SQL ran past its deadline ([`READ_DEADLINE`], [`WRITE_DEADLINE`]) and was
+    /// interrupted: the caller answers "busy, try later" (HTTP 503, DIMSE A700).
+    pub fn is_deadline(&self) -> bool {
+        match self {
+            StoreError::Db(e) => is_interrupted(e),
+            StoreError::Commit(m) => m.contains("interrupted"),
+            _ => false,
+        }
+    }
+}
+
+/// True for SQLite's "interrupted" error, which a [`Deadline`] raises.
+pub fn is_interrupted(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::OperationInterrupted)
+}
+
+/// Longest the SQL of one read job may run before SQLite interrupts it. Reads that take longer
+/// are a hostile or broken query: they fail with a clear "busy" error instead of holding one of
+/// the few reader threads (and with it every chart and the health probe).
+pub const READ_DEADLINE: Duration = Duration::from_secs(15);
+/// Longest the SQL of one write closure may run (a conditional create's search, say) before it
+/// is interrupted and that write alone fails; the writer thread serves everyone.
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(15);
+/// How long the health probe (`/readyz`, watchdog) waits for its no-op write and its read.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// SQLite virtual-machine steps between deadline checks (a check is one clock read).
+const DEADLINE_CHECK_OPS: i32 = 20_000;
+
+/// A per-connection SQL deadline, checked by SQLite's progress handler.
+#[derive(Clone)]
+struct Deadline {
+    base: Instant,
+    /// Milliseconds after `base` at which running SQL is interrupted; 0 = no deadline.
+    at_ms: Arc<AtomicU64>,
+}
+
+impl Deadline {
+    fn install(conn: &mut Connection) -> Result<Deadline, StoreError> {
+        let d = Deadline { base: Instant::now(), at_ms: Arc::new(AtomicU64::new(0)) };
+        let check = d.clone();
+        conn.progress_handler(
+            DEADLINE_CHECK_OPS,
+            Some(move || {
+                let at = check.at_ms.load(Ordering::Relaxed);
+                at != 0 && check.base.elapsed().as_millis() as u64 >= at
+            }),
+        )?;
+        Ok(d)
+    }
+
+    fn arm(&self, within: Duration) {
+        let at = (self.base.elapsed() + within).as_millis() as u64;
+        self.at_ms.store(at.max(1), Ordering::Relaxed);
+    }
+
+    fn disarm(&self) {
+        self.at_ms.store(0, Ordering::Relaxed);
     }
 }
 
@@ -173,7 +253,14 @@ where
 {
     fn run(self: Box<Self>, tx: &WriteTx<'_>) -> (bool, Completion) {
         let WriteJob { f, done } = *self;
-        match f(tx) {
+        // A panic in one write's code fails that write only (its savepoint is rolled back);
+        // the writer thread keeps serving every other write of the batch and after it.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(tx)))
+            .unwrap_or_else(|_| {
+                tracing::error!("a write panicked; it was rolled back and refused");
+                Err(StoreError::Panicked)
+            });
+        match result {
             Ok(v) => (
                 true,
                 Box::new(move |commit: Result<(), String>| {
@@ -205,7 +292,11 @@ type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 /// whenever none is idle at that instant, and under a steady read load it grew to ~40 threads,
 /// each with its own allocator heap (RSS) and each connection hopping between them. A fixed
 /// set of threads keeps one connection per thread and its memory in one place.
-fn reader_loop(conn: Connection, jobs: Arc<Mutex<std::sync::mpsc::Receiver<ReadJob>>>) {
+fn reader_loop(
+    conn: Connection,
+    deadline: Deadline,
+    jobs: Arc<Mutex<std::sync::mpsc::Receiver<ReadJob>>>,
+) {
     loop {
         let job = match jobs.lock() {
             Ok(rx) => rx.recv(),
@@ -213,7 +304,21 @@ fn reader_loop(conn: Connection, jobs: Arc<Mutex<std::sync::mpsc::Receiver<ReadJ
         };
         let Ok(job) = job else { return };
         // A panicking read fails that request (its result channel is dropped), not the thread.
+        deadline.arm(READ_DEADLINE);
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&conn)));
+        deadline.disarm();
+    }
+}
+
+/// Marks the writer as gone when its thread ends for any reason, a panic included.
+struct WriterAlive(Arc<AtomicBool>);
+
+impl Drop for WriterAlive {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+        if std::thread::panicking() {
+            tracing::error!("the store writer thread died; writes fail until the daemon restarts");
+        }
     }
 }
 
@@ -237,6 +342,11 @@ pub struct Store {
     blobs: BlobStore,
     writer: Mutex<Option<mpsc::UnboundedSender<Job>>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// False once the writer thread has ended (closed, or died): `/readyz` and the watchdog
+    /// read it so that a store that cannot write is never reported healthy.
+    writer_alive: Arc<AtomicBool>,
+    /// The health probe's own read connection, so a probe never queues behind slow requests.
+    probe_reader: Arc<Mutex<Connection>>,
     /// Jobs for the reader threads (one read-only connection each).
     reader_jobs: Mutex<Option<std::sync::mpsc::Sender<ReadJob>>>,
     reader_threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -288,18 +398,21 @@ impl Store {
         sweep_orphans(&conn, &blobs)?;
         let mut readers = Vec::with_capacity(opts.db_readers);
         for _ in 0..opts.db_readers.max(1) {
-            readers.push(db::open(&db_path, &db_key, true, opts.db_reader_cache_kib)?);
+            let mut c = db::open(&db_path, &db_key, true, opts.db_reader_cache_kib)?;
+            let d = Deadline::install(&mut c)?;
+            readers.push((c, d));
         }
         let blocking_reader = db::open(&db_path, &db_key, true, opts.db_reader_cache_kib)?;
+        let probe_reader = db::open(&db_path, &db_key, true, 64)?;
         let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<ReadJob>();
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
         let mut reader_threads = Vec::with_capacity(readers.len());
-        for (i, conn) in readers.into_iter().enumerate() {
+        for (i, (conn, deadline)) in readers.into_iter().enumerate() {
             let rx = jobs_rx.clone();
             reader_threads.push(
                 std::thread::Builder::new()
                     .name(format!("store-reader-{i}"))
-                    .spawn(move || reader_loop(conn, rx))?,
+                    .spawn(move || reader_loop(conn, deadline, rx))?,
             );
         }
         let stats = Arc::new(StoreStats::default());
@@ -307,14 +420,20 @@ impl Store {
         let max_batch = opts.group_commit_max_batch.max(1);
         let thread_stats = stats.clone();
         let ledger_key = keys.audit.clone();
-        let handle = std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || writer_loop(conn, rx, max_batch, &thread_stats, &ledger_key))?;
+        let writer_deadline = Deadline::install(&mut conn)?;
+        let writer_alive = Arc::new(AtomicBool::new(true));
+        let alive = WriterAlive(writer_alive.clone());
+        let handle = std::thread::Builder::new().name("store-writer".into()).spawn(move || {
+            let _alive = alive;
+            writer_loop(conn, rx, max_batch, &thread_stats, &ledger_key, &writer_deadline)
+        })?;
         Ok(Arc::new(Store {
             root: root.to_owned(),
             blobs,
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(handle)),
+            writer_alive,
+            probe_reader: Arc::new(Mutex::new(probe_reader)),
             reader_jobs: Mutex::new(Some(jobs_tx)),
             reader_threads: Mutex::new(reader_threads),
             blocking_reader: Mutex::new(Some(blocking_reader)),
@@ -357,8 +476,48 @@ impl Store {
         let (done_tx, done_rx) = oneshot::channel::<Result<T, StoreError>>();
         let job: Job = Box::new(WriteJob { f, done: done_tx });
         let sender = self.writer.lock().expect("writer lock").clone().ok_or(StoreError::Closed)?;
-        sender.send(job).map_err(|_| StoreError::Closed)?;
-        done_rx.await.map_err(|_| StoreError::Closed)?
+        sender.send(job).map_err(|_| self.gone())?;
+        done_rx.await.map_err(|_| self.gone())?
+    }
+
+    /// Why a write could not reach the writer: closed on purpose, or the thread died.
+    fn gone(&self) -> StoreError {
+        if self.writer.lock().map(|w| w.is_none()).unwrap_or(true) {
+            StoreError::Closed
+        } else {
+            StoreError::WriterDown
+        }
+    }
+
+    /// Whether the writer thread still runs.
+    pub fn writer_alive(&self) -> bool {
+        self.writer_alive.load(Ordering::SeqCst)
+    }
+
+    /// The health probe of `/readyz` and the systemd watchdog: the writer thread is alive, a
+    /// no-op write goes through group commit, and a read answers on the probe's own connection
+    /// (never queued behind requests). Each step is bounded by [`PROBE_TIMEOUT`]; the error
+    /// says which step failed.
+    pub async fn probe(self: &Arc<Self>) -> Result<(), String> {
+        if !self.writer_alive() {
+            return Err("store writer has stopped".into());
+        }
+        match tokio::time::timeout(PROBE_TIMEOUT, self.write(|_| Ok(()))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("store write probe failed: {e}")),
+            Err(_) => return Err("store write probe timed out".into()),
+        }
+        let conn = self.probe_reader.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let c = conn.lock().unwrap_or_else(|p| p.into_inner());
+            c.query_row("SELECT count(*) FROM hms_meta", [], |r| r.get::<_, i64>(0))
+        });
+        match tokio::time::timeout(PROBE_TIMEOUT, read).await {
+            Ok(Ok(Ok(_))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(format!("store read probe failed: {e}")),
+            Ok(Err(_)) => Err("store read probe failed".into()),
+            Err(_) => Err("store read probe timed out".into()),
+        }
     }
 
     /// Runs `f` on a read-only connection (a snapshot of committed data) off the async runtime.
@@ -471,6 +630,7 @@ fn writer_loop(
     max_batch: usize,
     stats: &StoreStats,
     ledger_key: &Key,
+    deadline: &Deadline,
 ) {
     let mut queue: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
     loop {
@@ -499,8 +659,18 @@ fn writer_loop(
             while completions.len() < max_batch {
                 let Some(job) = queue.pop_front() else { break };
                 tx.execute_batch("SAVEPOINT w")?;
+                deadline.arm(WRITE_DEADLINE);
                 let (ok, completion) = job.run(&WriteTx { tx: &tx, ledger_key });
+                deadline.disarm();
                 completions.push(completion);
+                if tx.is_autocommit() {
+                    // SQLite rolled the whole transaction back (an interrupted INSERT/UPDATE
+                    // does that): fail the round rather than go on outside a transaction.
+                    return Err(rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_INTERRUPT),
+                        Some("a write was interrupted and the batch rolled back".into()),
+                    ));
+                }
                 if !ok {
                     // A failed write leaves no trace; the others in the batch go on.
                     failed += 1;
