@@ -34,7 +34,7 @@ mod retrieve;
 /// Largest C-FIND identifier we accept.
 const MAX_IDENTIFIER_BYTES: usize = 1024 * 1024;
 /// Largest DIMSE-N data set we accept (a commitment request for a few thousand instances).
-const MAX_N_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+const MAX_N_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// Responses are written in batches of about this many bytes.
 const WRITE_BATCH: usize = 64 * 1024;
 

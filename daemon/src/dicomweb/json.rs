@@ -23,6 +23,12 @@ const PIXEL_DATA: u32 = 0x7FE0_0010;
 const MAX_DEPTH: usize = 32;
 /// Text values longer than this are not inlined either.
 const MAX_INLINE_TEXT: u64 = 64 * 1024;
+/// Most fragments of encapsulated Pixel Data we keep ranges of (16 bytes each): a crafted stored
+/// instance of empty items must not turn a viewer's request into gigabytes of memory. Real
+/// multi-frame instances have one fragment per frame, a few thousand at most.
+pub const MAX_FRAGMENTS: usize = 262_144;
+/// Largest Basic Offset Table we read (4 bytes a frame: a million frames).
+pub const MAX_OFFSET_TABLE_BYTES: u32 = 4 * 1024 * 1024;
 
 /// Where a large value is, for its `BulkDataURI`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,7 +316,7 @@ impl<R: Read> Walker<'_, R> {
                     SEQUENCE_DELIMITER => break,
                     ITEM if l != UNDEFINED => {
                         if first {
-                            if !l.is_multiple_of(4) || l > 64 * 1024 * 1024 {
+                            if !l.is_multiple_of(4) || l > MAX_OFFSET_TABLE_BYTES {
                                 return Err(bad("bad Basic Offset Table"));
                             }
                             let v = self.read_value(u64::from(l))?;
@@ -319,6 +325,9 @@ impl<R: Read> Walker<'_, R> {
                                 .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                                 .collect();
                         } else {
+                            if fragments.len() == MAX_FRAGMENTS {
+                                return Err(bad("too many Pixel Data fragments"));
+                            }
                             fragments.push((self.pos, u64::from(l)));
                             self.skip(u64::from(l))?;
                         }
@@ -485,6 +494,39 @@ pub fn text_values(vr: VR, text: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Byte ranges of every frame, in one pass over the fragments (for the whole Pixel Data of a
+/// multi-frame instance: calling [`frame_ranges`] per frame costs frames × fragments).
+pub fn all_frame_ranges(
+    pixel: &PixelData,
+    frames: u64,
+    frame_size: Option<u64>,
+) -> Result<Vec<Vec<(u64, u64)>>, String> {
+    if frames > MAX_FRAGMENTS as u64 {
+        return Err(format!("{frames} frames is more than this server serves in one response"));
+    }
+    match pixel {
+        PixelData::Encapsulated { offset_table, fragments }
+            if frames > 1
+                && fragments.len() as u64 != frames
+                && offset_table.len() as u64 == frames
+                && !fragments.is_empty() =>
+        {
+            let base = fragments[0].0.saturating_sub(8);
+            let mut out = vec![Vec::new(); frames as usize];
+            for &(o, l) in fragments {
+                let rel = o.saturating_sub(8).saturating_sub(base);
+                // The frame whose offset is the last one not above `rel`.
+                let i = offset_table.partition_point(|&t| u64::from(t) <= rel);
+                if i > 0 {
+                    out[i - 1].push((o, l));
+                }
+            }
+            Ok(out)
+        }
+        _ => (1..=frames).map(|f| frame_ranges(pixel, f, frames, frame_size)).collect(),
+    }
+}
+
 /// Byte ranges (offset, length) of frame `n` (1-based) of `frames` frames, or why not.
 pub fn frame_ranges(
     pixel: &PixelData,
@@ -498,9 +540,12 @@ pub fn frame_ranges(
     match pixel {
         PixelData::Native { offset, length } => {
             let size = frame_size.ok_or("the frame size cannot be computed (Rows, Columns, Samples per Pixel or Bits Allocated missing, or Bits Allocated 1)")?;
-            let start = (n - 1) * size;
-            if start + size > *length {
-                return Err(format!("frame {n} lies beyond the Pixel Data"));
+            // Checked: Number of Frames and the frame size come from a stored, maybe crafted,
+            // instance.
+            let beyond = || format!("frame {n} lies beyond the Pixel Data");
+            let start = (n - 1).checked_mul(size).ok_or_else(beyond)?;
+            if start.checked_add(size).is_none_or(|end| end > *length) {
+                return Err(beyond());
             }
             Ok(vec![(offset + start, size)])
         }
@@ -516,13 +561,13 @@ pub fn frame_ranges(
             }
             if offset_table.len() as u64 == frames {
                 // Offsets are from the first fragment's item tag (8 bytes before its value).
-                let base = fragments[0].0 - 8;
+                let base = fragments[0].0.saturating_sub(8);
                 let lo = u64::from(offset_table[(n - 1) as usize]);
                 let hi = offset_table.get(n as usize).map_or(u64::MAX, |v| u64::from(*v));
                 return Ok(fragments
                     .iter()
                     .filter(|(o, _)| {
-                        let rel = o - 8 - base;
+                        let rel = o.saturating_sub(8).saturating_sub(base);
                         rel >= lo && rel < hi
                     })
                     .copied()
@@ -536,6 +581,22 @@ pub fn frame_ranges(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_frame_ranges_equals_frame_by_frame_and_is_bounded() {
+        let base = 1000u64;
+        let fragments = vec![(base, 16), (base + 24, 8), (base + 40, 8), (base + 56, 4)];
+        let pixel = PixelData::Encapsulated { offset_table: vec![0, 24, 40], fragments };
+        let one_pass = all_frame_ranges(&pixel, 3, None).unwrap();
+        let by_frame: Vec<_> = (1..=3).map(|f| frame_ranges(&pixel, f, 3, None).unwrap()).collect();
+        assert_eq!(one_pass, by_frame);
+        assert_eq!(one_pass[2].len(), 2);
+        let native = PixelData::Native { offset: 10, length: 40 };
+        assert_eq!(all_frame_ranges(&native, 4, Some(10)).unwrap().len(), 4);
+        // Crafted geometry: overflow and absurd frame counts are errors, not panics.
+        assert!(frame_ranges(&native, u64::MAX, u64::MAX, Some(u64::MAX)).is_err());
+        assert!(all_frame_ranges(&native, 1 << 40, Some(1)).is_err());
+    }
 
     fn explicit(tag: u32, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();

@@ -205,8 +205,13 @@ fn pixel_layout(blobs: &BlobStore, inst: &Located) -> io::Result<(PixelData, u64
     // Frames of 1-bit data (segmentations) are byte-aligned when each frame's bit count is.
     let size = match (w.number(0x0028_0010), w.number(0x0028_0011), bits) {
         (Some(rows), Some(cols), Some(bits)) => {
-            let frame_bits = rows * cols * w.number(0x0028_0002).unwrap_or(1) * bits;
-            (frame_bits.is_multiple_of(8) && frame_bits > 0).then_some(frame_bits / 8)
+            // Checked: the geometry comes from a stored, maybe crafted, instance.
+            let spp = w.number(0x0028_0002).unwrap_or(1);
+            let frame_bits = rows
+                .checked_mul(cols)
+                .and_then(|p| p.checked_mul(spp))
+                .and_then(|p| p.checked_mul(bits));
+            frame_bits.filter(|b| b.is_multiple_of(8) && *b > 0).map(|b| b / 8)
         }
         _ => None,
     };
@@ -286,8 +291,15 @@ pub async fn frames(
             FhirError::NotFound(format!("instance {sop} has no readable Pixel Data: {e}"))
         })?;
     let mut parts = Vec::new();
+    let mut ranges = 0usize;
     for f in wanted {
-        parts.push(json::frame_ranges(&pixel, f, n, size).map_err(FhirError::NotFound)?);
+        let part = json::frame_ranges(&pixel, f, n, size).map_err(FhirError::NotFound)?;
+        // A frame list repeating a frame of many fragments must not multiply memory.
+        ranges += part.len();
+        if ranges > json::MAX_FRAGMENTS {
+            return Err(FhirError::BadRequest("too many frames in one request".into()));
+        }
+        parts.push(part);
     }
     let media = match pixel {
         PixelData::Native { .. } => "application/octet-stream",
@@ -337,10 +349,7 @@ pub async fn bulk(
             "application/octet-stream",
         )),
         PixelData::Encapsulated { .. } => {
-            let parts = (1..=n)
-                .map(|f| json::frame_ranges(&pixel, f, n, size))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(FhirError::NotFound)?;
+            let parts = json::all_frame_ranges(&pixel, n, size).map_err(FhirError::NotFound)?;
             let media = frame_media_type(&inst.transfer_syntax);
             Ok(ranges_response(blobs, inst, parts, media))
         }
