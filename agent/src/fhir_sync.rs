@@ -113,6 +113,23 @@ pub struct FhirSync {
     pub cfg: UpstreamConfig,
     pub site_id: String,
     pub stats: Arc<ChannelStats>,
+    /// Resources whose last push may have reached upstream although no answer came back (a
+    /// timeout, an unreadable answer): looked up before they are pushed again
+    /// ([`FhirSync::settle_uncertain`]). In memory: after a restart of the agent a resource
+    /// whose push was cut at that instant is pushed blind once more.
+    pub uncertain: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// Whether a failed push may nevertheless have been applied upstream: yes unless the request
+/// provably never left (no connection) or upstream answered with an error of its own.
+fn maybe_applied(e: &UpstreamError) -> bool {
+    match e {
+        UpstreamError::Link(m) => {
+            !(m.starts_with("connection failed") || m.starts_with("upstream answered"))
+        }
+        UpstreamError::Malformed(_) => true,
+        UpstreamError::Refused { .. } => false,
+    }
 }
 
 impl std::fmt::Debug for FhirSync {
@@ -207,6 +224,77 @@ impl FhirSync {
     }
 
     async fn push_batch(&self, groups: Vec<Group>) -> Result<u64, RoundError> {
+        let (groups, settled) = match self.settle_uncertain(groups).await {
+            Ok(x) => x,
+            Err((groups, e)) => {
+                self.fail_groups(&groups, &e.to_string(), false, RETRY_SECS).await?;
+                return Err(e);
+            }
+        };
+        if groups.is_empty() {
+            return Ok(settled);
+        }
+        self.push_transaction(groups).await.map(|n| n + settled)
+    }
+
+    /// Remembers that the pushes of `groups` may have been applied although they failed.
+    fn mark_uncertain(&self, groups: &[Group], e: &UpstreamError) {
+        if maybe_applied(e) {
+            let mut set = self.uncertain.lock().unwrap_or_else(|p| p.into_inner());
+            set.extend(groups.iter().map(Group::entity));
+        }
+    }
+
+    /// A resource whose earlier push failed (see [`FhirSync::mark_uncertain`]) before upstream ever confirmed a
+    /// version of it may be upstream already: the push reached it and only the answer was lost
+    /// (a timeout on a black-holed link). A blind PUT would then write a second version. So look
+    /// first: upstream holds our content → acknowledge without writing; it holds an earlier push
+    /// of ours → write with `If-Match` on that version; it holds nothing → push as usual.
+    async fn settle_uncertain(
+        &self,
+        groups: Vec<Group>,
+    ) -> Result<(Vec<Group>, u64), (Vec<Group>, RoundError)> {
+        let mut out = Vec::with_capacity(groups.len());
+        let mut settled = 0;
+        let mut rest = groups.into_iter();
+        while let Some(mut g) = rest.next() {
+            let uncertain =
+                self.uncertain.lock().unwrap_or_else(|p| p.into_inner()).contains(&g.entity());
+            if uncertain && g.upstream_version.is_none() && g.resource.is_some() {
+                let looked = self.fetch_upstream(&g).await;
+                if looked.is_ok() {
+                    // Known now; a failed look keeps the resource uncertain.
+                    self.uncertain.lock().unwrap_or_else(|p| p.into_inner()).remove(&g.entity());
+                }
+                match looked {
+                    Ok((Some(theirs), version)) => {
+                        let ours = g.resource.as_ref().expect("checked");
+                        if content_of(ours) == content_of(&theirs) {
+                            if let Err(e) = self.ack_group(&g, Some(version)).await {
+                                out.push(g);
+                                out.extend(rest);
+                                return Err((out, e));
+                            }
+                            ChannelStats::add(&self.stats.sent, 1);
+                            settled += 1;
+                            continue;
+                        }
+                        g.upstream_version = Some(version);
+                    }
+                    Ok((None, _)) => {}
+                    Err(e) => {
+                        out.push(g);
+                        out.extend(rest);
+                        return Err((out, e));
+                    }
+                }
+            }
+            out.push(g);
+        }
+        Ok((out, settled))
+    }
+
+    async fn push_transaction(&self, groups: Vec<Group>) -> Result<u64, RoundError> {
         let mut entries = Vec::with_capacity(groups.len());
         for g in &groups {
             let url = g.entity();
@@ -238,6 +326,7 @@ impl FhirSync {
         let resp = match result {
             Ok(r) => r,
             Err(e) => {
+                self.mark_uncertain(&groups, &e);
                 self.fail_groups(&groups, &e.to_string(), false, RETRY_SECS).await?;
                 return Err(e.into());
             }
@@ -255,6 +344,7 @@ impl FhirSync {
                     // The transaction may have been applied: retry soon; the 412 path will
                     // find upstream equal to ours and acknowledge without a second write.
                     tracing::warn!(error = %e, "transaction answer unreadable; will verify");
+                    self.mark_uncertain(&groups, &e);
                     self.fail_groups(&groups, &e.to_string(), false, 0).await?;
                     return Err(e.into());
                 }
@@ -370,6 +460,7 @@ impl FhirSync {
         let resp = match result {
             Ok(r) => r,
             Err(e) => {
+                self.mark_uncertain(std::slice::from_ref(g), &e);
                 self.fail_groups(std::slice::from_ref(g), &e.to_string(), false, RETRY_SECS)
                     .await?;
                 return Err(e.into());

@@ -203,6 +203,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             cfg: cfg.upstream.clone(),
             site_id: cfg.site.site_id.clone(),
             stats: Arc::new(ChannelStats::default()),
+            uncertain: Default::default(),
         });
         let (i, st, w, s) = (internal.clone(), sync.stats.clone(), wake.clone(), shutdown.clone());
         tasks.spawn(async move {

@@ -848,3 +848,133 @@ fn initial_pull_is_resumable_after_sigkill() {
     }
     assert_eq!(c.queue("fhir"), (0, 0, 0), "pulled data is not pushed back");
 }
+
+/// A TCP relay in front of an upstream that can turn into a black hole: connections stay open,
+/// bytes are taken and never delivered, nothing is refused or reset (a WAN link dropping every
+/// packet). The fault injector of `black_holed_upstream_mid_drain_loses_and_duplicates_nothing`.
+struct BlackHole {
+    addr: std::net::SocketAddr,
+    on: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BlackHole {
+    fn start(target: std::net::SocketAddr) -> BlackHole {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let on = Arc::new(AtomicBool::new(false));
+        let flag = on.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { continue };
+                let flag = flag.clone();
+                std::thread::spawn(move || {
+                    let pump = |mut from: std::net::TcpStream,
+                                mut to: std::net::TcpStream,
+                                flag: Arc<AtomicBool>| {
+                        use std::io::{Read, Write};
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if flag.load(Ordering::SeqCst) {
+                                        continue; // swallowed
+                                    }
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    };
+                    if flag.load(Ordering::SeqCst) {
+                        // Accepted, then silence: hold it until the caller gives up.
+                        let mut c = client;
+                        let _ = std::io::copy(&mut c, &mut std::io::sink());
+                        return;
+                    }
+                    let Ok(server) = std::net::TcpStream::connect(target) else { return };
+                    let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    let f2 = flag.clone();
+                    let up = std::thread::spawn(move || pump(c2, s2, f2));
+                    pump(server, client, flag);
+                    let _ = up.join();
+                });
+            }
+        });
+        BlackHole { addr, on }
+    }
+
+    fn set(&self, on: bool) {
+        self.on.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Issue 16: the upstream link black-holed (not refused) in the middle of a drain. Local writes
+/// never notice; the agent's requests time out instead of hanging; once the link is back the
+/// backlog drains, every change upstream exactly once (one version each).
+#[test]
+fn black_holed_upstream_mid_drain_loses_and_duplicates_nothing() {
+    const PATIENTS: u32 = 600;
+    let mut c = Cluster::start(&[]);
+    let gw: std::net::SocketAddr =
+        c.gateway.str("url").trim_start_matches("http://").trim_end_matches('/').parse().unwrap();
+    let hole = BlackHole::start(gw);
+    let via = format!("http://{}", hole.addr);
+    for (k, v) in [
+        ("HMS_EDGE_UPSTREAM_FHIR_BASE_URL", format!("{via}/{{tenant}}/fhir")),
+        ("HMS_EDGE_UPSTREAM_TOKEN_URL", format!("{via}/oauth2/token")),
+        ("HMS_EDGE_UPSTREAM_REQUEST_TIMEOUT_SECS", "5".to_string()),
+    ] {
+        c.agent_env.retain(|(k2, _)| k2 != k);
+        c.agent_env.push((k.into(), v));
+    }
+    c.start_agent();
+    let (edge, base) = c.edge();
+    let patients: Vec<Value> =
+        (0..PATIENTS).map(|i| patient(&uuid(7, i), &format!("B{i}"))).collect();
+    for chunk in patients[..300].chunks(100) {
+        edge_transaction(&edge, &base, chunk);
+    }
+    // Mid-drain: some changes are upstream, some are not yet.
+    c.wait(Duration::from_secs(60), "the drain under way", || {
+        let (p, l, _) = c.queue("fhir");
+        (p + l < 300).then_some(())
+    });
+    hole.set(true);
+    // The ward keeps writing: every local write is acknowledged at once.
+    for chunk in patients[300..].chunks(100) {
+        edge_transaction(&edge, &base, chunk);
+    }
+    std::thread::sleep(Duration::from_secs(15));
+    let (pending, leased, parked) = c.queue("fhir");
+    assert!(pending + leased > 0, "nothing waited while the link was a black hole");
+    assert_eq!(parked, 0, "changes parked because of a network fault");
+    let held = pending + leased;
+    hole.set(false);
+    c.wait(Duration::from_secs(180), "backlog drained after the black hole", || {
+        (c.queue("fhir") == (0, 0, 0)).then_some(())
+    });
+    let up = upstream_all(&c, "Patient");
+    let ours: Vec<&Value> =
+        up.values().filter(|p| p["id"].as_str().unwrap().starts_with("00000007")).collect();
+    assert_eq!(ours.len(), PATIENTS as usize, "patients upstream");
+    // Exactly once: one version each upstream, whatever the lost answers were.
+    let plain = plain_client();
+    let mut twice = Vec::new();
+    for p in patients.iter().step_by(20) {
+        let id = p["id"].as_str().unwrap();
+        let (s, hist) = get_json(&plain, &format!("{}/Patient/{id}/_history", c.sekmet()));
+        assert_eq!(s, 200);
+        if hist["total"] != 1 {
+            twice.push(id.to_owned());
+        }
+    }
+    assert!(twice.is_empty(), "written more than once upstream: {twice:?}");
+    println!(
+        "FAULT|upstream FHIR link black-holed (relay swallowing bytes) mid-drain|ward writes: all 200 at once; agent: timeouts, {held} changes held|{PATIENTS} Patients|{PATIENTS} upstream, one version each|outbox empty, 0 parked"
+    );
+}

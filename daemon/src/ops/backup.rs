@@ -148,6 +148,7 @@ pub fn backup(
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
     };
+    remove_abandoned_partials(&parent, &name);
     let work = parent.join(format!(".{name}.partial-{}", std::process::id()));
     super::private_dir(&work).map_err(io_at(&work))?;
     let result = build(state_dir, master, &work, progress);
@@ -342,4 +343,24 @@ fn sync_tree(root: &Path) -> Result<(), BackupError> {
         }
     }
     crate::store::fsync_dir(root).map_err(io_at(root))
+}
+
+/// Removes the hidden folders of earlier backups to the same destination whose process is gone
+/// (killed in the middle of its copy): they never became a backup, and nothing else cleans them.
+fn remove_abandoned_partials(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.partial-");
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(pid) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else { continue };
+        let Ok(pid) = pid.parse::<i32>() else { continue };
+        let gone = matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        );
+        if gone {
+            tracing::info!(path = %e.path().display(), "removing an abandoned partial backup");
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
