@@ -260,7 +260,8 @@ impl FhirSync {
         while let Some(mut g) = rest.next() {
             let uncertain =
                 self.uncertain.lock().unwrap_or_else(|p| p.into_inner()).contains(&g.entity());
-            if uncertain && g.upstream_version.is_none() && g.resource.is_some() {
+            let ours = g.resource.clone().filter(|_| uncertain && g.upstream_version.is_none());
+            if let Some(ours) = ours {
                 let looked = self.fetch_upstream(&g).await;
                 if looked.is_ok() {
                     // Known now; a failed look keeps the resource uncertain.
@@ -268,8 +269,7 @@ impl FhirSync {
                 }
                 match looked {
                     Ok((Some(theirs), version)) => {
-                        let ours = g.resource.as_ref().expect("checked");
-                        if content_of(ours) == content_of(&theirs) {
+                        if content_of(&ours) == content_of(&theirs) {
                             if let Err(e) = self.ack_group(&g, Some(version)).await {
                                 out.push(g);
                                 out.extend(rest);
