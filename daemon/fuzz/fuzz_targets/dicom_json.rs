@@ -1,7 +1,7 @@
 //! DICOM JSON (WADO-RS metadata, QIDO-RS) of a stored, possibly crafted, instance.
 #![no_main]
-use libfuzzer_sys::fuzz_target;
 use hms_edge::dicomweb::json::{WalkOptions, walk};
+use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&first, rest)) = data.split_first() else { return };

@@ -1,8 +1,8 @@
 //! Every small DIMSE data set: C-FIND and worklist identifiers, C-GET/C-MOVE identifiers,
 //! Storage Commitment N-ACTION and MPPS N-CREATE/N-SET data sets, in both transfer syntaxes.
 #![no_main]
-use libfuzzer_sys::fuzz_target;
 use hms_edge::dicom::{commitment, mpps, query, retrieve, worklist};
+use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&first, rest)) = data.split_first() else { return };
@@ -10,7 +10,11 @@ fuzz_target!(|data: &[u8]| {
     match (first >> 1) % 5 {
         0 => drop(query::parse_identifier(rest, ts)),
         1 => drop(worklist::parse_identifier(rest, ts)),
-        2 => drop(retrieve::parse_identifier(rest, ts, hms_edge::dicom::uids::RetrieveModel::StudyRoot)),
+        2 => drop(retrieve::parse_identifier(
+            rest,
+            ts,
+            hms_edge::dicom::uids::RetrieveModel::StudyRoot,
+        )),
         3 => drop(commitment::parse_request(rest, ts)),
         _ => drop(mpps::parse(rest, ts)),
     }

@@ -1,8 +1,8 @@
 //! Request bodies of the internal API (from hms-edge-agent): the upstream resources a pull
 //! applies go through the same indexing as local writes.
 #![no_main]
-use libfuzzer_sys::fuzz_target;
 use hms_edge::sync::api::{AckRequest, ApplyRequest, FailRequest, LeaseRequest};
+use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let _ = serde_json::from_slice::<LeaseRequest>(data);

@@ -1,7 +1,7 @@
 //! The STOW-RS multipart/related parser, fed in uneven pieces.
 #![no_main]
-use libfuzzer_sys::fuzz_target;
 use hms_edge::dicomweb::multipart::{MediaType, Parser};
+use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Some(nl) = data.iter().position(|&b| b == b'\n') else { return };

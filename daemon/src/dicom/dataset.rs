@@ -519,6 +519,11 @@ pub fn check_nesting(bytes: &[u8], explicit_vr: bool) -> Result<(), String> {
                 (None, u32_at(pos + 4).ok_or_else(truncated)?, 8)
             } else {
                 let vr = bytes.get(pos + 4..pos + 6).ok_or_else(truncated)?;
+                // A VR the object model does not know it reads with another length layout and
+                // could take a short value's bytes for a huge length (and allocate it): refuse.
+                if VR::from_binary([vr[0], vr[1]]).is_none() {
+                    return Err(format!("unknown VR {:?}", String::from_utf8_lossy(vr)));
+                }
                 if has_long_length(vr) {
                     (Some([vr[0], vr[1]]), u32_at(pos + 8).ok_or_else(truncated)?, 12)
                 } else {
@@ -627,6 +632,14 @@ mod tests {
         assert!(check_nesting(&nested_implicit(3, false), false).is_err());
         assert!(check_nesting(&[0x10, 0x00, 0x10, 0x00, 9, 0, 0, 0, b'A'], false).is_err());
         assert!(check_nesting(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0], false).is_err());
+        // Found by the fuzzer: an unknown VR ("QI") that the object model read as a 4-byte
+        // length of 775 MB and allocated.
+        let mut crafted = vec![0x20, 0x00, 0x0D, 0x00, b'Q', b'I', 0x2a, 0x00];
+        crafted.extend_from_slice(b"1.2.840.10008.5.1.4.1.1.4.1.2.3.4.5.6.7.8.9");
+        crafted.truncate(8 + 0x2a);
+        crafted.resize(8 + 0x2a, b'1');
+        assert!(check_nesting(&crafted, true).unwrap_err().contains("unknown VR"));
+        assert!(read_small(&crafted, "1.2.840.10008.1.2.1").is_err());
         // Other transfer syntaxes are not taken for these small data sets.
         assert!(read_small(&nested_implicit(1, true), "1.2.840.10008.1.2.2").is_err());
     }
