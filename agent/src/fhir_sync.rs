@@ -239,17 +239,19 @@ impl FhirSync {
 
     /// Remembers that the pushes of `groups` may have been applied although they failed.
     fn mark_uncertain(&self, groups: &[Group], e: &UpstreamError) {
+        tracing::debug!(resources = groups.len(), error = %e, uncertain = maybe_applied(e), "push failed");
         if maybe_applied(e) {
             let mut set = self.uncertain.lock().unwrap_or_else(|p| p.into_inner());
             set.extend(groups.iter().map(Group::entity));
         }
     }
 
-    /// A resource whose earlier push failed (see [`FhirSync::mark_uncertain`]) before upstream ever confirmed a
-    /// version of it may be upstream already: the push reached it and only the answer was lost
-    /// (a timeout on a black-holed link). A blind PUT would then write a second version. So look
-    /// first: upstream holds our content → acknowledge without writing; it holds an earlier push
-    /// of ours → write with `If-Match` on that version; it holds nothing → push as usual.
+    /// A resource whose earlier push failed without an answer (see
+    /// [`FhirSync::mark_uncertain`]) may be upstream already: the push reached it and only the
+    /// answer was lost (a timeout on a black-holed link). Pushing again would write a second
+    /// version. So look first: upstream holds our content → acknowledge without writing; it
+    /// holds an earlier push of a resource it never confirmed → write with `If-Match` on that
+    /// version; otherwise push as usual (a known version keeps its `If-Match`).
     async fn settle_uncertain(
         &self,
         groups: Vec<Group>,
@@ -260,13 +262,17 @@ impl FhirSync {
         while let Some(mut g) = rest.next() {
             let uncertain =
                 self.uncertain.lock().unwrap_or_else(|p| p.into_inner()).contains(&g.entity());
-            let ours = g.resource.clone().filter(|_| uncertain && g.upstream_version.is_none());
+            // Whether or not a version upstream is known: the pull channel may have recorded the
+            // version our unanswered push created (an echo), and a write with `If-Match` on it
+            // would make a second one.
+            let ours = g.resource.clone().filter(|_| uncertain);
             if let Some(ours) = ours {
                 let looked = self.fetch_upstream(&g).await;
                 if looked.is_ok() {
                     // Known now; a failed look keeps the resource uncertain.
                     self.uncertain.lock().unwrap_or_else(|p| p.into_inner()).remove(&g.entity());
                 }
+                tracing::debug!(entity = %g.entity(), found = ?looked.as_ref().map(|(r, v)| (r.is_some(), v.clone())).ok(), "looked up a resource whose push got no answer");
                 match looked {
                     Ok((Some(theirs), version)) => {
                         if content_of(&ours) == content_of(&theirs) {
@@ -279,7 +285,11 @@ impl FhirSync {
                             settled += 1;
                             continue;
                         }
-                        g.upstream_version = Some(version);
+                        // Never confirmed: what upstream holds is an earlier push of ours.
+                        // Known: keep it, so that an upstream edit meanwhile is a 412 (conflict).
+                        if g.upstream_version.is_none() {
+                            g.upstream_version = Some(version);
+                        }
                     }
                     Ok((None, _)) => {}
                     Err(e) => {

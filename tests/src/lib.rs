@@ -349,3 +349,26 @@ pub fn write_secret(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 pub mod peers;
+
+/// A TLS connection to the daemon's HTTPS listener at `addr`, trusting the development CA of
+/// `state_dir` (real TLS, nothing switched off), for tests that write raw HTTP bytes.
+pub fn raw_tls(
+    state_dir: &Path,
+    addr: SocketAddr,
+    read_timeout: Duration,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(state_dir.join("tls/ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = Arc::new(
+        rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth(),
+    );
+    let conn = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
+    let sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(read_timeout)).unwrap();
+    rustls::StreamOwned::new(conn, sock)
+}

@@ -194,6 +194,23 @@ fn recover_and_check(d: DaemonProc, work: &Path) -> (BTreeSet<String>, BTreeSet<
     (sops, patients)
 }
 
+/// After a fault cleared: `n` more instances store without a restart and `/readyz` is 200; then
+/// the daemon stops and the store is checked ([`recover_and_check`]). Returns the instances and
+/// Patients found, and the SOP Instance UIDs stored after the fault.
+fn after_fault(
+    d: DaemonProc,
+    work: &Path,
+    n: usize,
+) -> (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>) {
+    let more = ct_clones(&work.join("after"), n);
+    let again: Vec<PathBuf> = more.iter().map(|(f, _)| f.clone()).collect();
+    assert_eq!(storescu(d.dicom.port(), &again).len(), n, "log:\n{}", d.log_text());
+    let (code, body) = http_get(d.admin, "/readyz");
+    assert_eq!(code, 200, "{body}");
+    let (sops, patients) = recover_and_check(d, work);
+    (sops, patients, more.into_iter().map(|(_, u)| u).collect())
+}
+
 /// A tmpfs of `mib` MiB mounted on `dir` for the test's life.
 struct Tmpfs(PathBuf);
 
@@ -271,14 +288,9 @@ fn disk_full_during_storms_loses_nothing_and_recovers_by_itself() {
     assert!(body.contains("disk"), "{body}");
     // Space returns: the box takes images and charts again without an operator.
     std::fs::remove_file(filler).unwrap();
-    let more = ct_clones(&work.path().join("ct2"), 3);
-    let again: Vec<PathBuf> = more.iter().map(|(f, _)| f.clone()).collect();
-    assert_eq!(storescu(d.dicom.port(), &again).len(), 3, "log:\n{}", d.log_text());
-    let (code, body) = http_get(d.admin, "/readyz");
-    assert_eq!(code, 200, "{body}");
-    let (sops, patients) = recover_and_check(d, work.path());
+    let (sops, patients, more) = after_fault(d, work.path(), 3);
     let mut expected = s.acked_sops.clone();
-    expected.extend(more.iter().map(|(_, u)| u.clone()));
+    expected.extend(more);
     assert_eq!(sops, expected, "instances found after recovery != instances acknowledged");
     assert!(s.acked_patients.is_subset(&patients));
     // Patients found = acknowledged (+ none that were refused).
@@ -334,14 +346,9 @@ fn fsync_and_write_errors_during_storms_lose_nothing_acknowledged() {
     );
     assert!(s.fhir_failures.iter().all(|&c| c == 503), "{:?}", s.fhir_failures);
     // The faults cleared: the box works again, by itself.
-    let more = ct_clones(&work.path().join("ct2"), 2);
-    let again: Vec<PathBuf> = more.iter().map(|(f, _)| f.clone()).collect();
-    assert_eq!(storescu(d.dicom.port(), &again).len(), 2, "log:\n{}", d.log_text());
-    let (code, body) = http_get(d.admin, "/readyz");
-    assert_eq!(code, 200, "{body}");
-    let (sops, patients) = recover_and_check(d, work.path());
+    let (sops, patients, more) = after_fault(d, work.path(), 2);
     let mut expected = s.acked_sops.clone();
-    expected.extend(more.iter().map(|(_, u)| u.clone()));
+    expected.extend(more);
     assert_eq!(sops, expected, "instances found after recovery != instances acknowledged");
     assert_eq!(patients, s.acked_patients, "Patients found != Patients acknowledged");
     println!(

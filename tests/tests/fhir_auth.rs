@@ -441,20 +441,8 @@ fn tokens_are_held_to_exactly_what_they_grant() {
 /// Sends `head` over TLS and returns the response head (what arrived within 20 s).
 fn raw_request(e: &Env, head: &str) -> String {
     use std::io::{Read, Write};
-    let ca = e.d.state_dir().join("tls/ca.pem");
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let cfg = std::sync::Arc::new(
-        rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth(),
-    );
-    let conn = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
-    let sock = std::net::TcpStream::connect(e.d.fhir).unwrap();
-    sock.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let mut tls =
+        hms_edge_tests::raw_tls(&e.d.state_dir(), e.d.fhir, std::time::Duration::from_secs(20));
     tls.write_all(head.as_bytes()).unwrap();
     let mut buf = vec![0u8; 4096];
     let mut got = Vec::new();

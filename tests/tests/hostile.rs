@@ -275,21 +275,7 @@ fn six_hundred_idle_connections_per_listener_lock_nobody_out() {
 fn slow_headers_on_the_https_port_are_cut_off() {
     use std::io::{Read, Write};
     let b = start();
-    let ca = b.d.state_dir().join("tls/ca.pem");
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let cfg = std::sync::Arc::new(
-        rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth(),
-    );
-    let conn = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
-    let sock = std::net::TcpStream::connect(b.d.fhir).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let mut tls = hms_edge_tests::raw_tls(&b.d.state_dir(), b.d.fhir, Duration::from_secs(60));
     // Half a request, then silence (slow-loris).
     tls.write_all(b"GET /fhir/metadata HTTP/1.1\r\nHost: localhost\r\n").unwrap();
     let started = Instant::now();

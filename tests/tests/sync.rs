@@ -973,7 +973,7 @@ fn black_holed_upstream_mid_drain_loses_and_duplicates_nothing() {
             twice.push(id.to_owned());
         }
     }
-    assert!(twice.is_empty(), "written more than once upstream: {twice:?}");
+    assert!(twice.is_empty(), "written more than once upstream: {twice:?}\n{}", c.logs());
     println!(
         "FAULT|upstream FHIR link black-holed (relay swallowing bytes) mid-drain|ward writes: all 200 at once; agent: timeouts, {held} changes held|{PATIENTS} Patients|{PATIENTS} upstream, one version each|outbox empty, 0 parked"
     );
