@@ -71,6 +71,11 @@ try:
 except ImportError:
     print("fuzz-seeds: pydicom not installed; DICOM seeds skipped", file=sys.stderr)
 
+# Inputs that once crashed a target (kept as seeds so every run replays them).
+# dimse_identifiers: an unknown VR read as a 775 MB length by the object model (fixed: refused).
+put("dimse_identifiers", "regression-unknown-vr-oom", bytes.fromhex(
+    "05080052004353060053545544592008009511554b0600322e32352e31080099115351000060000000feff00e0580000000800501155491a00312e322e3834302e31303030382e352e312e342e312e312e34000800551155492e00312e332e362e312e342e312e353936322e312e312e342e312e312e32303034303832363138353035392e35343537100020004c4f02002a2020000d0051492a00312e332e362e302e39343231362e2e352e312e322e342e32303034303832363138353035392e35343537400000015351000012000000feff00e00a000000080060004353020043544000520243530c00494e2050524f475245535320"))
+
 # DIMSE command sets and PDUs.
 echo = elem_implicit(0, 0x0002, b"1.2.840.10008.1.1") + elem_implicit(0, 0x0100, struct.pack("<H", 0x30)) \
     + elem_implicit(0, 0x0110, struct.pack("<H", 1)) + elem_implicit(0, 0x0800, struct.pack("<H", 0x0101))
