@@ -536,6 +536,32 @@ pub fn check_nesting(bytes: &[u8], explicit_vr: bool) -> Result<(), String> {
                     .by_tag(Tag(group, element))
                     .is_some_and(|e| matches!(e.vr(), VirtualVr::Exact(VR::SQ)));
             let sequence = vr == Some(*b"SQ") || len == UNDEFINED || dictionary_sq;
+            // A binary value whose length is not a whole number of its items is consumed short
+            // by the object model, which then reads the next header out of step (the fuzzer
+            // found a 2.2 GB "length" that way): refuse it, as the standard does.
+            if !sequence && len != UNDEFINED {
+                let effective = match vr {
+                    Some(v) => VR::from_binary(v),
+                    None => {
+                        match StandardDataDictionary.by_tag(Tag(group, element)).map(|e| e.vr()) {
+                            Some(VirtualVr::Exact(v)) => Some(v),
+                            Some(_) => Some(VR::OW), // US/SS or OB/OW by context: 2-byte items at most
+                            None => None,
+                        }
+                    }
+                };
+                let item = match effective {
+                    Some(VR::US | VR::SS | VR::OW) => 2,
+                    Some(VR::UL | VR::SL | VR::FL | VR::OL | VR::OF | VR::AT) => 4,
+                    Some(VR::FD | VR::OD | VR::SV | VR::UV | VR::OV) => 8,
+                    _ => 1,
+                };
+                if len % item != 0 {
+                    return Err(format!(
+                        "({group:04X},{element:04X}): a value of {len} bytes is not a whole number of {item}-byte items"
+                    ));
+                }
+            }
             if sequence {
                 let end = if len == UNDEFINED {
                     None
@@ -640,6 +666,14 @@ mod tests {
         crafted.resize(8 + 0x2a, b'1');
         assert!(check_nesting(&crafted, true).unwrap_err().contains("unknown VR"));
         assert!(read_small(&crafted, "1.2.840.10008.1.2.1").is_err());
+        // Found by the fuzzer: (0000,0000) UL of 39 bytes; the object model read 36, then the
+        // next header out of step, and allocated a 2.2 GB value.
+        let mut short = vec![0u8; 8 * 6];
+        short.extend_from_slice(&[0, 0, 0, 0, 0x27, 0, 0, 0]);
+        short.extend_from_slice(&[0u8; 0x27]);
+        short.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(check_nesting(&short, false).unwrap_err().contains("whole number"));
+        assert!(read_small(&short, "1.2.840.10008.1.2").is_err());
         // Other transfer syntaxes are not taken for these small data sets.
         assert!(read_small(&nested_implicit(1, true), "1.2.840.10008.1.2.2").is_err());
     }
