@@ -97,8 +97,9 @@ impl Drop for GatePermit {
     }
 }
 
-/// An IPv4 address mapped into IPv6 counts as that IPv4 address.
-fn canonical(a: IpAddr) -> IpAddr {
+/// An IPv4 address mapped into IPv6 counts as that IPv4 address (the gate and the DICOM
+/// allow-list compare addresses this way).
+pub fn canonical(a: IpAddr) -> IpAddr {
     match a {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, IpAddr::V4),
         v4 => v4,

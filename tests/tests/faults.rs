@@ -16,7 +16,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dicom_common::{peer, run, storescu, testfiles};
+use dicom_common::{peer, storescu, testfiles};
 use hms_edge::keys::load_key_file;
 use hms_edge::store::{Store, StoreOptions};
 use hms_edge_tests::{DaemonOptions, DaemonProc, bin, fhir_client, http_get};
@@ -56,36 +56,9 @@ fn storm(d: &DaemonProc, files: &[(PathBuf, String)], patients: usize) -> Storm 
     let stores = std::thread::spawn(move || {
         let mut acked = Vec::new();
         for chunk in chunks {
-            let out = run(dicom_common::dcmtk("storescu")
-                .env("TCP_NODELAY", "1")
-                .args([
-                    "-v",
-                    "-to",
-                    "20",
-                    "-ta",
-                    "20",
-                    "-td",
-                    "20",
-                    "-aec",
-                    dicom_common::AE,
-                    "127.0.0.1",
-                ])
-                .arg(port.to_string())
-                .args(&chunk));
-            let mut current: Option<PathBuf> = None;
-            for line in String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .chain(String::from_utf8_lossy(&out.stdout).lines())
-            {
-                if let Some(f) = line.strip_prefix("I: Sending file: ") {
-                    current = Some(PathBuf::from(f.trim()));
-                } else if line.starts_with("I: Received Store Response (Success)") {
-                    acked.extend(current.take());
-                } else if line.starts_with("I: Received Store Response") {
-                    fails.lock().unwrap().push(line.to_owned());
-                    current = None;
-                }
-            }
+            let (ok, failed) = dicom_common::storescu_outcomes(port, &chunk);
+            acked.extend(ok);
+            fails.lock().unwrap().extend(failed);
         }
         acked
     });

@@ -81,12 +81,7 @@ impl AccessPolicy {
 }
 
 /// IPv4-mapped IPv6 addresses compare as IPv4.
-fn canonical(a: IpAddr) -> IpAddr {
-    match a {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(a),
-        v4 => v4,
-    }
-}
+use crate::conn_gate::canonical;
 
 /// An accepted presentation context.
 #[derive(Debug, Clone, PartialEq, Eq)]

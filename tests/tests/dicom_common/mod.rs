@@ -368,12 +368,17 @@ impl Drop for ChildGuard {
 /// One DCMTK storescu association over `files` (TCP_NODELAY, 10 s timeouts); returns the files it
 /// got a Success response for, parsed from its verbose log.
 pub fn storescu(port: u16, files: &[PathBuf]) -> Vec<PathBuf> {
+    storescu_outcomes(port, files).0
+}
+
+/// [`storescu`], plus the response lines of the instances that were not stored.
+pub fn storescu_outcomes(port: u16, files: &[PathBuf]) -> (Vec<PathBuf>, Vec<String>) {
     let out = run(dcmtk("storescu")
         .env("TCP_NODELAY", "1")
         .args(["-v", "-to", "10", "-ta", "10", "-td", "10", "-aec", AE, "127.0.0.1"])
         .arg(port.to_string())
         .args(files));
-    let mut acked = Vec::new();
+    let (mut acked, mut failed) = (Vec::new(), Vec::new());
     for stream in [&out.stdout, &out.stderr] {
         let mut current: Option<PathBuf> = None;
         for line in String::from_utf8_lossy(stream).lines() {
@@ -382,9 +387,10 @@ pub fn storescu(port: u16, files: &[PathBuf]) -> Vec<PathBuf> {
             } else if line.starts_with("I: Received Store Response (Success)") {
                 acked.push(current.take().expect("a response names no file"));
             } else if line.starts_with("I: Received Store Response") {
+                failed.push(line.to_owned());
                 current = None;
             }
         }
     }
-    acked
+    (acked, failed)
 }
