@@ -53,15 +53,20 @@ fn storm(d: &DaemonProc, files: &[(PathBuf, String)], patients: usize) -> Storm 
     let chunks: Vec<Vec<PathBuf>> =
         files.chunks(25).map(|c| c.iter().map(|(f, _)| f.clone()).collect()).collect();
     let fails = dicom_failures.clone();
+    // The FHIR storm starts once the first association is done, so that a disk about to fill
+    // up takes some instances before the Patients use the space up (else the test is flaky).
+    let (first_done, wait_first) = std::sync::mpsc::channel();
     let stores = std::thread::spawn(move || {
         let mut acked = Vec::new();
         for chunk in chunks {
             let (ok, failed) = dicom_common::storescu_outcomes(port, &chunk);
             acked.extend(ok);
             fails.lock().unwrap().extend(failed);
+            let _ = first_done.send(());
         }
         acked
     });
+    let _ = wait_first.recv();
     let c = fhir_client(&d.state_dir().join("tls/cert.pem"));
     let base = d.fhir_base();
     let mut acked_patients = BTreeSet::new();
