@@ -21,9 +21,9 @@ use alloy::signers::local::PrivateKeySigner;
 use alloy::sol;
 use alloy::sol_types::SolCall;
 use anyhow::{Context, anyhow, bail};
-use hms_edge::config::ChainConfig;
-use hms_edge::ledger::anchor::{AnchorRow, AnchorUpdate, AnchorsView, CheckpointInfo, NewAnchor};
-use hms_edge::sync::client::InternalClient;
+use hms_edge_config::ChainConfig;
+use hms_edge_wire::anchor::{AnchorRow, AnchorUpdate, AnchorsView, CheckpointInfo, NewAnchor};
+use hms_edge_wire::client::InternalClient;
 use tokio_util::sync::CancellationToken;
 
 sol! {
@@ -51,7 +51,7 @@ pub fn load_signer(cfg: &ChainConfig) -> anyhow::Result<PrivateKeySigner> {
         })?;
         Path::new(&dir).join(CREDENTIAL_NAME)
     };
-    let key = hms_edge::keys::load_key_file(&path)?;
+    let key = hms_edge_config::keys::load_key_file(&path)?;
     PrivateKeySigner::from_bytes(&B256::from(*key.expose()))
         .map_err(|_| anyhow!("{} is not a valid secp256k1 private key", path.display()))
 }
@@ -225,7 +225,7 @@ impl Anchorer {
         if self.last_anchor_at.is_none() {
             // After a restart, time the interval from the last confirmed anchor.
             self.last_anchor_at = view.last_confirmed.as_ref().map(|a| {
-                let age = (hms_edge::store::now_ms() - a.updated_at_ms).max(0) as u64;
+                let age = (crate::now_ms() - a.updated_at_ms).max(0) as u64;
                 Instant::now().checked_sub(Duration::from_millis(age)).unwrap_or_else(Instant::now)
             });
         }
@@ -284,7 +284,7 @@ mod tests {
     /// library: it must be the event's real signature hash.
     #[test]
     fn anchored_topic_matches_the_daemons_constant() {
-        assert_eq!(hex::encode(Anchored::SIGNATURE_HASH), hms_edge::ledger::anchor::ANCHORED_TOPIC);
+        assert_eq!(hex::encode(Anchored::SIGNATURE_HASH), hms_edge_wire::anchor::ANCHORED_TOPIC);
         assert_eq!(hex::encode(anchorCall::SELECTOR), "70c127c6");
         assert!(BYTECODE_HEX.trim().len() > 100 && hex::decode(BYTECODE_HEX.trim()).is_ok());
     }

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use dicom_ul::ClientAssociationOptions;
 use dicom_ul::pdu::{PDataValue, PDataValueType, Pdu, PresentationContextResultReason};
-use hms_edge::dicom::dataset::part10_dataset_offset;
-use hms_edge::dicom::dimse::{Command, field, status, tag};
-use hms_edge::sync::client::InternalClient;
+use hms_edge_dicom::dataset::part10_dataset_offset;
+use hms_edge_dicom::dimse::{Command, field, status, tag};
+use hms_edge_wire::client::InternalClient;
 use http_body_util::BodyExt;
 
 /// Study Root Query/Retrieve Information Model – FIND.

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use hms_edge::sync::api::*;
-use hms_edge::sync::client::InternalClient;
+use hms_edge_wire::api::*;
+use hms_edge_wire::client::InternalClient;
 use http_body_util::BodyExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};

@@ -1,8 +1,8 @@
 //! Durable events: the agent's own events (sync.progress, sync.conflict, health) go into the
 //! daemon's change log first, then the MQTT channel publishes them. Nothing waits in memory.
 
-use hms_edge::sync::api::EventRequest;
-use hms_edge::sync::client::InternalClient;
+use hms_edge_wire::api::EventRequest;
+use hms_edge_wire::client::InternalClient;
 
 /// Whether a broker is configured. Without one the agent records no events of its own (they would
 /// only pile up in the outbox of a box that has no broker).

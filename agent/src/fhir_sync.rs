@@ -15,10 +15,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use hms_edge::config::UpstreamConfig;
-use hms_edge::sync::api::*;
-use hms_edge::sync::client::InternalClient;
-use hms_edge::sync::{SITE_SOURCE_PREFIX, TENANT_TAG_SYSTEM, content_of};
+use hms_edge_config::UpstreamConfig;
+use hms_edge_wire::api::*;
+use hms_edge_wire::client::InternalClient;
+use hms_edge_wire::{SITE_SOURCE_PREFIX, TENANT_TAG_SYSTEM, content_of};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 

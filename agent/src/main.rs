@@ -22,17 +22,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use hms_edge::config::{self, Config};
-use hms_edge::sync::api::{Affected, CHANNELS, StatusResponse};
-use hms_edge::sync::client::InternalClient;
-use hms_edge::{keys, logging, tls};
+use hms_edge_config::{self as config, Config};
+use hms_edge_config::{keys, logging};
+use hms_edge_wire::api::{Affected, CHANNELS, StatusResponse};
+use hms_edge_wire::client::InternalClient;
 use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::{ChannelStats, run_loop};
 use crate::dicom_forward::Transport;
-use hms_edge::config::PacsMode;
+use hms_edge_config::PacsMode;
 
 /// The WAN side of the hms-edge appliance: upstream FHIR sync, DICOM forwarding, MQTT events.
 #[derive(Debug, Parser)]
@@ -67,6 +67,14 @@ const EXIT_CONFIG: u8 = 78;
 /// Seconds between `health` events.
 const HEALTH_EVERY: Duration = Duration::from_secs(300);
 
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     keys::harden_process();
@@ -79,7 +87,9 @@ fn main() -> ExitCode {
         }
     };
     let _log = logging::init(&config.log);
-    tls::install_crypto_provider();
+    // ring as the process-wide rustls provider (ring and aws-lc-rs both get compiled in
+    // through dependencies; rustls refuses to guess).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -113,7 +123,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
-    let socket = hms_edge::sync::internal::socket_path(&cfg.internal.socket, &cfg.state_dir());
+    let socket = hms_edge_wire::socket_path(&cfg.internal.socket, &cfg.state_dir());
     let internal = InternalClient::new(&socket);
     let timeout = Duration::from_secs(cfg.upstream.request_timeout_secs);
     let http = upstream::http_client(&cfg.upstream.ca_file, timeout)?;

@@ -10,9 +10,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hms_edge::config::MqttConfig;
-use hms_edge::sync::api::*;
-use hms_edge::sync::client::InternalClient;
+use hms_edge_config::MqttConfig;
+use hms_edge_wire::api::*;
+use hms_edge_wire::client::InternalClient;
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS, Transport};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};

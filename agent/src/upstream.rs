@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hms_edge::config::{Config, TenantMode};
+use hms_edge_config::{Config, TenantMode};
 use reqwest::{RequestBuilder, Response, StatusCode};
 use tokio::sync::Mutex;
 use zeroize::Zeroizing;

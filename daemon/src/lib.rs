@@ -2,18 +2,18 @@
 
 pub mod admin;
 pub mod audit;
-pub mod config;
 pub mod conn_gate;
 pub mod dicom;
 pub mod dicomweb;
 pub mod fhir;
 pub mod https;
-pub mod keys;
 pub mod ledger;
-pub mod logging;
 pub mod ops;
 pub mod server;
 pub mod site_status;
 pub mod store;
 pub mod sync;
 pub mod tls;
+
+pub use hms_edge_config as config;
+pub use hms_edge_config::{keys, logging};

@@ -23,7 +23,7 @@ use super::dataset::FileMeta;
 use super::dimse::{self, Command, field, status, tag};
 use super::index::{self, Recorded};
 use super::negotiate::{self, AcceptedContext, Association};
-use super::pdu::{self, FramingError, Incoming, PduReader, Pdv};
+use super::pdu::{self, FramingError, Incoming, PduReader, Pdv, ReadPdu};
 use super::query;
 use super::sink::{SinkError, SinkHandle};
 use super::uids::{self, ServiceKind};

@@ -21,8 +21,6 @@
 pub mod assoc;
 pub mod commitment;
 pub mod conformance;
-pub mod dataset;
-pub mod dimse;
 pub mod export;
 pub mod index;
 pub mod mpps;
@@ -33,8 +31,9 @@ pub mod quickack;
 pub mod retrieve;
 pub mod scu;
 pub mod sink;
-pub mod uids;
 pub mod worklist;
+
+pub use hms_edge_dicom::{dataset, dimse, uids};
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::dimse::{Command, field, tag};
-use super::pdu::{self, Incoming, PduReader};
+use super::pdu::{self, Incoming, PduReader, ReadPdu};
 use super::retrieve::{self, SendError, Target};
 use super::uids::{APPLICATION_CONTEXT, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
 use crate::config::MoveDestination;

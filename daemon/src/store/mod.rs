@@ -777,15 +777,4 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// fsyncs a directory so that a rename or create inside it survives power loss.
-pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// fsyncs the folder holding `path`.
-pub fn fsync_parent(path: &Path) -> std::io::Result<()> {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => fsync_dir(p),
-        _ => fsync_dir(Path::new(".")),
-    }
-}
+pub use hms_edge_config::fsync::{fsync_dir, fsync_parent};

@@ -5,7 +5,7 @@
 //! Patient data that leaves through here (leased FHIR resources, DICOM streams, applied upstream
 //! resources) is audited with actor `hms-edge-agent`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use axum::Router;
@@ -58,18 +58,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// The socket path: configured, else `$RUNTIME_DIRECTORY/agent.sock` under systemd, else beside
-/// the state folder's database.
-pub fn socket_path(configured: &Path, state_dir: &Path) -> PathBuf {
-    if !configured.as_os_str().is_empty() {
-        return configured.to_owned();
-    }
-    match std::env::var_os("RUNTIME_DIRECTORY") {
-        Some(d) => PathBuf::from(d.to_string_lossy().split(':').next().unwrap_or(""))
-            .join(super::SOCKET_NAME),
-        None => state_dir.join(super::SOCKET_NAME),
-    }
-}
+pub use hms_edge_wire::socket_path;
 
 /// Serves until `shutdown` is cancelled.
 pub async fn serve(listener: UnixListener, ctx: Arc<InternalContext>, shutdown: CancellationToken) {

@@ -7,9 +7,7 @@
 //! Everything the agent may do is a route in [`internal`]; the wire types are in [`api`], which
 //! the agent links too.
 
-pub mod api;
 pub mod apply;
-pub mod client;
 pub mod internal;
 pub mod outbox;
 
@@ -41,28 +39,7 @@ pub const MIGRATION: &str = r#"
     CREATE INDEX sync_conflicts_by_state ON sync_conflicts (state, id);
 "#;
 
-/// `meta.tag` system that names the tenant on every resource pushed upstream.
-pub const TENANT_TAG_SYSTEM: &str = "urn:hms-edge:tenant";
-
-/// `meta.source` prefix naming the site a resource was written at.
-pub const SITE_SOURCE_PREFIX: &str = "urn:hms-edge:site:";
-
-/// Socket file name under the runtime (or, in development, the state) folder.
-pub const SOCKET_NAME: &str = "agent.sock";
-
-/// The tenant a resource's tags name, if any.
-pub fn tenant_of(resource: &serde_json::Value) -> Option<&str> {
-    resource.pointer("/meta/tag")?.as_array()?.iter().find_map(|t| {
-        (t.get("system")?.as_str()? == TENANT_TAG_SYSTEM).then(|| t.get("code")?.as_str())?
-    })
-}
-
-/// A resource without its `meta` (version, timestamps, tags): what "same content" compares.
-pub fn content_of(resource: &serde_json::Value) -> serde_json::Value {
-    let mut v = resource.clone();
-    if let Some(o) = v.as_object_mut() {
-        o.remove("meta");
-        o.remove("text");
-    }
-    v
-}
+pub use hms_edge_wire::{
+    SITE_SOURCE_PREFIX, SOCKET_NAME, TENANT_TAG_SYSTEM, api, client, content_of, socket_path,
+    tenant_of,
+};

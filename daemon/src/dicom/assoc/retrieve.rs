@@ -16,7 +16,7 @@ use super::Session;
 use crate::config::MoveDestination;
 use crate::dicom::dimse::{Command, field, status, tag};
 use crate::dicom::negotiate::AcceptedContext;
-use crate::dicom::pdu::{self, Incoming, Pdv};
+use crate::dicom::pdu::{self, Incoming, Pdv, ReadPdu};
 use crate::dicom::query::QueryError;
 use crate::dicom::retrieve::{self, Counts, Outcome, SendError, Target};
 use crate::dicom::scu;

@@ -214,7 +214,7 @@ pub fn write_new_key_file(path: &Path, key: &Key) -> Result<(), KeyError> {
     f.write_all(hex.as_bytes()).map_err(io)?;
     f.write_all(b"\n").map_err(io)?;
     f.sync_all().map_err(io)?;
-    crate::store::fsync_parent(path).map_err(io)?;
+    crate::fsync::fsync_parent(path).map_err(io)?;
     Ok(())
 }
 

@@ -9,6 +9,10 @@
 //! No secret is ever held in this structure: secrets are *paths* to 0600 files or systemd credentials
 //! and are read by [`crate::keys`].
 
+pub mod fsync;
+pub mod keys;
+pub mod logging;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -431,7 +435,7 @@ pub struct UpstreamConfig {
     /// Resources per transaction Bundle pushed.
     pub batch_size: u32,
     /// Edge and upstream changed the same resource: `server-wins`, `client-wins` or `manual`.
-    pub conflict_policy: crate::sync::api::ConflictPolicy,
+    pub conflict_policy: hms_edge_wire::api::ConflictPolicy,
     /// Seconds between sync rounds (a round also starts on `sync-now` and after local changes).
     pub interval_secs: u64,
     /// Seconds one upstream request may take.
@@ -455,7 +459,7 @@ impl Default for UpstreamConfig {
             scope: String::new(),
             ca_file: PathBuf::new(),
             batch_size: DEFAULT_UPSTREAM_BATCH_SIZE,
-            conflict_policy: crate::sync::api::ConflictPolicy::ServerWins,
+            conflict_policy: hms_edge_wire::api::ConflictPolicy::ServerWins,
             interval_secs: DEFAULT_UPSTREAM_INTERVAL_SECS,
             request_timeout_secs: DEFAULT_UPSTREAM_TIMEOUT_SECS,
             max_backoff_secs: DEFAULT_UPSTREAM_MAX_BACKOFF_SECS,
@@ -1009,7 +1013,7 @@ mod tests {
     /// The example file must spell out every setting with its default value.
     #[test]
     fn example_config_equals_defaults() {
-        let text = include_str!("../../config/edge.toml");
+        let text = include_str!("../../../config/edge.toml");
         let example: toml::Table = toml::from_str(text).unwrap();
         let defaults = toml::Value::try_from(Config::default()).unwrap();
         assert_eq!(toml::Value::Table(example), defaults, "config/edge.toml differs from defaults");

@@ -5,7 +5,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
 
-use crate::config::{LogConfig, LogTarget};
+use crate::{LogConfig, LogTarget};
 
 /// Changes the log filter of the running process.
 #[derive(Clone)]
