@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 pub mod anchor;
 pub mod api;
+#[cfg(feature = "client")]
 pub mod client;
 
 /// `meta.tag` system that names the tenant on every resource pushed upstream.

@@ -1,6 +1,6 @@
 //! DICOM JSON (WADO-RS metadata, QIDO-RS) of a stored, possibly crafted, instance.
 #![no_main]
-use hms_edge::dicomweb::json::{WalkOptions, walk};
+use hms_edge_dicom::json::{WalkOptions, walk};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -3,8 +3,8 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(c) = hms_edge::dicom::dimse::Command::decode(data) {
+    if let Ok(c) = hms_edge_dicom::dimse::Command::decode(data) {
         let _ = (c.command_field(), c.message_id(), c.has_data_set());
-        let _ = hms_edge::dicom::dimse::Command::decode(&c.encode());
+        let _ = hms_edge_dicom::dimse::Command::decode(&c.encode());
     }
 });

@@ -1,7 +1,7 @@
 //! Every small DIMSE data set: C-FIND and worklist identifiers, C-GET/C-MOVE identifiers,
 //! Storage Commitment N-ACTION and MPPS N-CREATE/N-SET data sets, in both transfer syntaxes.
 #![no_main]
-use hms_edge::dicom::{commitment, mpps, query, retrieve, worklist};
+use hms_edge_dicom::{commitment, mpps, query, retrieve, worklist};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
         2 => drop(retrieve::parse_identifier(
             rest,
             ts,
-            hms_edge::dicom::uids::RetrieveModel::StudyRoot,
+            hms_edge_dicom::uids::RetrieveModel::StudyRoot,
         )),
         3 => drop(commitment::parse_request(rest, ts)),
         _ => drop(mpps::parse(rest, ts)),

@@ -15,5 +15,5 @@ fuzz_target!(|data: &[u8]| {
         })
         .collect();
     let rtype = TYPES[usize::from(first) % TYPES.len()];
-    let _ = hms_edge::fhir::search::parse(rtype, &pairs, first & 0x80 != 0);
+    let _ = hms_edge_fhir::search::parse(rtype, &pairs, first & 0x80 != 0);
 });

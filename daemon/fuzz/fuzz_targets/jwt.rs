@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     ));
     let mut f = tempfile::NamedTempFile::new().unwrap();
     f.write_all(jwks.as_bytes()).unwrap();
-    let Ok(v) = hms_edge::fhir::auth::Verifier::load(f.path(), "iss", "aud", 0, "tenant", "t")
+    let Ok(v) = hms_edge_fhir::auth::Verifier::load(f.path(), "iss", "aud", 0, "tenant", "t")
     else {
         return;
     };

@@ -1,22 +1,22 @@
-//! The PDU framing of every DICOM association: bytes off the socket, PDUs out.
+//! The PDU framing of every DICOM association: bytes off the socket, PDUs out. The input arrives
+//! in pieces (the first byte sets their size), as reads from a socket would.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
-thread_local! {
-    static RT: tokio::runtime::Runtime =
-        tokio::runtime::Builder::new_current_thread().build().unwrap();
-}
-
 fuzz_target!(|data: &[u8]| {
-    RT.with(|rt| {
-        rt.block_on(async {
-            let mut reader = hms_edge::dicom::pdu::PduReader::new(16 * 1024);
-            let mut input = data;
-            for _ in 0..64 {
-                if reader.read(&mut input).await.is_err() {
-                    break;
-                }
+    let Some((&first, rest)) = data.split_first() else { return };
+    let piece = usize::from(first).max(1);
+    let mut reader = hms_edge_dicom::pdu::PduReader::new(16 * 1024);
+    let mut pdus = 0;
+    'feed: for chunk in rest.chunks(piece) {
+        reader.read_buffer().extend_from_slice(chunk);
+        loop {
+            match reader.try_parse() {
+                Ok(Some(_)) if pdus < 64 => pdus += 1,
+                Ok(Some(_)) | Err(_) => break 'feed,
+                Ok(None) => break,
             }
-        })
-    });
+        }
+    }
+    let _ = reader.end_of_stream();
 });

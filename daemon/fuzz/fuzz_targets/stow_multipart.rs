@@ -1,6 +1,6 @@
 //! The STOW-RS multipart/related parser, fed in uneven pieces.
 #![no_main]
-use hms_edge::dicomweb::multipart::{MediaType, Parser};
+use hms_edge_dicom::multipart::{MediaType, Parser};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

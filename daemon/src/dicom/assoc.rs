@@ -684,7 +684,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         let limit = self.ctx.settings.max_find_results;
         let q2 = q.clone();
-        let found = self.ctx.store.read(move |conn| query::run(conn, &q2, limit)).await;
+        let found = self.ctx.store.read(move |conn| super::index::find(conn, &q2, limit)).await;
         let records = match found {
             Ok(Ok(r)) => r,
             Ok(Err(limit)) => {

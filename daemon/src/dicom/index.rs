@@ -3,6 +3,8 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::dataset::tags;
+use super::query::{Level, Query, Record, matches_key};
 use super::sink::ReceivedInstance;
 use crate::config::DuplicatePolicy;
 use crate::store::{BlobId, Change, StoreError, WriteTx, now_ms};
@@ -315,4 +317,166 @@ pub fn counts(conn: &Connection) -> Result<(u64, u64, u64), StoreError> {
             Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64))
         },
     )?)
+}
+
+// ---- C-FIND and QIDO-RS reads: candidates by unique keys, then `query::matches_key` ----
+
+/// Runs a query against the index; at most `limit` matches (`Err` beyond: the caller reports it).
+pub fn find(
+    conn: &Connection,
+    q: &Query,
+    limit: usize,
+) -> Result<Result<Vec<Record>, usize>, StoreError> {
+    let mut out = Vec::new();
+    let mut over = false;
+    for_each_match(conn, q, |rec| {
+        if out.len() == limit {
+            over = true;
+            return false;
+        }
+        out.push(rec);
+        true
+    })?;
+    Ok(if over { Err(limit) } else { Ok(out) })
+}
+
+/// The matches `offset..offset + take` and whether more follow: only that window is kept in
+/// memory (QIDO-RS `offset`/`limit`), however many studies match.
+pub fn find_page(
+    conn: &Connection,
+    q: &Query,
+    offset: usize,
+    take: usize,
+) -> Result<(Vec<Record>, bool), StoreError> {
+    let mut out = Vec::new();
+    let (mut seen, mut more) = (0usize, false);
+    for_each_match(conn, q, |rec| {
+        seen += 1;
+        if seen <= offset {
+            return true;
+        }
+        if out.len() == take {
+            more = true;
+            return false;
+        }
+        out.push(rec);
+        true
+    })?;
+    Ok((out, more))
+}
+
+/// Calls `f` with each match in order until it returns false.
+fn for_each_match(
+    conn: &Connection,
+    q: &Query,
+    mut f: impl FnMut(Record) -> bool,
+) -> Result<(), StoreError> {
+    let key = |tag: u32| q.keys.iter().find(|k| k.tag == tag && !k.value.is_empty());
+    let uid_list = |tag: u32| -> Option<String> {
+        key(tag).map(|k| {
+            serde_json::Value::from(k.value.split('\\').map(|s| s.trim()).collect::<Vec<_>>())
+                .to_string()
+        })
+    };
+    let patient_id = key(tags::PATIENT_ID)
+        .filter(|k| !k.value.contains(['*', '?', '\\']))
+        .map(|k| k.value.clone());
+    let studies = uid_list(tags::STUDY_INSTANCE_UID);
+    let series = uid_list(tags::SERIES_INSTANCE_UID);
+    let sops = uid_list(tags::SOP_INSTANCE_UID);
+
+    const STUDY_COLS: &str = "st.study_uid, st.study_date, st.study_time, st.accession_number,
+        st.study_id, st.study_description, st.referring_physician, p.patient_id, p.patient_name,
+        p.birth_date, p.sex,
+        (SELECT group_concat(DISTINCT modality) FROM dicom_series WHERE study_uid = st.study_uid),
+        (SELECT count(*) FROM dicom_series WHERE study_uid = st.study_uid),
+        (SELECT count(DISTINCT i.sop_uid) FROM dicom_instances i JOIN dicom_series se
+            ON i.series_uid = se.series_uid WHERE se.study_uid = st.study_uid)";
+    let filters = "(?1 IS NULL OR p.patient_id = ?1)
+        AND (?2 IS NULL OR st.study_uid IN (SELECT value FROM json_each(?2)))";
+    let sql = match q.level {
+        Level::Study => format!(
+            "SELECT {STUDY_COLS} FROM dicom_studies st JOIN dicom_patients p ON st.patient_pk = p.pk
+             WHERE {filters} ORDER BY st.study_date, st.study_uid"
+        ),
+        Level::Series => format!(
+            "SELECT {STUDY_COLS}, se.series_uid, se.modality, se.series_number,
+                se.series_description,
+                (SELECT count(DISTINCT sop_uid) FROM dicom_instances WHERE series_uid = se.series_uid)
+             FROM dicom_series se JOIN dicom_studies st ON se.study_uid = st.study_uid
+             JOIN dicom_patients p ON st.patient_pk = p.pk
+             WHERE {filters} AND (?3 IS NULL OR se.series_uid IN (SELECT value FROM json_each(?3)))
+             ORDER BY st.study_uid, se.series_number, se.series_uid"
+        ),
+        Level::Image => format!(
+            "SELECT {STUDY_COLS}, se.series_uid, se.modality, se.series_number,
+                se.series_description,
+                (SELECT count(DISTINCT sop_uid) FROM dicom_instances WHERE series_uid = se.series_uid),
+                i.sop_uid, i.sop_class_uid, i.instance_number, i.number_of_frames
+             FROM dicom_instances i JOIN dicom_series se ON i.series_uid = se.series_uid
+             JOIN dicom_studies st ON se.study_uid = st.study_uid
+             JOIN dicom_patients p ON st.patient_pk = p.pk
+             WHERE {filters} AND (?3 IS NULL OR se.series_uid IN (SELECT value FROM json_each(?3)))
+               AND (?4 IS NULL OR i.sop_uid IN (SELECT value FROM json_each(?4)))
+               AND i.version = (SELECT max(version) FROM dicom_instances WHERE sop_uid = i.sop_uid)
+             ORDER BY se.series_uid, i.instance_number, i.sop_uid"
+        ),
+    };
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let n_params = stmt.parameter_count();
+    let all = [patient_id, studies, series, sops];
+    let mut rows = stmt.query(rusqlite::params_from_iter(all.iter().take(n_params)))?;
+    while let Some(r) = rows.next()? {
+        let text = |i: usize| -> rusqlite::Result<String> {
+            Ok(r.get::<_, Option<String>>(i)?.unwrap_or_default())
+        };
+        let num = |i: usize| -> rusqlite::Result<String> {
+            Ok(r.get::<_, Option<i64>>(i)?.map(|v| v.to_string()).unwrap_or_default())
+        };
+        let mut rec = Record::new();
+        rec.insert(tags::STUDY_INSTANCE_UID, text(0)?);
+        rec.insert(tags::STUDY_DATE, text(1)?);
+        rec.insert(tags::STUDY_TIME, text(2)?);
+        rec.insert(tags::ACCESSION_NUMBER, text(3)?);
+        rec.insert(tags::STUDY_ID, text(4)?);
+        rec.insert(tags::STUDY_DESCRIPTION, text(5)?);
+        rec.insert(tags::REFERRING_PHYSICIAN_NAME, text(6)?);
+        rec.insert(tags::PATIENT_ID, text(7)?);
+        rec.insert(tags::PATIENT_NAME, text(8)?);
+        rec.insert(tags::PATIENT_BIRTH_DATE, text(9)?);
+        rec.insert(tags::PATIENT_SEX, text(10)?);
+        let mut modalities: Vec<String> =
+            text(11)?.split(',').filter(|m| !m.is_empty()).map(str::to_owned).collect();
+        modalities.sort();
+        rec.insert(tags::MODALITIES_IN_STUDY, modalities.join("\\"));
+        rec.insert(tags::NUMBER_OF_STUDY_RELATED_SERIES, num(12)?);
+        rec.insert(tags::NUMBER_OF_STUDY_RELATED_INSTANCES, num(13)?);
+        if q.level != Level::Study {
+            rec.insert(tags::SERIES_INSTANCE_UID, text(14)?);
+            rec.insert(tags::MODALITY, text(15)?);
+            rec.insert(tags::SERIES_NUMBER, num(16)?);
+            rec.insert(tags::SERIES_DESCRIPTION, text(17)?);
+            rec.insert(tags::NUMBER_OF_SERIES_RELATED_INSTANCES, num(18)?);
+        }
+        if q.level == Level::Image {
+            rec.insert(tags::SOP_INSTANCE_UID, text(19)?);
+            rec.insert(tags::SOP_CLASS_UID, text(20)?);
+            rec.insert(tags::INSTANCE_NUMBER, num(21)?);
+            rec.insert(tags::NUMBER_OF_FRAMES, num(22)?);
+        }
+        if q.keys.iter().all(|k| matches_key(k, rec.get(&k.tag).map(String::as_str))) && !f(rec) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Convenience for tests and the CLI: all stored SOP Instance UIDs of a study.
+pub fn instances_of_study(conn: &Connection, study_uid: &str) -> Result<Vec<String>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT i.sop_uid FROM dicom_instances i JOIN dicom_series se
+         ON i.series_uid = se.series_uid WHERE se.study_uid = ?1 ORDER BY i.sop_uid",
+    )?;
+    let rows = stmt.query_map(params![study_uid], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }

@@ -26,14 +26,13 @@ pub mod index;
 pub mod mpps;
 pub mod negotiate;
 pub mod pdu;
-pub mod query;
 pub mod quickack;
 pub mod retrieve;
 pub mod scu;
 pub mod sink;
 pub mod worklist;
 
-pub use hms_edge_dicom::{dataset, dimse, uids};
+pub use hms_edge_dicom::{dataset, dimse, query, uids};
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -9,12 +9,12 @@
 //! module (routes, auth, audit, SQL on the DICOM index) and [`stream`] (blob → response body on a
 //! blocking thread through a small channel: an instance is never held in memory).
 
-pub mod json;
-pub mod multipart;
 pub mod part10;
 pub mod qido;
 pub mod stow;
 pub mod stream;
+
+pub use hms_edge_dicom::{json, multipart};
 
 use std::sync::Arc;
 
@@ -27,7 +27,7 @@ use rusqlite::params;
 use serde_json::Value;
 
 use crate::config::DuplicatePolicy;
-use crate::dicom::query::{self, Level};
+use crate::dicom::query::Level;
 use crate::fhir::FhirError;
 use crate::fhir::api::{Caller, ClientAddr, FhirContext, audit_read, authorize};
 use crate::fhir::auth::Interaction;
@@ -196,8 +196,11 @@ async fn qido(
     let cap = q.limit.unwrap_or(ctx.max_results).min(ctx.max_results);
     let offset = q.offset;
     // Only the requested window is kept in memory, however many instances match.
-    let (records, more) =
-        ctx.fhir.store.read(move |c| query::run_page(c, &query, offset, cap)).await?;
+    let (records, more) = ctx
+        .fhir
+        .store
+        .read(move |c| super::dicom::index::find_page(c, &query, offset, cap))
+        .await?;
     let base = base_url(&headers);
     let out: Vec<Value> = records
         .iter()

@@ -1,5 +1,5 @@
 //! QIDO-RS query parameters (PS3.18 8.3.4) to a C-FIND query of [`crate::dicom::query`], and its
-//! matches to DICOM JSON. No I/O: matching itself is `query::run`, the rules of C-FIND.
+//! matches to DICOM JSON. No I/O: matching itself is `dicom::index::find`, the rules of C-FIND.
 
 use dicom_core::Tag;
 use dicom_core::VR;

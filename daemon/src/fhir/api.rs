@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use super::auth::{Interaction, Principal, Verifier};
 use super::search::{self, SearchRequest, Total};
 use super::storage::{self, AuditRecord, Written};
-use super::{FhirError, date, params};
+use super::{FhirError, date, params, parse_resource};
 use crate::store::Store;
 
 /// FHIR JSON media type.
@@ -212,6 +212,7 @@ pub(crate) fn authenticate(
         Some(v) => match v.verify(bearer) {
             Ok(p) => p,
             Err(e) => {
+                let e = FhirError::from(e);
                 let who = Caller {
                     actor: "unauthenticated".into(),
                     source,
@@ -236,7 +237,7 @@ pub(crate) fn authorize(
     let who = authenticate(ctx, headers, addr)?;
     if let Err(e) = who.principal.require(rtype, what) {
         audit_read(ctx, &who, "authorize", format!("{rtype} {what:?}"), "403");
-        return Err(e);
+        return Err(e.into());
     }
     Ok(who)
 }
@@ -1183,43 +1184,6 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), FhirError> {
     Ok(())
 }
 
-/// Parses and checks a resource body for `rtype`.
-pub fn parse_resource(bytes: &[u8], rtype: &str) -> Result<Value, FhirError> {
-    let v: Value = serde_json::from_slice(bytes)
-        .map_err(|e| FhirError::BadRequest(format!("invalid JSON: {e}")))?;
-    validate_resource(&v, rtype)?;
-    Ok(v)
-}
-
-pub(crate) fn validate_resource(v: &Value, rtype: &str) -> Result<(), FhirError> {
-    let Value::Object(map) = v else {
-        return Err(FhirError::BadRequest(
-            "the body must be a JSON object (a FHIR resource)".into(),
-        ));
-    };
-    match map.get("resourceType").and_then(Value::as_str) {
-        None => return Err(FhirError::BadRequest("resourceType is missing".into())),
-        Some(t) if t != rtype => {
-            return Err(FhirError::BadRequest(format!(
-                "resourceType {t} does not match the URL type {rtype}"
-            )));
-        }
-        Some(_) => {}
-    }
-    if let Some(id) = map.get("id") {
-        match id.as_str() {
-            Some(s) if super::valid_id(s) => {}
-            _ => return Err(FhirError::BadRequest(format!("invalid id {id}"))),
-        }
-    }
-    if let Some(m) = map.get("meta")
-        && !m.is_object()
-    {
-        return Err(FhirError::BadRequest("meta must be an object".into()));
-    }
-    Ok(())
-}
-
 fn parse_if_match(headers: &HeaderMap) -> Result<Option<i64>, FhirError> {
     let Some(v) = headers.get(header::IF_MATCH) else { return Ok(None) };
     let s = v.to_str().unwrap_or("").trim();
@@ -1495,5 +1459,6 @@ pub fn method_of(s: &str) -> Option<Method> {
 
 /// Helpers shared with the bundle module.
 pub(crate) mod shared {
-    pub(crate) use super::{Caller, new_id, validate_resource, write_audit};
+    pub(crate) use super::{Caller, new_id, write_audit};
+    pub(crate) use crate::fhir::validate_resource;
 }

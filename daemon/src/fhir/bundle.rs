@@ -417,7 +417,9 @@ pub async fn batch(
     for mut e in entries {
         let (t, what) = required(&e.op);
         if let Err(err) = who.principal.require(t, what) {
-            responses.push(json!({"response": {"status": "403", "outcome": err.outcome()}}));
+            responses.push(
+                json!({"response": {"status": "403", "outcome": FhirError::from(err).outcome()}}),
+            );
             continue;
         }
         let who = who.clone();

@@ -94,16 +94,7 @@ pub fn refresh_dirty(tx: &WriteTx<'_>, link: &ImagingLink) -> Result<usize, Stor
     Ok(dirty.len())
 }
 
-/// The ImagingStudy id of a study: its UID when that is a valid FHIR id (UIDs are digits and
-/// dots, at most 64 characters), else a hash of it.
-pub fn study_id(uid: &str) -> String {
-    if super::valid_id(uid) {
-        uid.to_owned()
-    } else {
-        use sha2::Digest;
-        format!("dcm-{}", &hex::encode(sha2::Sha256::digest(uid.as_bytes()))[..40])
-    }
-}
+pub use hms_edge_fhir::imaging_study_id as study_id;
 
 fn ensure_endpoint(tx: &WriteTx<'_>, link: &ImagingLink) -> Result<(), StoreError> {
     let current = storage::read_current(tx.sql(), "Endpoint", ENDPOINT_ID)?;

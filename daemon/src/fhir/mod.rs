@@ -1,190 +1,40 @@
 //! The FHIR R4 cache: the ward workstations' REST API on the LAN, backed by the encrypted store.
 //!
-//! Boundaries: `params`/`params_r4`, `fhirpath`, `index`, `date` and `search` (parsing) are pure
-//! protocol code; `storage` is the only module with SQL; `api` is the only one with HTTP.
+//! Boundaries: the pure protocol code (`params`/`params_r4`, `fhirpath`, `index`, `date`, search
+//! parsing, resource checks) is the `hms-edge-fhir` crate, re-exported here; `storage` is the
+//! only module with SQL on the FHIR tables; `api` is the only one with HTTP.
 
 pub mod api;
 mod audit_api;
-pub mod auth;
 pub mod bundle;
-pub mod date;
-pub mod fhirpath;
-#[cfg(test)]
-mod fuzz_tests;
 pub mod imaging;
-pub mod index;
-pub mod params;
-#[rustfmt::skip]
-pub mod params_r4;
 pub mod search;
 pub mod storage;
 
 use serde_json::{Value, json};
 
-/// Resource types this server stores and reads (R4). Types with a search index are those in
-/// [`params::indexed_types`]; others may be stored and read by id, and searching them is refused.
-pub const R4_RESOURCE_TYPES: &[&str] = &[
-    "Account",
-    "ActivityDefinition",
-    "AdverseEvent",
-    "AllergyIntolerance",
-    "Appointment",
-    "AppointmentResponse",
-    "AuditEvent",
-    "Basic",
-    "Binary",
-    "BiologicallyDerivedProduct",
-    "BodyStructure",
-    "Bundle",
-    "CapabilityStatement",
-    "CarePlan",
-    "CareTeam",
-    "CatalogEntry",
-    "ChargeItem",
-    "ChargeItemDefinition",
-    "Claim",
-    "ClaimResponse",
-    "ClinicalImpression",
-    "CodeSystem",
-    "Communication",
-    "CommunicationRequest",
-    "CompartmentDefinition",
-    "Composition",
-    "ConceptMap",
-    "Condition",
-    "Consent",
-    "Contract",
-    "Coverage",
-    "CoverageEligibilityRequest",
-    "CoverageEligibilityResponse",
-    "DetectedIssue",
-    "Device",
-    "DeviceDefinition",
-    "DeviceMetric",
-    "DeviceRequest",
-    "DeviceUseStatement",
-    "DiagnosticReport",
-    "DocumentManifest",
-    "DocumentReference",
-    "EffectEvidenceSynthesis",
-    "Encounter",
-    "Endpoint",
-    "EnrollmentRequest",
-    "EnrollmentResponse",
-    "EpisodeOfCare",
-    "EventDefinition",
-    "Evidence",
-    "EvidenceVariable",
-    "ExampleScenario",
-    "ExplanationOfBenefit",
-    "FamilyMemberHistory",
-    "Flag",
-    "Goal",
-    "GraphDefinition",
-    "Group",
-    "GuidanceResponse",
-    "HealthcareService",
-    "ImagingStudy",
-    "Immunization",
-    "ImmunizationEvaluation",
-    "ImmunizationRecommendation",
-    "ImplementationGuide",
-    "InsurancePlan",
-    "Invoice",
-    "Library",
-    "Linkage",
-    "List",
-    "Location",
-    "Measure",
-    "MeasureReport",
-    "Media",
-    "Medication",
-    "MedicationAdministration",
-    "MedicationDispense",
-    "MedicationKnowledge",
-    "MedicationRequest",
-    "MedicationStatement",
-    "MedicinalProduct",
-    "MedicinalProductAuthorization",
-    "MedicinalProductContraindication",
-    "MedicinalProductIndication",
-    "MedicinalProductIngredient",
-    "MedicinalProductInteraction",
-    "MedicinalProductManufactured",
-    "MedicinalProductPackaged",
-    "MedicinalProductPharmaceutical",
-    "MedicinalProductUndesirableEffect",
-    "MessageDefinition",
-    "MessageHeader",
-    "MolecularSequence",
-    "NamingSystem",
-    "NutritionOrder",
-    "Observation",
-    "ObservationDefinition",
-    "OperationDefinition",
-    "OperationOutcome",
-    "Organization",
-    "OrganizationAffiliation",
-    "Parameters",
-    "Patient",
-    "PaymentNotice",
-    "PaymentReconciliation",
-    "Person",
-    "PlanDefinition",
-    "Practitioner",
-    "PractitionerRole",
-    "Procedure",
-    "Provenance",
-    "Questionnaire",
-    "QuestionnaireResponse",
-    "RelatedPerson",
-    "RequestGroup",
-    "ResearchDefinition",
-    "ResearchElementDefinition",
-    "ResearchStudy",
-    "ResearchSubject",
-    "RiskAssessment",
-    "RiskEvidenceSynthesis",
-    "Schedule",
-    "SearchParameter",
-    "ServiceRequest",
-    "Slot",
-    "Specimen",
-    "SpecimenDefinition",
-    "StructureDefinition",
-    "StructureMap",
-    "Subscription",
-    "Substance",
-    "SubstanceNucleicAcid",
-    "SubstancePolymer",
-    "SubstanceProtein",
-    "SubstanceReferenceInformation",
-    "SubstanceSourceMaterial",
-    "SubstanceSpecification",
-    "SupplyDelivery",
-    "SupplyRequest",
-    "Task",
-    "TerminologyCapabilities",
-    "TestReport",
-    "TestScript",
-    "ValueSet",
-    "VerificationResult",
-    "VisionPrescription",
-];
+pub use hms_edge_fhir::resource::{parse_resource, validate_resource};
+pub use hms_edge_fhir::{
+    R4_RESOURCE_TYPES, READ_ONLY_TYPES, auth, date, fhirpath, index, is_resource_type, params,
+    params_r4, valid_id,
+};
 
-/// Types clients may not write (the server writes them).
-pub const READ_ONLY_TYPES: &[&str] = &["AuditEvent"];
-
-/// Whether `t` is an R4 resource type.
-pub fn is_resource_type(t: &str) -> bool {
-    R4_RESOURCE_TYPES.binary_search(&t).is_ok()
+impl From<hms_edge_fhir::auth::AuthError> for FhirError {
+    fn from(e: hms_edge_fhir::auth::AuthError) -> Self {
+        match e {
+            hms_edge_fhir::auth::AuthError::Unauthorized(m) => FhirError::Unauthorized(m),
+            hms_edge_fhir::auth::AuthError::Forbidden(m) => FhirError::Forbidden(m),
+        }
+    }
 }
 
-/// FHIR id syntax: 1-64 of `A-Z a-z 0-9 - .`.
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+impl From<hms_edge_fhir::Invalid> for FhirError {
+    fn from(e: hms_edge_fhir::Invalid) -> Self {
+        match e {
+            hms_edge_fhir::Invalid::BadRequest(m) => FhirError::BadRequest(m),
+            hms_edge_fhir::Invalid::Unprocessable(m) => FhirError::Unprocessable(m),
+        }
+    }
 }
 
 /// What a caller is told when its query ran past the store's SQL deadline.

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::FhirError;
 use super::index::{self, IndexEntry, IndexValue};
-use crate::store::{Change, WriteTx, now_ms};
+use crate::store::{Change, StoreError, WriteTx, now_ms};
 
 /// Schema of the FHIR cache (appended to the store's migrations).
 pub const MIGRATION: &str = r#"
@@ -540,4 +540,68 @@ pub use crate::audit::AuditRecord;
 pub fn audit(tx: &WriteTx<'_>, event: &AuditRecord) -> Result<(), FhirError> {
     crate::audit::append(tx, event)?;
     Ok(())
+}
+
+/// The current JSON of a resource, if present and not deleted.
+pub fn read_current_json(
+    conn: &Connection,
+    rtype: &str,
+    id: &str,
+) -> Result<Option<Value>, StoreError> {
+    let cur = read_current(conn, rtype, id)?;
+    Ok(cur.filter(|c| !c.deleted).and_then(|c| c.json).and_then(|j| serde_json::from_str(&j).ok()))
+}
+
+/// Every current ServiceRequest with status `active` (the worklist candidates), by id.
+pub fn active_service_requests(conn: &Connection) -> Result<Vec<Value>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT h.json FROM fhir_current c JOIN fhir_history h ON h.seq = c.seq
+         WHERE c.rtype = 'ServiceRequest' AND c.deleted = 0 AND EXISTS (
+             SELECT 1 FROM fhir_idx_token t WHERE t.rtype = 'ServiceRequest' AND t.id = c.id
+               AND t.param = 'status' AND t.code = 'active')
+         ORDER BY c.id",
+    )?;
+    json_rows(stmt.query([])?)
+}
+
+/// The id of the first current Appointment `based-on` the ServiceRequest `sr_id` (the worklist's
+/// scheduled time).
+pub fn appointment_based_on(conn: &Connection, sr_id: &str) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT r.id FROM fhir_idx_ref r JOIN fhir_current c ON c.rtype = r.rtype AND c.id = r.id
+             WHERE r.rtype = 'Appointment' AND r.param = 'based-on' AND r.target_id = ?1
+               AND c.deleted = 0 ORDER BY r.id LIMIT 1",
+        )?
+        .query_row([sr_id], |r| r.get(0))
+        .optional()?)
+}
+
+/// The current ServiceRequests with an `identifier` value among `values` (accession numbers,
+/// requested procedure ids), by id.
+pub fn service_requests_by_identifier(
+    conn: &Connection,
+    values: &[&str],
+) -> Result<Vec<Value>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT h.json FROM fhir_current c JOIN fhir_history h ON h.seq = c.seq
+         WHERE c.rtype = 'ServiceRequest' AND c.deleted = 0 AND c.id IN (
+             SELECT id FROM fhir_idx_token WHERE rtype = 'ServiceRequest' AND param = 'identifier'
+               AND code IN (SELECT value FROM json_each(?1)))
+         ORDER BY c.id",
+    )?;
+    json_rows(stmt.query([Value::from(values.to_vec()).to_string()])?)
+}
+
+/// The resources of a query whose first column is the JSON of current versions (unreadable or
+/// empty JSON skipped).
+fn json_rows(mut rows: rusqlite::Rows<'_>) -> Result<Vec<Value>, StoreError> {
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        if let Some(v) = r.get::<_, Option<String>>(0)?.and_then(|j| serde_json::from_str(&j).ok())
+        {
+            out.push(v);
+        }
+    }
+    Ok(out)
 }

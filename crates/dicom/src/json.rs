@@ -250,7 +250,7 @@ impl<R: Read> Walker<'_, R> {
             if tag == 0x0008_0005
                 && let Some(cs) = entry["Value"][0].as_str()
             {
-                self.codec = crate::dicom::dataset::charset_codec(cs);
+                self.codec = crate::dataset::charset_codec(cs);
             }
             // Group lengths are deprecated in data sets and meaningless after any change.
             if element != 0x0000 {

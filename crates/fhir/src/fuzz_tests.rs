@@ -3,7 +3,7 @@
 use proptest::prelude::*;
 use serde_json::Value;
 
-use super::{api, date, fhirpath, index, params, search};
+use crate::{date, fhirpath, index, params, search};
 
 fn param_names() -> Vec<String> {
     let mut v: Vec<String> = params::params_for("Observation")
@@ -82,7 +82,7 @@ proptest! {
 
     #[test]
     fn resource_parse_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
-        if let Err(e) = api::parse_resource(&bytes, "Patient") {
+        if let Err(e) = crate::resource::parse_resource(&bytes, "Patient") {
             prop_assert_eq!(e.status(), 400);
         }
     }

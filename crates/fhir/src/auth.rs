@@ -13,8 +13,6 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::Deserialize;
 
-use super::FhirError;
-
 /// A FHIR interaction, as SMART v2 permission letters name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Interaction {
@@ -104,11 +102,11 @@ impl Principal {
     }
 
     /// `allows`, or a 403 OperationOutcome naming what is missing.
-    pub fn require(&self, rtype: &str, what: Interaction) -> Result<(), FhirError> {
+    pub fn require(&self, rtype: &str, what: Interaction) -> Result<(), AuthError> {
         if self.allows(rtype, what) {
             Ok(())
         } else {
-            Err(FhirError::Forbidden(format!(
+            Err(AuthError::Forbidden(format!(
                 "the token's scopes do not allow {what:?} on {rtype} (needs user/{rtype}.{} or similar)",
                 what.letter()
             )))
@@ -171,6 +169,15 @@ fn read_jwks(path: &Path) -> Result<(JwkSet, Option<std::time::SystemTime>), Jwk
         return Err(err("it holds no keys".into()));
     }
     Ok((keys, modified))
+}
+
+/// Why a request was refused: no valid token (401) or a token that does not allow it (403).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 /// Why the verifier could not be built (at start or on reload).
@@ -249,8 +256,8 @@ impl Verifier {
 
     /// Checks `Authorization: Bearer …`. 401 for a missing, malformed, expired or foreign-signed
     /// token; 403 for a valid token of another tenant.
-    pub fn verify(&self, authorization: Option<&str>) -> Result<Principal, FhirError> {
-        let unauthorized = |m: &str| FhirError::Unauthorized(m.to_owned());
+    pub fn verify(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
+        let unauthorized = |m: &str| AuthError::Unauthorized(m.to_owned());
         let token = authorization
             .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
             .ok_or_else(|| unauthorized("a bearer token is required"))?
@@ -290,7 +297,7 @@ impl Verifier {
         })?;
         let tenant = data.claims.rest.get(&self.tenant_claim).and_then(|v| v.as_str());
         if tenant != Some(self.tenant.as_str()) {
-            return Err(FhirError::Forbidden(format!(
+            return Err(AuthError::Forbidden(format!(
                 "token is for tenant {:?}, this site serves {:?}",
                 tenant.unwrap_or("<none>"),
                 self.tenant

@@ -216,8 +216,8 @@ mod tests {
     #[test]
     fn every_generated_expression_compiles_or_is_known_unsupported() {
         let mut unsupported = Vec::new();
-        for t in crate::fhir::params::indexed_types() {
-            for p in crate::fhir::params::params_for(t).unwrap() {
+        for t in crate::params::indexed_types() {
+            for p in crate::params::params_for(t).unwrap() {
                 if compile(p.expression).is_err() {
                     unsupported.push(format!("{t}.{}", p.code));
                 }
