@@ -598,8 +598,10 @@ fn audit(config_file: Option<PathBuf>, command: AuditCommand) -> ExitCode {
                 (master.derive(KeyPurpose::AuditHmac), master.derive(KeyPurpose::LedgerSigning))
             }
         };
-        let signer =
-            hms_edge::ledger::note::NoteSigner::from_seed(&signing_seed, &c.ledger_origin());
+        let signer = hms_edge::ledger::note::NoteSigner::from_seed(
+            signing_seed.expose(),
+            &c.ledger_origin(),
+        );
         match command {
             AuditCommand::Key => Ok((true, signer.vkey())),
             AuditCommand::Export { since, out } => {

@@ -91,7 +91,7 @@ fn run_in_snapshot(conn: &Connection, key: &Key, vkey: &VKey) -> Result<Report, 
                 push(&mut recomputed, &leaf);
             }
             Some(rec) => {
-                let fresh = rec.leaf(key);
+                let fresh = rec.leaf(key.expose());
                 if leaf.len() != LEAF_LEN || fresh[..] != leaf[..] {
                     report.problems.push(format!(
                         "leaf #{idx}: {} was modified (it no longer matches its leaf)",

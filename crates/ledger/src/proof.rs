@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::note::VKey;
 use super::tree::{self, Hash};
-use super::{LEAF_LEN, LEAF_VERSION, LeafKind};
+use crate::{LEAF_LEN, LEAF_VERSION, LeafKind};
 
 /// Format tag of [`ProofDoc`].
 pub const FORMAT: &str = "hms-edge-proof/v1";
@@ -144,7 +144,7 @@ impl ProofDoc {
         } else {
             let a: Anchor = serde_json::from_value(self.anchor.clone())
                 .map_err(|e| format!("malformed anchor: {e}"))?;
-            if a.log_id != hex::encode(super::anchor::log_id(&cp.origin)) {
+            if a.log_id != hex::encode(crate::log_id(&cp.origin)) {
                 return Err("the anchor's log id is not this log's".into());
             }
             let root = hex::decode(&a.root)

@@ -9,7 +9,6 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use sha2_011::{Digest, Sha256};
 
 use super::tree::Hash;
-use crate::keys::Key;
 
 /// Signature type byte of Ed25519 in C2SP signed notes.
 const ALG_ED25519: u8 = 0x01;
@@ -59,9 +58,9 @@ impl std::fmt::Debug for NoteSigner {
 }
 
 impl NoteSigner {
-    /// The signer for `name` from the store's signing seed ([`crate::store::DataKeys`]).
-    pub fn from_seed(seed: &Key, name: &str) -> NoteSigner {
-        NoteSigner { name: name.to_owned(), key: SigningKey::from_bytes(seed.expose()) }
+    /// The signer for `name` from the store's signing seed (the daemon derives it from the master key).
+    pub fn from_seed(seed: &[u8; 32], name: &str) -> NoteSigner {
+        NoteSigner { name: name.to_owned(), key: SigningKey::from_bytes(seed) }
     }
 
     /// The verifier key string (`name+hash+base64`), safe to publish.
@@ -155,7 +154,7 @@ mod tests {
 
     #[test]
     fn signed_note_round_trip_and_tamper() {
-        let s = NoteSigner::from_seed(&Key::from_bytes([3; 32]), "hms-edge/t/s");
+        let s = NoteSigner::from_seed(&[3; 32], "hms-edge/t/s");
         let cp = Checkpoint { origin: "hms-edge/t/s".into(), size: 42, root: [7; 32] };
         let note = s.sign(&cp);
         assert!(note.starts_with("hms-edge/t/s\n42\nBwcH"), "{note}");
@@ -164,7 +163,7 @@ mod tests {
         assert_eq!(vk.open(&note).unwrap(), cp);
         let forged = note.replacen("\n42\n", "\n43\n", 1);
         assert!(vk.open(&forged).unwrap_err().contains("does not verify"));
-        let other = NoteSigner::from_seed(&Key::from_bytes([4; 32]), "hms-edge/t/s");
+        let other = NoteSigner::from_seed(&[4; 32], "hms-edge/t/s");
         assert!(VKey::parse(&other.vkey()).unwrap().open(&note).is_err());
     }
 
