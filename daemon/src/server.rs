@@ -186,7 +186,7 @@ pub async fn start(
         db_readers: config.store.db_readers as usize,
     };
     let store_dir = state_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&store_dir, &master, &opts))
+    let store = tokio::task::spawn_blocking(move || crate::store::open(&store_dir, &master, &opts))
         .await
         .map_err(std::io::Error::other)?
         .map_err(|source| {

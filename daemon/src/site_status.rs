@@ -489,7 +489,7 @@ mod tests {
     /// A plain (unencrypted, in-memory) database with the store's schema.
     fn db() -> Connection {
         let c = Connection::open_in_memory().unwrap();
-        for m in crate::store::db::MIGRATIONS {
+        for m in crate::store::MIGRATIONS {
             c.execute_batch(m).unwrap();
         }
         c

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use dicom_common::*;
 use hms_edge::keys::Key;
-use hms_edge::store::{Store, StoreOptions};
+use hms_edge::store::StoreOptions;
 use hms_edge_tests::{DaemonOptions, DaemonProc, fhir_client};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use reqwest::blocking::{Client, Response};
@@ -645,7 +645,8 @@ fn scopes_are_enforced_and_every_access_audited() {
     assert!(!log.contains(&writer), "tokens must never be logged");
     let key = hms_edge::keys::load_key_file(&state.join("master.key")).unwrap();
     let store =
-        Store::open(&state, &Key::from_bytes(*key.expose()), &StoreOptions::default()).unwrap();
+        hms_edge::store::open(&state, &Key::from_bytes(*key.expose()), &StoreOptions::default())
+            .unwrap();
     let rows: Vec<(String, String, String, String)> = store
         .read_blocking(|c| {
             let mut s = c.prepare("SELECT action, actor, entity, outcome FROM audit_events")?;

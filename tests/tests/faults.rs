@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use dicom_common::{peer, storescu, testfiles};
 use hms_edge::keys::load_key_file;
-use hms_edge::store::{Store, StoreOptions};
+use hms_edge::store::StoreOptions;
 use hms_edge_tests::{DaemonOptions, DaemonProc, bin, fhir_client, http_get};
 use serde_json::{Value, json};
 
@@ -105,7 +105,7 @@ fn recover_and_check(d: DaemonProc, work: &Path) -> (BTreeSet<String>, BTreeSet<
     }
     assert!(status.success(), "hms-edged did not stop cleanly: {status}; log:\n{log}");
     let key = load_key_file(&state.join("master.key")).unwrap();
-    let store = Store::open(&state, &key, &StoreOptions::default()).unwrap();
+    let store = hms_edge::store::open(&state, &key, &StoreOptions::default()).unwrap();
     let (integrity, sops, patients) = store
         .read_blocking(|c| {
             let integrity: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
@@ -402,7 +402,7 @@ fn the_wall_clock_jumping_back_and_forward_breaks_nothing() {
     assert_eq!(sops, acked_sops);
     assert_eq!(patients, acked_patients);
     let key = load_key_file(&state.join("master.key")).unwrap();
-    let store = Store::open(&state, &key, &StoreOptions::default()).unwrap();
+    let store = hms_edge::store::open(&state, &key, &StoreOptions::default()).unwrap();
     let seqs: Vec<i64> = store
         .read_blocking(|c| {
             let mut st = c.prepare("SELECT seq FROM outbox ORDER BY rowid")?;

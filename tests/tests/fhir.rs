@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use hms_edge::keys::Key;
-use hms_edge::store::{Store, StoreOptions};
+use hms_edge::store::StoreOptions;
 use hms_edge_tests::{DaemonOptions, DaemonProc, fhir_client};
 use reqwest::blocking::{Client, Response};
 use reqwest::header::CONTENT_TYPE;
@@ -510,7 +510,8 @@ fn every_access_is_audited_in_the_store() {
     assert!(status.success(), "{log}");
     let key = hms_edge::keys::load_key_file(&state.join("master.key")).unwrap();
     let store =
-        Store::open(&state, &Key::from_bytes(*key.expose()), &StoreOptions::default()).unwrap();
+        hms_edge::store::open(&state, &Key::from_bytes(*key.expose()), &StoreOptions::default())
+            .unwrap();
     let rows: Vec<(String, String, String, String)> = store
         .read_blocking(|c| {
             let mut s =

@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use hms_edge::keys::Key;
-use hms_edge::store::{Store, StoreOptions};
+use hms_edge::store::StoreOptions;
 use hms_edge_tests::{DaemonOptions, DaemonProc, fhir_client};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use reqwest::blocking::Client;
@@ -165,7 +165,8 @@ fn tokens_tenants_and_scopes_are_enforced_and_refusals_audited() {
     assert!(!log.contains(&writer), "tokens must never be logged");
     let key = hms_edge::keys::load_key_file(&state.join("master.key")).unwrap();
     let store =
-        Store::open(&state, &Key::from_bytes(*key.expose()), &StoreOptions::default()).unwrap();
+        hms_edge::store::open(&state, &Key::from_bytes(*key.expose()), &StoreOptions::default())
+            .unwrap();
     let rows: Vec<(String, String, String)> = store
         .read_blocking(|c| {
             let mut s = c.prepare("SELECT action, actor, outcome FROM audit_events")?;

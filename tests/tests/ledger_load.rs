@@ -8,7 +8,7 @@ use std::time::Instant;
 use hms_edge::fhir::storage::{self, AuditRecord};
 use hms_edge::keys::{Key, KeyPurpose};
 use hms_edge::ledger::{Ledger, Subject};
-use hms_edge::store::{Store, StoreOptions};
+use hms_edge::store::StoreOptions;
 
 const WRITERS: usize = 64;
 const PER_WRITER: usize = 150;
@@ -17,7 +17,7 @@ const PER_WRITER: usize = 150;
 async fn concurrent_appends_stay_dense_checkable_and_provable() {
     let dir = tempfile::tempdir().unwrap();
     let master = Key::from_bytes([9; 32]);
-    let store = Store::open(dir.path(), &master, &StoreOptions::default()).unwrap();
+    let store = hms_edge::store::open(dir.path(), &master, &StoreOptions::default()).unwrap();
     let ledger = Ledger::new(store.ledger_signing_key(), "hms-edge/test/load");
 
     // A FHIR version first (leaf #0: its proof has the longest path), then the load.
@@ -117,7 +117,7 @@ async fn concurrent_appends_stay_dense_checkable_and_provable() {
 async fn records_from_before_the_ledger_are_adopted_once() {
     let dir = tempfile::tempdir().unwrap();
     let master = Key::from_bytes([5; 32]);
-    let store = Store::open(dir.path(), &master, &StoreOptions::default()).unwrap();
+    let store = hms_edge::store::open(dir.path(), &master, &StoreOptions::default()).unwrap();
     let ledger = Ledger::new(store.ledger_signing_key(), "hms-edge/test/upgrade");
     // Rows as an older build wrote them: no leaves.
     store

@@ -33,7 +33,8 @@ fn torture_writer_child() {
         tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
     rt.block_on(async move {
         let store =
-            Store::open(Path::new(&dir), &Key::from_bytes(KEY), &StoreOptions::default()).unwrap();
+            hms_edge::store::open(Path::new(&dir), &Key::from_bytes(KEY), &StoreOptions::default())
+                .unwrap();
         let out = Arc::new(std::sync::Mutex::new(std::io::stdout()));
         let mut tasks = Vec::new();
         for t in 0..8u32 {
@@ -115,7 +116,8 @@ fn acknowledged_writes_survive_sigkill_and_nothing_is_half_present() {
         acked.extend(acks);
 
         let store =
-            Store::open(dir.path(), &Key::from_bytes(KEY), &StoreOptions::default()).unwrap();
+            hms_edge::store::open(dir.path(), &Key::from_bytes(KEY), &StoreOptions::default())
+                .unwrap();
         verify_consistent(&store, &acked, &mut verified, round);
         store.close();
     }
@@ -204,7 +206,8 @@ fn count_files(root: &Path) -> usize {
 async fn nothing_in_clear_at_rest() {
     let dir = tempfile::tempdir().unwrap();
     let marker = "PATIENT-MARKER-Zq7x9-Doe^Jane";
-    let store = Store::open(dir.path(), &Key::random(), &StoreOptions::default()).unwrap();
+    let store =
+        hms_edge::store::open(dir.path(), &Key::random(), &StoreOptions::default()).unwrap();
     let s2 = store.clone();
     let blob_data = format!("{marker} in a blob ").repeat(5000).into_bytes();
     let meta =
@@ -261,7 +264,8 @@ fn assert_no_marker(dir: &Path, marker: &[u8]) {
 async fn wrong_key_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store =
-        Store::open(dir.path(), &Key::from_bytes([1; 32]), &StoreOptions::default()).unwrap();
+        hms_edge::store::open(dir.path(), &Key::from_bytes([1; 32]), &StoreOptions::default())
+            .unwrap();
     store
         .write(|tx| {
             tx.kv_put("x", "y", b"z", None)?;
@@ -281,13 +285,15 @@ async fn wrong_key_is_refused_and_changes_nothing() {
     drop(store);
     let before = read_all();
     let err =
-        Store::open(dir.path(), &Key::from_bytes([2; 32]), &StoreOptions::default()).unwrap_err();
+        hms_edge::store::open(dir.path(), &Key::from_bytes([2; 32]), &StoreOptions::default())
+            .unwrap_err();
     assert!(matches!(err, StoreError::WrongKey));
     assert_eq!(err.to_string(), "wrong key or not an hms-edge store");
     assert_eq!(before, read_all(), "a wrong key must not modify the store");
     // The right key still opens it with the data intact.
     let store =
-        Store::open(dir.path(), &Key::from_bytes([1; 32]), &StoreOptions::default()).unwrap();
+        hms_edge::store::open(dir.path(), &Key::from_bytes([1; 32]), &StoreOptions::default())
+            .unwrap();
     let v = store.read_blocking(|c| Store::kv_get(c, "x", "y")).unwrap().unwrap();
     assert_eq!(v.0, b"z");
 }
@@ -298,14 +304,16 @@ async fn a_foreign_sqlite_file_is_not_an_hms_edge_store() {
     let plain = rusqlite::Connection::open(dir.path().join("index.db")).unwrap();
     plain.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);").unwrap();
     drop(plain);
-    let err = Store::open(dir.path(), &Key::random(), &StoreOptions::default()).unwrap_err();
+    let err =
+        hms_edge::store::open(dir.path(), &Key::random(), &StoreOptions::default()).unwrap_err();
     assert_eq!(err.to_string(), "wrong key or not an hms-edge store");
 }
 
 #[tokio::test]
 async fn tampered_blob_is_detected_on_read() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), &Key::random(), &StoreOptions::default()).unwrap();
+    let store =
+        hms_edge::store::open(dir.path(), &Key::random(), &StoreOptions::default()).unwrap();
     let meta = store.blobs().put(&vec![7u8; 300_000]).unwrap();
     let path = store.blobs().path_of(&meta.id);
     let mut raw = std::fs::read(&path).unwrap();
@@ -320,7 +328,8 @@ async fn tampered_blob_is_detected_on_read() {
 #[tokio::test]
 async fn a_failing_write_rolls_back_alone_and_others_in_the_batch_commit() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), &Key::random(), &StoreOptions::default()).unwrap();
+    let store =
+        hms_edge::store::open(dir.path(), &Key::random(), &StoreOptions::default()).unwrap();
     let mut handles = Vec::new();
     for i in 0..64 {
         let store = store.clone();
@@ -371,7 +380,8 @@ async fn a_failing_write_rolls_back_alone_and_others_in_the_batch_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_write_fails_alone_and_the_writer_goes_on() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), &Key::from_bytes(KEY), &StoreOptions::default()).unwrap();
+    let store =
+        hms_edge::store::open(dir.path(), &Key::from_bytes(KEY), &StoreOptions::default()).unwrap();
     let put = |key: &'static str| {
         let store = store.clone();
         async move {
@@ -426,7 +436,7 @@ async fn a_panicking_write_fails_alone_and_the_writer_goes_on() {
 async fn a_runaway_query_is_stopped_at_the_deadline() {
     let dir = tempfile::tempdir().unwrap();
     let opts = StoreOptions { db_readers: 1, ..StoreOptions::default() };
-    let store = Store::open(dir.path(), &Key::from_bytes(KEY), &opts).unwrap();
+    let store = hms_edge::store::open(dir.path(), &Key::from_bytes(KEY), &opts).unwrap();
     let runaway = store
         .read(|c| {
             Ok(c.query_row(

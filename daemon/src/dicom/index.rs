@@ -9,7 +9,7 @@ use super::sink::ReceivedInstance;
 use crate::config::DuplicatePolicy;
 use crate::store::{BlobId, Change, StoreError, WriteTx, now_ms};
 
-/// Schema of the DICOM index (appended to `store::db::MIGRATIONS`).
+/// Schema of the DICOM index (in `store::MIGRATIONS`).
 pub const MIGRATION: &str = r#"
     CREATE TABLE dicom_patients (
         pk           INTEGER PRIMARY KEY,

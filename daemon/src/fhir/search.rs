@@ -642,9 +642,10 @@ mod tests {
         rows: &[(String, &str, &str)],
     ) -> (tempfile::TempDir, std::sync::Arc<crate::store::Store>) {
         use crate::keys::Key;
-        use crate::store::{Store, StoreOptions};
+        use crate::store::StoreOptions;
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &Key::random(), &StoreOptions::default()).unwrap();
+        let store =
+            crate::store::open(dir.path(), &Key::random(), &StoreOptions::default()).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let rows: Vec<(String, String, String)> =
             rows.iter().map(|(p, c, d)| (p.clone(), (*c).to_owned(), (*d).to_owned())).collect();
@@ -744,9 +745,10 @@ mod tests {
     /// resource to another patient and code, and deletions.
     fn store_for_patient_tokens() -> (tempfile::TempDir, std::sync::Arc<crate::store::Store>) {
         use crate::keys::Key;
-        use crate::store::{Store, StoreOptions};
+        use crate::store::StoreOptions;
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &Key::random(), &StoreOptions::default()).unwrap();
+        let store =
+            crate::store::open(dir.path(), &Key::random(), &StoreOptions::default()).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(store.write(|tx| {
             use crate::fhir::storage::{delete, put};

@@ -221,10 +221,10 @@ fn stage(
             return Err(RestoreError::BadDatabase(format!("integrity_check: {check}")));
         }
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql)?;
-        if version as usize > db::MIGRATIONS.len() {
+        if version as usize > crate::store::MIGRATIONS.len() {
             return Err(RestoreError::BadDatabase(format!(
                 "schema version {version} is newer than this build ({})",
-                db::MIGRATIONS.len()
+                crate::store::MIGRATIONS.len()
             )));
         }
         let listed: BTreeSet<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();

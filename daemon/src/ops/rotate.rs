@@ -288,7 +288,7 @@ pub fn rotate(
                 super::match_owner(&p, &db_path).map_err(io_at(&p))?;
             }
         }
-        db::migrate(&mut conn)?;
+        db::migrate(&mut conn, crate::store::MIGRATIONS)?;
         let dk = crate::store::data_keys(&conn, &current)?;
         conn.execute(
             "INSERT OR IGNORE INTO kv (ns, key, value) \
@@ -443,7 +443,7 @@ mod tests {
         let keyfile = dir.join("master.key");
         let key = Key::random();
         keys::write_new_key_file(&keyfile, &key).unwrap();
-        let store = Store::open(&state, &key, &StoreOptions::default()).unwrap();
+        let store = crate::store::open(&state, &key, &StoreOptions::default()).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let mut blobs = Vec::new();
         for i in 0..5 {
@@ -464,7 +464,7 @@ mod tests {
 
     fn check_all(dir: &Path, loc: &KeyLocation, blobs: &[(String, Vec<u8>)]) {
         let key = keys::load_key_file(loc.path()).unwrap();
-        let store = Store::open(&dir.join("state"), &key, &StoreOptions::default()).unwrap();
+        let store = crate::store::open(&dir.join("state"), &key, &StoreOptions::default()).unwrap();
         for (name, data) in blobs {
             let (_, id) = store.read_blocking(|c| Store::kv_get(c, "test", name)).unwrap().unwrap();
             assert_eq!(&store.blobs().get(&id.unwrap()).unwrap(), data);

@@ -48,7 +48,9 @@ impl Scp {
                 .unwrap();
             f.write_all(hex::encode(key.expose()).as_bytes()).unwrap();
         }
-        let store = Store::open(&dir.path().join("state"), &key, &StoreOptions::default()).unwrap();
+        let store =
+            hms_edge::store::open(&dir.path().join("state"), &key, &StoreOptions::default())
+                .unwrap();
         let ctx = DicomContext::new(store.clone(), &config);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let (port_tx, port_rx) = std::sync::mpsc::channel();

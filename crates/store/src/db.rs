@@ -11,13 +11,12 @@ use rusqlite::{Connection, OpenFlags};
 use zeroize::Zeroizing;
 
 use super::StoreError;
-use crate::keys::Key;
+use hms_edge_config::keys::Key;
 
-/// Ordered schema migrations; `PRAGMA user_version` records how many have run.
-/// Never edit a released entry: append a new one.
-pub const MIGRATIONS: &[&str] = &[
-    // 1: foundation — store identity, blobs, change log (outbox), small key/value state.
-    r#"
+/// Migration 1, the store's own tables: store identity, blobs, the change log (outbox), small
+/// key/value state. Every domain appends its migrations after it (the daemon's
+/// `store::MIGRATIONS`); `PRAGMA user_version` records how many have run.
+pub const FOUNDATION: &str = r#"
     CREATE TABLE hms_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
     CREATE TABLE blobs (
         id         TEXT PRIMARY KEY,
@@ -46,22 +45,7 @@ pub const MIGRATIONS: &[&str] = &[
         blob  TEXT REFERENCES blobs (id),
         PRIMARY KEY (ns, key)
     ) STRICT;
-    "#,
-    // 2: FHIR cache — versions, current pointers, search index, audit events.
-    crate::fhir::storage::MIGRATION,
-    // 3: DICOM index — patients, studies, series, instances (see `dicom::index`).
-    crate::dicom::index::MIGRATION,
-    // 4: studies whose FHIR ImagingStudy needs rebuilding (see `fhir::imaging`).
-    crate::fhir::imaging::MIGRATION,
-    // 5: sync state — outbox indexes per channel, upstream versions, conflicts (see `sync`).
-    crate::sync::MIGRATION,
-    // 6: integrity ledger — Merkle log leaves, signed checkpoints, chain anchors (see `ledger`).
-    crate::ledger::MIGRATION,
-    // 7: covering search indexes for the FHIR index tables (see `fhir::storage`).
-    crate::fhir::storage::MIGRATION_COVERING,
-    // 8: per-patient token index with the date sort key (see `fhir::storage`).
-    crate::fhir::storage::MIGRATION_PATIENT_TOKEN,
-];
+    "#;
 
 /// Marker row proving a database is an hms-edge store.
 pub const STORE_MARKER: (&str, &str) = ("format", "hms-edge-store-v1");
@@ -172,14 +156,15 @@ pub fn open(
     Ok(conn)
 }
 
-/// Runs the pending migrations, each in its own transaction. Returns the schema version.
-pub fn migrate(conn: &mut Connection) -> Result<usize, StoreError> {
+/// Runs the pending migrations of `schema` (which starts with [`FOUNDATION`]), each in its own
+/// transaction. Never edit a released entry: append a new one. Returns the schema version.
+pub fn migrate(conn: &mut Connection, schema: &[&str]) -> Result<usize, StoreError> {
     let current: usize =
         conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
-    if current > MIGRATIONS.len() {
-        return Err(StoreError::TooNew { found: current, supported: MIGRATIONS.len() });
+    if current > schema.len() {
+        return Err(StoreError::TooNew { found: current, supported: schema.len() });
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+    for (i, sql) in schema.iter().enumerate().skip(current) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         if i == 0 {
@@ -191,5 +176,5 @@ pub fn migrate(conn: &mut Connection) -> Result<usize, StoreError> {
         tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
         tx.commit()?;
     }
-    Ok(MIGRATIONS.len())
+    Ok(schema.len())
 }

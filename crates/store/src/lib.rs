@@ -11,7 +11,7 @@
 //!
 //! Blobs are written and fsynced by the caller *before* the transaction that references them
 //! ([`blob::BlobWriter::finish`]); a crash in between leaves an unreferenced blob file, which
-//! [`Store::open`] removes. So after any crash: every committed row has its blob, and no blob
+//! [`Store::open_with_schema`] removes. So after any crash: every committed row has its blob, and no blob
 //! lingers without a row.
 
 pub mod blob;
@@ -25,8 +25,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::keys::{Key, KeyPurpose};
 pub use blob::{BlobId, BlobMeta, BlobReader, BlobStore, BlobWriter};
+use hms_edge_config::keys::{Key, KeyPurpose};
 
 /// Database file name inside the state folder.
 pub const DB_FILE: &str = "index.db";
@@ -181,7 +181,7 @@ pub struct WriteTx<'a> {
 
 impl<'a> WriteTx<'a> {
     /// Wraps a transaction opened outside the store's writer (the command-line tools).
-    pub(crate) fn new(tx: &'a Transaction<'a>, ledger_key: &'a Key) -> Self {
+    pub fn new(tx: &'a Transaction<'a>, ledger_key: &'a Key) -> Self {
         WriteTx { tx, ledger_key }
     }
 
@@ -190,7 +190,7 @@ impl<'a> WriteTx<'a> {
         self.tx
     }
 
-    /// The HMAC key of the integrity ledger's record commitments (see [`crate::ledger`]).
+    /// The HMAC key of the integrity ledger's record commitments (the daemon's `ledger`).
     pub fn ledger_key(&self) -> &Key {
         self.ledger_key
     }
@@ -376,23 +376,29 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         Self {
-            group_commit_max_batch: crate::config::DEFAULT_GROUP_COMMIT_MAX_BATCH as usize,
-            db_cache_kib: crate::config::DEFAULT_DB_CACHE_KIB,
-            db_reader_cache_kib: crate::config::DEFAULT_DB_READER_CACHE_KIB,
-            db_readers: crate::config::DEFAULT_DB_READERS as usize,
+            group_commit_max_batch: hms_edge_config::DEFAULT_GROUP_COMMIT_MAX_BATCH as usize,
+            db_cache_kib: hms_edge_config::DEFAULT_DB_CACHE_KIB,
+            db_reader_cache_kib: hms_edge_config::DEFAULT_DB_READER_CACHE_KIB,
+            db_readers: hms_edge_config::DEFAULT_DB_READERS as usize,
         }
     }
 }
 
 impl Store {
     /// Opens (creating on first use) the store in `root` with the master key: checks the key,
-    /// migrates, removes blob files no row references, and starts the group-commit writer.
-    pub fn open(root: &Path, master: &Key, opts: &StoreOptions) -> Result<Arc<Store>, StoreError> {
+    /// runs the pending migrations of `schema` ([`db::FOUNDATION`] first, then the domains'),
+    /// removes blob files no row references, and starts the group-commit writer.
+    pub fn open_with_schema(
+        root: &Path,
+        master: &Key,
+        opts: &StoreOptions,
+        schema: &[&str],
+    ) -> Result<Arc<Store>, StoreError> {
         std::fs::create_dir_all(root)?;
         let db_key = master.derive(KeyPurpose::Database);
         let db_path = root.join(DB_FILE);
         let mut conn = db::open(&db_path, &db_key, false, opts.db_cache_kib)?;
-        db::migrate(&mut conn)?;
+        db::migrate(&mut conn, schema)?;
         let keys = data_keys(&conn, master)?;
         let blobs = BlobStore::open(&root.join(BLOB_DIR), keys.blobs)?;
         sweep_orphans(&conn, &blobs)?;
@@ -741,7 +747,7 @@ pub fn data_keys(conn: &Connection, master: &Key) -> Result<DataKeys, StoreError
         match Store::kv_get(conn, KEYS_NS, name)? {
             Some((bytes, _)) => {
                 let raw = zeroize::Zeroizing::new(bytes);
-                let arr: [u8; crate::keys::KEY_LEN] = raw[..]
+                let arr: [u8; hms_edge_config::keys::KEY_LEN] = raw[..]
                     .try_into()
                     .map_err(|_| StoreError::Rejected(format!("stored {name} key is malformed")))?;
                 Ok(Key::from_bytes(arr))

@@ -26,7 +26,7 @@ use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use sha2::{Digest, Sha256};
 
-use crate::keys::Key;
+use hms_edge_config::keys::Key;
 
 const MAGIC: &[u8; 4] = b"HMSB";
 const FORMAT_VERSION: u8 = 1;
