@@ -16,6 +16,7 @@
 
 pub mod blob;
 pub mod db;
+pub mod offline;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

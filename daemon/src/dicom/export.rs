@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::index::{self, StoredInstance};
-use crate::keys::{Key, KeyPurpose};
-use crate::store::{BLOB_DIR, BlobStore, DB_FILE, Store, StoreError, db};
+use crate::keys::Key;
+use crate::store::{BLOB_DIR, BlobStore, DB_FILE, Store, StoreError};
 
 /// Why an export failed.
 #[derive(Debug, thiserror::Error)]
@@ -116,11 +116,9 @@ pub fn export_offline(
     version: Option<i64>,
     dest: &Path,
 ) -> Result<StoredInstance, ExportError> {
-    let mut conn =
-        db::open(&state_dir.join(DB_FILE), &master.derive(KeyPurpose::Database), false, 2048)?;
+    let (mut conn, keys) = crate::store::offline::open(state_dir, master, false)?;
     let inst = index::find_instance(&conn, sop_uid, version)?
         .ok_or_else(|| ExportError::NotFound(sop_uid.to_owned()))?;
-    let keys = crate::store::data_keys(&conn, master)?;
     let blobs = BlobStore::open(&state_dir.join(BLOB_DIR), keys.blobs)?;
     // Audited before the first byte is written: an export that fails half-way is still an
     // access attempt.

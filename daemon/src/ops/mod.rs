@@ -104,13 +104,7 @@ pub fn audit_admin(
 ) -> Result<i64, crate::store::StoreError> {
     let db_path = state_dir.join(crate::store::DB_FILE);
     let seq = {
-        let mut conn = crate::store::db::open(
-            &db_path,
-            &master.derive(crate::keys::KeyPurpose::Database),
-            false,
-            2048,
-        )?;
-        let keys = crate::store::data_keys(&conn, master)?;
+        let (mut conn, keys) = crate::store::offline::open(state_dir, master, false)?;
         crate::audit::append_with(
             &mut conn,
             &keys.audit,
