@@ -81,7 +81,7 @@ pub fn create(
         audit(tx, who, uid, &format!("refused {code:04X}: {why}"))?;
         Ok(Err((code, why)))
     };
-    if worklist::read_json(tx.sql(), "Procedure", &id)?.is_some() {
+    if storage::read_current_json(tx.sql(), "Procedure", &id)?.is_some() {
         return refused(status::DUPLICATE_SOP_INSTANCE, "step already exists".into());
     }
     match a.status.as_deref() {
@@ -119,7 +119,7 @@ pub fn set(
         audit(tx, who, uid, &format!("refused {code:04X}: {why}"))?;
         Ok(Err((code, why)))
     };
-    let Some(current) = worklist::read_json(tx.sql(), "Procedure", &id)? else {
+    let Some(current) = storage::read_current_json(tx.sql(), "Procedure", &id)? else {
         return refused(status::NO_SUCH_OBJECT_INSTANCE, "no such step".into());
     };
     let p = match updated_procedure(&current, a) {
@@ -137,7 +137,7 @@ pub fn set(
         .map(str::to_owned);
     storage::put(tx, "Procedure", &id, p, None, "local")?;
     if let Some(order_id) = order_id
-        && let Some(mut sr) = worklist::read_json(tx.sql(), "ServiceRequest", &order_id)?
+        && let Some(mut sr) = storage::read_current_json(tx.sql(), "ServiceRequest", &order_id)?
         && sr.get("status").and_then(Value::as_str) == Some("active")
     {
         let changed = match new_status.as_str() {

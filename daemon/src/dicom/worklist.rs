@@ -6,7 +6,6 @@ use rusqlite::Connection;
 use serde_json::Value;
 
 use crate::fhir::storage;
-pub use crate::fhir::storage::read_current_json as read_json;
 use crate::store::StoreError;
 pub use hms_edge_dicom::worklist::*;
 
@@ -17,12 +16,12 @@ pub fn item_for(
     patient_id_system: &str,
 ) -> Result<Item, StoreError> {
     let patient = match str_at(sr, &["subject", "reference"]).and_then(|r| r.split_once('/')) {
-        Some(("Patient", id)) => read_json(conn, "Patient", id)?,
+        Some(("Patient", id)) => storage::read_current_json(conn, "Patient", id)?,
         _ => None,
     };
     let id = sr.get("id").and_then(Value::as_str).unwrap_or("");
     let appointment = match storage::appointment_based_on(conn, id)? {
-        Some(a) => read_json(conn, "Appointment", &a)?,
+        Some(a) => storage::read_current_json(conn, "Appointment", &a)?,
         None => None,
     };
     Ok(map_order(sr, patient.as_ref(), appointment.as_ref(), patient_id_system))

@@ -302,8 +302,8 @@ fn link_order(
         };
     if !accession.is_empty() {
         for id in ids_with("ServiceRequest", None, accession)? {
-            let sr = crate::dicom::worklist::read_json(sql, "ServiceRequest", &id)?;
-            if sr.as_ref().and_then(crate::dicom::worklist::accession_number) == Some(accession) {
+            let sr = storage::read_current_json(sql, "ServiceRequest", &id)?;
+            if sr.as_ref().and_then(hms_edge_dicom::worklist::accession_number) == Some(accession) {
                 study["basedOn"] = json!([{"reference": format!("ServiceRequest/{id}")}]);
                 break;
             }
