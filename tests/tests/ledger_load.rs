@@ -22,9 +22,9 @@ async fn concurrent_appends_stay_dense_checkable_and_provable() {
 
     // A FHIR version first (leaf #0: its proof has the longest path), then the load.
     let written = store
-        .write(|tx| {
+        .write_as(|tx| {
             let p = serde_json::json!({"resourceType": "Patient", "id": "p1"});
-            Ok(storage::put(tx, "Patient", "p1", p, None, "local")?)
+            storage::put(tx, "Patient", "p1", p, None, "local")
         })
         .await
         .unwrap();
@@ -44,7 +44,7 @@ async fn concurrent_appends_stay_dense_checkable_and_provable() {
                     outcome: "success".into(),
                     detail: None,
                 };
-                store.write(move |tx| Ok(storage::audit(tx, &rec)?)).await.unwrap();
+                store.write(move |tx| storage::audit(tx, &rec)).await.unwrap();
             }
         }));
     }

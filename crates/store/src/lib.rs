@@ -46,16 +46,14 @@ pub enum StoreError {
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("commit failed: {0}")]
-    Commit(String),
+    Commit(CommitError),
     #[error("the store is shutting down")]
     Closed,
     #[error("{0}")]
     Rejected(String),
-    /// An error of the caller's own layer, carried through a write closure unchanged.
-    #[error("{0}")]
-    Caller(Box<dyn std::error::Error + Send + Sync>),
-    /// The write's own code panicked; that write was rolled back alone and the writer goes on.
-    #[error("internal error while writing (the write was rolled back)")]
+    /// The write's (or read's) own code panicked; a write was rolled back alone, and the writer
+    /// and reader threads go on.
+    #[error("internal error in the store operation (a write was rolled back)")]
     Panicked,
     /// The writer thread is gone: nothing can be written until the daemon restarts.
     #[error("the store writer has stopped")]
@@ -70,7 +68,7 @@ impl StoreError {
             StoreError::Db(rusqlite::Error::SqliteFailure(e, _)) => {
                 e.code == rusqlite::ErrorCode::DiskFull
             }
-            StoreError::Commit(m) => m.contains("full"),
+            StoreError::Commit(c) => c.kind == CommitFailure::DiskFull,
             _ => false,
         }
     }
@@ -95,9 +93,43 @@ impl StoreError {
     pub fn is_deadline(&self) -> bool {
         match self {
             StoreError::Db(e) => is_interrupted(e),
-            StoreError::Commit(m) => m.contains("interrupted"),
+            StoreError::Commit(c) => c.kind == CommitFailure::Interrupted,
             _ => false,
         }
+    }
+}
+
+/// Why a group commit failed, for every write of its round: the kind callers branch on (never
+/// the message), and SQLite's message for the log and the error text.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct CommitError {
+    pub kind: CommitFailure,
+    pub message: String,
+}
+
+/// The kinds of [`CommitError`]: each maps to its own answer (507/A700 "disk full", 503 "busy",
+/// 503 "the disk failed").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitFailure {
+    /// SQLite found the file system full.
+    DiskFull,
+    /// A write ran past [`WRITE_DEADLINE`] and the round was rolled back.
+    Interrupted,
+    /// Any other failure of the transaction or its fsync.
+    Io,
+}
+
+impl CommitError {
+    fn of(e: &rusqlite::Error) -> Self {
+        let kind = match e {
+            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull => {
+                CommitFailure::DiskFull
+            }
+            e if is_interrupted(e) => CommitFailure::Interrupted,
+            _ => CommitFailure::Io,
+        };
+        CommitError { kind, message: e.to_string() }
     }
 }
 
@@ -233,24 +265,25 @@ impl<'a> WriteTx<'a> {
     }
 }
 
-type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Completion = Box<dyn FnOnce(Result<(), CommitError>) + Send>;
 
 /// A queued write. `run` executes it in the batch transaction, says whether it succeeded and hands
 /// back what to do once the commit outcome is known; `abort` fails it without running.
 trait PendingWrite: Send {
     fn run(self: Box<Self>, tx: &WriteTx<'_>) -> (bool, Completion);
-    fn abort(self: Box<Self>, reason: String);
+    fn abort(self: Box<Self>, reason: CommitError);
 }
 
-struct WriteJob<T, F> {
+struct WriteJob<T, E, F> {
     f: F,
-    done: oneshot::Sender<Result<T, StoreError>>,
+    done: oneshot::Sender<Result<T, E>>,
 }
 
-impl<T, F> PendingWrite for WriteJob<T, F>
+impl<T, E, F> PendingWrite for WriteJob<T, E, F>
 where
     T: Send + 'static,
-    F: FnOnce(&WriteTx<'_>) -> Result<T, StoreError> + Send + 'static,
+    E: From<StoreError> + Send + 'static,
+    F: FnOnce(&WriteTx<'_>) -> Result<T, E> + Send + 'static,
 {
     fn run(self: Box<Self>, tx: &WriteTx<'_>) -> (bool, Completion) {
         let WriteJob { f, done } = *self;
@@ -259,13 +292,14 @@ where
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(tx)))
             .unwrap_or_else(|_| {
                 tracing::error!("a write panicked; it was rolled back and refused");
-                Err(StoreError::Panicked)
+                Err(E::from(StoreError::Panicked))
             });
         match result {
             Ok(v) => (
                 true,
-                Box::new(move |commit: Result<(), String>| {
-                    let _ = done.send(commit.map(|()| v).map_err(StoreError::Commit));
+                Box::new(move |commit: Result<(), CommitError>| {
+                    let _ =
+                        done.send(commit.map(|()| v).map_err(|m| E::from(StoreError::Commit(m))));
                 }),
             ),
             Err(e) => (
@@ -277,8 +311,8 @@ where
         }
     }
 
-    fn abort(self: Box<Self>, reason: String) {
-        let _ = self.done.send(Err(StoreError::Commit(reason)));
+    fn abort(self: Box<Self>, reason: CommitError) {
+        let _ = self.done.send(Err(E::from(StoreError::Commit(reason))));
     }
 }
 
@@ -480,11 +514,24 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&WriteTx<'_>) -> Result<T, StoreError> + Send + 'static,
     {
-        let (done_tx, done_rx) = oneshot::channel::<Result<T, StoreError>>();
+        self.write_as(f).await
+    }
+
+    /// [`Store::write`] for a closure that fails with its own layer's error `E` (a FHIR
+    /// validation error, a sync conflict): the error comes back as it was, typed, with no boxing
+    /// or downcast on the way; the store's own failures (commit, disk full, shutdown) reach the
+    /// caller through `E: From<StoreError>`.
+    pub async fn write_as<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&WriteTx<'_>) -> Result<T, E> + Send + 'static,
+    {
+        let (done_tx, done_rx) = oneshot::channel::<Result<T, E>>();
         let job: Job = Box::new(WriteJob { f, done: done_tx });
         let sender = self.writer.lock().expect("writer lock").clone().ok_or(StoreError::Closed)?;
         sender.send(job).map_err(|_| self.gone())?;
-        done_rx.await.map_err(|_| self.gone())?
+        done_rx.await.map_err(|_| E::from(self.gone()))?
     }
 
     /// Why a write could not reach the writer: closed on purpose, or the thread died.
@@ -533,11 +580,23 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
+        self.read_as(f).await
+    }
+
+    /// [`Store::read`] for a closure that fails with its own layer's error (see
+    /// [`Store::write_as`]).
+    pub async fn read_as<T, E, F>(self: &Arc<Self>, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
         self.submit_read(Box::new(move |conn| {
             let _ = tx.send(f(conn));
         }))?;
-        rx.await.map_err(|_| StoreError::Commit("reader task failed".into()))?
+        // The job was dropped unanswered: its closure panicked on the reader thread.
+        rx.await.map_err(|_| E::from(StoreError::Panicked))?
     }
 
     fn submit_read(&self, job: ReadJob) -> Result<(), StoreError> {
@@ -692,10 +751,10 @@ fn writer_loop(
             tracing::error!(error = %e, writes = completions.len(), "store commit failed");
             // Fail the whole round, including writes not yet run: never spin on a broken disk.
             for job in queue.drain(..) {
-                job.abort(e.to_string());
+                job.abort(CommitError::of(e));
             }
         }
-        let result = outcome.map_err(|e| e.to_string());
+        let result = outcome.map_err(|e| CommitError::of(&e));
         for completion in completions.drain(..) {
             completion(result.clone());
         }

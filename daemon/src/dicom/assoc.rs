@@ -1066,7 +1066,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let result = self
             .ctx
             .store
-            .write(move |tx| {
+            .write_as(move |tx| {
                 if create {
                     mpps::create(tx, &u, &attrs, &system, &who)
                 } else {

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use super::worklist;
 use crate::audit::AuditRecord;
+use crate::fhir::FhirError;
 use crate::fhir::storage;
 use crate::store::{StoreError, WriteTx};
 pub use hms_edge_dicom::mpps::*;
@@ -75,9 +76,9 @@ pub fn create(
     a: &Attributes,
     patient_id_system: &str,
     who: &Caller,
-) -> Result<Outcome, StoreError> {
+) -> Result<Outcome, FhirError> {
     let id = procedure_id(uid);
-    let refused = |code: u16, why: String| -> Result<Outcome, StoreError> {
+    let refused = |code: u16, why: String| -> Result<Outcome, FhirError> {
         audit(tx, who, uid, &format!("refused {code:04X}: {why}"))?;
         Ok(Err((code, why)))
     };
@@ -113,9 +114,9 @@ pub fn set(
     uid: &str,
     a: &Attributes,
     who: &Caller,
-) -> Result<Outcome, StoreError> {
+) -> Result<Outcome, FhirError> {
     let id = procedure_id(uid);
-    let refused = |code: u16, why: String| -> Result<Outcome, StoreError> {
+    let refused = |code: u16, why: String| -> Result<Outcome, FhirError> {
         audit(tx, who, uid, &format!("refused {code:04X}: {why}"))?;
         Ok(Err((code, why)))
     };

@@ -296,7 +296,7 @@ async fn write_pending_audits(store: &Arc<Store>, queue: &Arc<AuditQueue>) {
                 // This write's savepoint is rolled back: the records go back to the queue, to
                 // be written with the next batch and counted in the error below.
                 q.pending.lock().expect("audit queue").0.splice(0..0, records);
-                return Err(e.into());
+                return Err(e);
             }
             Ok(records.len())
         })
@@ -542,8 +542,7 @@ async fn read(
     check_id(&id)?;
     let who = authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Read)?;
     let (rt, i) = (rtype.clone(), id.clone());
-    let current =
-        ctx.store.read(move |c| storage::read_current(c, &rt, &i).map_err(Into::into)).await?;
+    let current = ctx.store.read(move |c| storage::read_current(c, &rt, &i)).await?;
     let entity = format!("{rtype}/{id}");
     match current {
         None => {
@@ -586,8 +585,7 @@ async fn vread(
     let v: i64 = vid.parse().map_err(|_| FhirError::NotFound(format!("no version {vid:?}")))?;
     let who = authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Read)?;
     let (rt, i) = (rtype.clone(), id.clone());
-    let ver =
-        ctx.store.read(move |c| storage::read_version(c, &rt, &i, v).map_err(Into::into)).await?;
+    let ver = ctx.store.read(move |c| storage::read_version(c, &rt, &i, v)).await?;
     audit_read(
         &ctx,
         &who,
@@ -745,9 +743,7 @@ async fn history_common(
     let (rt, i) = (rtype.clone(), id.clone());
     let versions = ctx
         .store
-        .read(move |c| {
-            storage::history(c, rt.as_deref(), i.as_deref(), since, count).map_err(Into::into)
-        })
+        .read(move |c| storage::history(c, rt.as_deref(), i.as_deref(), since, count))
         .await?;
     let entity = match (&rtype, &id) {
         (Some(t), Some(i)) => format!("{t}/{i}/_history"),
@@ -851,7 +847,7 @@ async fn run_search(
     let req = search::parse(&rtype, &q, strict_handling(&headers))?;
     let entity = format!("{rtype}?{}", serde_urlencoded::to_string(&q).unwrap_or_default());
     let r2 = req.clone();
-    let ids = ctx.store.read(move |c| search::execute(c, &r2).map_err(Into::into)).await?;
+    let ids = ctx.store.read_as(move |c| search::execute(c, &r2)).await?;
     audit_read(&ctx, &who, "search", entity, "success");
     let base = base_url(&headers);
     if req.summary_count {
@@ -929,8 +925,7 @@ async fn load_resources(
         .read(move |c| {
             let mut out = Vec::with_capacity(keys.len());
             for (rtype, id) in keys {
-                if let Some(cur) =
-                    storage::read_current(c, &rtype, &id).map_err(crate::store::StoreError::from)?
+                if let Some(cur) = storage::read_current(c, &rtype, &id)?
                     && let Some(json) = cur.json
                     && !cur.deleted
                 {
@@ -977,19 +972,13 @@ async fn page_bundle(
         let (r2, ids2, rt2) = (req.clone(), page_ids.clone(), rtype.clone());
         let extra = ctx
             .store
-            .read(move |c| {
+            .read_as(move |c| -> Result<_, FhirError> {
                 let mut keys = Vec::new();
                 for inc in &r2.includes {
-                    keys.extend(
-                        search::include_targets(c, &rt2, &ids2, inc)
-                            .map_err(crate::store::StoreError::from)?,
-                    );
+                    keys.extend(search::include_targets(c, &rt2, &ids2, inc)?);
                 }
                 for inc in &r2.revincludes {
-                    keys.extend(
-                        search::revinclude_sources(c, &rt2, &ids2, inc)
-                            .map_err(crate::store::StoreError::from)?,
-                    );
+                    keys.extend(search::revinclude_sources(c, &rt2, &ids2, inc)?);
                 }
                 keys.sort();
                 keys.dedup();
@@ -1069,8 +1058,7 @@ async fn everything(
     let keys = ctx
         .store
         .read(move |c| {
-            let cur = storage::read_current(c, "Patient", &pid)
-                .map_err(crate::store::StoreError::from)?;
+            let cur = storage::read_current(c, "Patient", &pid)?;
             if cur.is_none_or(|c| c.deleted) {
                 return Ok(None);
             }
@@ -1293,7 +1281,7 @@ async fn create(
     let rt = rtype.clone();
     let outcome = ctx
         .store
-        .write(move |tx| {
+        .write_as(move |tx| -> Result<_, FhirError> {
             if let Some(req) = &cond {
                 let found = search::execute(tx.sql(), req)?;
                 match found.len() {
@@ -1323,8 +1311,7 @@ async fn create(
                     n => {
                         return Err(FhirError::PreconditionFailed(format!(
                             "If-None-Exist matched {n} resources"
-                        ))
-                        .into());
+                        )));
                     }
                 }
             }
@@ -1366,7 +1353,7 @@ async fn update(
     let rt = rtype.clone();
     let w = ctx
         .store
-        .write(move |tx| {
+        .write_as(move |tx| -> Result<_, FhirError> {
             let w = storage::put(tx, &rt, &id, resource, if_match, "local")?;
             storage::audit(
                 tx,
@@ -1396,7 +1383,7 @@ async fn delete(
     let rt = rtype.clone();
     let w = ctx
         .store
-        .write(move |tx| {
+        .write_as(move |tx| -> Result<_, FhirError> {
             let w = storage::delete(tx, &rt, &id, "local")?;
             storage::audit(tx, &write_audit(&who, "delete", format!("{rt}/{id}")))?;
             Ok(w)

@@ -355,7 +355,7 @@ pub async fn transaction(
     }
     let n = entries.len();
     let responses = store
-        .write(move |tx| {
+        .write_as(move |tx| -> Result<_, FhirError> {
             // Conditional creates that find an existing resource point the bundle's references at it.
             for (i, e) in entries.iter().enumerate() {
                 if let (Op::Create { rtype, if_none_exist: Some(q) }, Some(full)) =
@@ -391,9 +391,9 @@ pub async fn transaction(
 }
 
 /// Keeps the status of an entry's error but says which entry failed.
-fn entry_err(i: usize, e: FhirError) -> crate::store::StoreError {
+fn entry_err(i: usize, e: FhirError) -> FhirError {
     let msg = format!("Bundle.entry[{i}]: {e}");
-    let e = match e {
+    match e {
         FhirError::NotFound(_) => FhirError::NotFound(msg),
         FhirError::Gone(_) => FhirError::Gone(msg),
         FhirError::PreconditionFailed(_) => FhirError::PreconditionFailed(msg),
@@ -401,8 +401,7 @@ fn entry_err(i: usize, e: FhirError) -> crate::store::StoreError {
         FhirError::Internal(_) => FhirError::Internal(msg),
         FhirError::Unprocessable(_) => FhirError::Unprocessable(msg),
         _ => FhirError::BadRequest(msg),
-    };
-    e.into()
+    }
 }
 
 /// A batch: each entry is its own transaction; failures are reported per entry.
@@ -424,17 +423,16 @@ pub async fn batch(
         }
         let who = who.clone();
         let result = store
-            .write(move |tx| {
+            .write_as(move |tx| -> Result<_, FhirError> {
                 if let Some(r) = e.resource.as_mut() {
                     rewrite_references(tx.sql(), r, &mut HashMap::new())?;
                 }
-                Ok(run_entry(tx, &e, None, &who)?)
+                run_entry(tx, &e, None, &who)
             })
             .await;
         responses.push(match result {
             Ok(v) => v,
-            Err(err) => {
-                let f: FhirError = err.into();
+            Err(f) => {
                 json!({"response": {"status": f.status().to_string(), "outcome": f.outcome()}})
             }
         });

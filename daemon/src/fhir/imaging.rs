@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::storage;
+use crate::fhir::FhirError;
 use crate::store::{Store, StoreError, WriteTx};
 
 /// Schema: studies whose ImagingStudy needs rebuilding.
@@ -57,7 +58,7 @@ pub async fn refresher(store: Arc<Store>, link: ImagingLink, shutdown: Cancellat
         };
         loop {
             let l = link.clone();
-            match store.write(move |tx| refresh_dirty(tx, &l)).await {
+            match store.write_as(move |tx| refresh_dirty(tx, &l)).await {
                 Ok(n) if n == REFRESH_BATCH => continue,
                 Ok(_) => break,
                 Err(e) => {
@@ -73,7 +74,7 @@ pub async fn refresher(store: Arc<Store>, link: ImagingLink, shutdown: Cancellat
 }
 
 /// Rebuilds up to `REFRESH_BATCH` dirty studies. Returns how many.
-pub fn refresh_dirty(tx: &WriteTx<'_>, link: &ImagingLink) -> Result<usize, StoreError> {
+pub fn refresh_dirty(tx: &WriteTx<'_>, link: &ImagingLink) -> Result<usize, FhirError> {
     let sql = tx.sql();
     let dirty: Vec<String> = sql
         .prepare_cached("SELECT study_uid FROM fhir_imaging_dirty LIMIT ?1")?
@@ -96,7 +97,7 @@ pub fn refresh_dirty(tx: &WriteTx<'_>, link: &ImagingLink) -> Result<usize, Stor
 
 pub use hms_edge_fhir::imaging_study_id as study_id;
 
-fn ensure_endpoint(tx: &WriteTx<'_>, link: &ImagingLink) -> Result<(), StoreError> {
+fn ensure_endpoint(tx: &WriteTx<'_>, link: &ImagingLink) -> Result<(), FhirError> {
     let current = storage::read_current(tx.sql(), "Endpoint", ENDPOINT_ID)?;
     let wanted = json!({
         "resourceType": "Endpoint", "id": ENDPOINT_ID, "status": "active",
@@ -141,7 +142,7 @@ fn patient_for(
     name: &str,
     birth: &str,
     sex: &str,
-) -> Result<String, StoreError> {
+) -> Result<String, FhirError> {
     let found: Option<String> = tx
         .sql()
         .prepare_cached(
@@ -187,7 +188,7 @@ fn build_study(
     tx: &WriteTx<'_>,
     uid: &str,
     link: &ImagingLink,
-) -> Result<Option<Value>, StoreError> {
+) -> Result<Option<Value>, FhirError> {
     let sql = tx.sql();
     let head = sql
         .prepare_cached(
@@ -286,10 +287,10 @@ fn link_order(
     uid: &str,
     accession: &str,
     study: &mut Value,
-) -> Result<(), StoreError> {
+) -> Result<(), FhirError> {
     let sql = tx.sql();
     let ids_with =
-        |rtype: &str, system: Option<&str>, value: &str| -> Result<Vec<String>, StoreError> {
+        |rtype: &str, system: Option<&str>, value: &str| -> Result<Vec<String>, FhirError> {
             Ok(sql
                 .prepare_cached(
                     "SELECT DISTINCT t.id FROM fhir_idx_token t JOIN fhir_current c

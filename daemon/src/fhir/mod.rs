@@ -89,10 +89,6 @@ impl From<crate::store::StoreError> for FhirError {
     fn from(e: crate::store::StoreError) -> Self {
         use crate::store::StoreError;
         match e {
-            StoreError::Caller(inner) => match inner.downcast::<FhirError>() {
-                Ok(f) => *f,
-                Err(other) => FhirError::Internal(other.to_string()),
-            },
             StoreError::Rejected(m) => FhirError::BadRequest(m),
             e if e.is_disk_full() => FhirError::Unavailable("disk full".into()),
             StoreError::Closed => FhirError::Unavailable("shutting down".into()),
@@ -103,13 +99,6 @@ impl From<crate::store::StoreError> for FhirError {
             )),
             e => FhirError::Internal(e.to_string()),
         }
-    }
-}
-
-/// Carries a FHIR error through `Store::write` closures, which must return `StoreError`.
-impl From<FhirError> for crate::store::StoreError {
-    fn from(e: FhirError) -> Self {
-        crate::store::StoreError::Caller(Box::new(e))
     }
 }
 

@@ -649,7 +649,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let rows: Vec<(String, String, String)> =
             rows.iter().map(|(p, c, d)| (p.clone(), (*c).to_owned(), (*d).to_owned())).collect();
-        rt.block_on(store.write(move |tx| {
+        rt.block_on(store.write_as(move |tx| -> Result<(), crate::fhir::FhirError> {
             for (i, (pat, code, day)) in rows.iter().enumerate() {
                 let mut obs = serde_json::json!({"resourceType": "Observation",
                     "id": format!("o{i}"), "status": "final",
@@ -750,7 +750,7 @@ mod tests {
         let store =
             crate::store::open(dir.path(), &Key::random(), &StoreOptions::default()).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(store.write(|tx| {
+        rt.block_on(store.write_as(|tx| -> Result<(), crate::fhir::FhirError> {
             use crate::fhir::storage::{delete, put};
             for i in 0..240u32 {
                 let pat = format!("p{}", i % 4);

@@ -183,7 +183,7 @@ pub fn read_current(
     conn: &Connection,
     rtype: &str,
     id: &str,
-) -> Result<Option<Current>, FhirError> {
+) -> Result<Option<Current>, StoreError> {
     Ok(conn
         .prepare_cached(
             "SELECT c.version, c.last_updated, c.deleted, h.json FROM fhir_current c
@@ -206,7 +206,7 @@ pub fn read_version(
     rtype: &str,
     id: &str,
     version: i64,
-) -> Result<Option<Version>, FhirError> {
+) -> Result<Option<Version>, StoreError> {
     Ok(conn
         .prepare_cached(
             "SELECT last_updated, method, json FROM fhir_history
@@ -232,7 +232,7 @@ pub fn history(
     id: Option<&str>,
     since: Option<i64>,
     limit: usize,
-) -> Result<Vec<Version>, FhirError> {
+) -> Result<Vec<Version>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT rtype, id, version, last_updated, method, json FROM fhir_history
          WHERE (?1 IS NULL OR rtype = ?1) AND (?2 IS NULL OR id = ?2)
@@ -537,7 +537,7 @@ pub use crate::audit::AuditRecord;
 
 /// Appends an audit event (who, from where, what, outcome) in the caller's transaction, with its
 /// ledger leaf (see [`crate::audit::append`]).
-pub fn audit(tx: &WriteTx<'_>, event: &AuditRecord) -> Result<(), FhirError> {
+pub fn audit(tx: &WriteTx<'_>, event: &AuditRecord) -> Result<(), StoreError> {
     crate::audit::append(tx, event)?;
     Ok(())
 }

@@ -338,16 +338,12 @@ impl Ledger {
         let key = store.audit_key().clone();
         let this = self.clone();
         let (rec, idx, leaf) = store
-            .read(move |c| {
-                let found = find_subject(c, &subject).map_err(|e| match e {
-                    LedgerError::Store(s) => s,
-                    other => StoreError::Commit(other.to_string()),
-                })?;
-                this.sync_tree(c)?;
+            .read_as(move |c| -> Result<_, LedgerError> {
+                let found = find_subject(c, &subject)?;
+                this.sync_tree(c).map_err(tampered_if_rejected)?;
                 Ok(found)
             })
-            .await
-            .map_err(tampered_if_rejected)?
+            .await?
             .ok_or_else(|| LedgerError::NotFound("no such record".into()))
             .and_then(|(rec, leaf)| match leaf {
                 None => Err(LedgerError::NotFound(format!("{} has no ledger leaf", rec.name()))),

@@ -32,24 +32,8 @@ pub enum ApplyError {
     Db(#[from] rusqlite::Error),
 }
 
-fn caller(e: ApplyError) -> StoreError {
-    match e {
-        ApplyError::Store(s) => s,
-        ApplyError::Db(e) => StoreError::Db(e),
-        other => StoreError::Caller(Box::new(other)),
-    }
-}
-
 /// Applies one upstream version or delete. Checks the tenant tag first (invariant 5).
 pub fn apply(
-    tx: &WriteTx<'_>,
-    tenant: &str,
-    req: ApplyRequest,
-) -> Result<ApplyResponse, StoreError> {
-    apply_inner(tx, tenant, req).map_err(caller)
-}
-
-fn apply_inner(
     tx: &WriteTx<'_>,
     tenant: &str,
     req: ApplyRequest,
@@ -221,11 +205,7 @@ fn write_upstream(
 
 /// Resolves a held (manual) conflict: `keep = "local"` pushes the edge version over upstream's,
 /// `keep = "upstream"` takes upstream's and drops the parked edge change.
-pub fn resolve(tx: &WriteTx<'_>, conflict_id: i64, keep: &str) -> Result<(), StoreError> {
-    resolve_inner(tx, conflict_id, keep).map_err(caller)
-}
-
-fn resolve_inner(tx: &WriteTx<'_>, conflict_id: i64, keep: &str) -> Result<(), ApplyError> {
+pub fn resolve(tx: &WriteTx<'_>, conflict_id: i64, keep: &str) -> Result<(), ApplyError> {
     let sql = tx.sql();
     let row: Option<(String, String, Option<String>, Option<String>)> = sql
         .query_row(

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::api::*;
 use super::{apply, outbox};
-use crate::fhir::storage::{AuditRecord, audit};
+use crate::audit::AuditRecord;
 use crate::store::{Store, StoreError};
 
 /// Largest request body (a lease answer can be large; requests are small).
@@ -108,20 +108,26 @@ impl From<StoreError> for ApiError {
         let status = match &e {
             StoreError::Closed => StatusCode::SERVICE_UNAVAILABLE,
             e if e.is_disk_full() => StatusCode::INSUFFICIENT_STORAGE,
-            StoreError::Caller(inner) => match inner.downcast_ref::<apply::ApplyError>() {
-                Some(apply::ApplyError::WrongTenant { .. }) => StatusCode::FORBIDDEN,
-                Some(apply::ApplyError::Invalid(_)) => StatusCode::BAD_REQUEST,
-                Some(apply::ApplyError::NoSuchConflict(_)) => StatusCode::NOT_FOUND,
-                Some(apply::ApplyError::AlreadyResolved(_)) => StatusCode::CONFLICT,
-                Some(apply::ApplyError::Fhir(f)) => {
-                    StatusCode::from_u16(f.status()).unwrap_or(StatusCode::BAD_REQUEST)
-                }
-                _ => match inner.downcast_ref::<crate::fhir::FhirError>() {
-                    Some(f) => StatusCode::from_u16(f.status()).unwrap_or(StatusCode::BAD_REQUEST),
-                    None => StatusCode::INTERNAL_SERVER_ERROR,
-                },
-            },
             _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+/// A sync write's own failures keep their meaning for the agent: whose fault, which status.
+impl From<apply::ApplyError> for ApiError {
+    fn from(e: apply::ApplyError) -> Self {
+        use apply::ApplyError;
+        let status = match e {
+            ApplyError::Store(s) => return ApiError::from(s),
+            ApplyError::Db(d) => return ApiError::from(StoreError::from(d)),
+            ApplyError::WrongTenant { .. } => StatusCode::FORBIDDEN,
+            ApplyError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ApplyError::NoSuchConflict(_) => StatusCode::NOT_FOUND,
+            ApplyError::AlreadyResolved(_) => StatusCode::CONFLICT,
+            ApplyError::Fhir(ref f) => {
+                StatusCode::from_u16(f.status()).unwrap_or(StatusCode::BAD_REQUEST)
+            }
         };
         ApiError(status, e.to_string())
     }
@@ -148,8 +154,9 @@ fn agent_audit(action: &str, entity: String, detail: Option<String>) -> AuditRec
     }
 }
 
-fn fhir_err(e: crate::fhir::FhirError) -> StoreError {
-    StoreError::Caller(Box::new(e))
+/// Appends the agent's audit record in the write `tx` (the row id is not needed).
+fn audit(tx: &crate::store::WriteTx<'_>, rec: &AuditRecord) -> Result<(), StoreError> {
+    crate::audit::append(tx, rec).map(drop)
 }
 
 /// The newest signed checkpoint (made now when the log grew), for the agent to anchor.
@@ -245,8 +252,7 @@ async fn lease(
                 audit(
                     tx,
                     &agent_audit(action, format!("{} {what}", ids.len()), Some(ids.join(","))),
-                )
-                .map_err(fhir_err)?;
+                )?;
             }
             Ok(entries)
         })
@@ -329,11 +335,10 @@ async fn apply_upstream(
     let entity = format!("{}/{}", req.rtype, req.id);
     let resp = ctx
         .store
-        .write(move |tx| {
+        .write_as(move |tx| -> Result<_, apply::ApplyError> {
             let resp = apply::apply(tx, &tenant, req)?;
             if resp.outcome != ApplyOutcome::Unchanged {
-                audit(tx, &agent_audit("sync-pull", entity, Some(format!("{:?}", resp.outcome))))
-                    .map_err(fhir_err)?;
+                audit(tx, &agent_audit("sync-pull", entity, Some(format!("{:?}", resp.outcome))))?;
             }
             Ok(resp)
         })
@@ -360,7 +365,7 @@ async fn resolve(
     UrlPath(id): UrlPath<i64>,
     axum::Json(req): axum::Json<ResolveRequest>,
 ) -> ApiResult<axum::Json<Value>> {
-    ctx.store.write(move |tx| apply::resolve(tx, id, &req.keep)).await?;
+    ctx.store.write_as(move |tx| apply::resolve(tx, id, &req.keep)).await?;
     Ok(axum::Json(json!({ "resolved": id })))
 }
 
@@ -395,7 +400,7 @@ async fn dicom_instance(
         Some(format!("version {}", inst.version)),
     );
     ctx.store
-        .write(move |tx| audit(tx, &rec).map_err(fhir_err))
+        .write(move |tx| audit(tx, &rec))
         .await
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     let size = inst.size;

@@ -52,8 +52,7 @@ pub fn lease(
     if kind == "fhir" {
         for e in &mut entries {
             let Some((rtype, id)) = e.entity.split_once('/') else { continue };
-            let current = crate::fhir::storage::read_current(sql, rtype, id)
-                .map_err(|err| StoreError::Caller(Box::new(err)))?;
+            let current = crate::fhir::storage::read_current(sql, rtype, id)?;
             if let Some(c) = current {
                 e.current_version = Some(c.version);
                 e.resource = match (c.deleted, c.json) {
