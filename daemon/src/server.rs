@@ -330,7 +330,7 @@ pub async fn run(
         );
         Some(c)
     };
-    let fhir_ctx = crate::fhir::api::FhirContext::new(
+    let fhir_ctx = crate::fhir::http::FhirContext::new(
         daemon.store.clone(),
         cfg.fhir.max_body_bytes as usize,
         daemon.fhir_verifier.clone(),
@@ -348,7 +348,7 @@ pub async fn run(
         listeners.fhir,
         daemon.tls.clone(),
         client_auth,
-        crate::fhir::api::router(fhir_ctx.clone()).merge(crate::dicomweb::router(dicomweb_ctx)),
+        crate::fhir::http::router(fhir_ctx.clone()).merge(crate::dicomweb::router(dicomweb_ctx)),
         cfg.fhir.max_connections as usize,
         token.clone(),
         daemon.tasks.clone(),

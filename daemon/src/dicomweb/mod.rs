@@ -29,8 +29,9 @@ use serde_json::Value;
 use crate::config::DuplicatePolicy;
 use crate::dicom::query::Level;
 use crate::fhir::FhirError;
-use crate::fhir::api::{Caller, ClientAddr, FhirContext, audit_read, authorize};
 use crate::fhir::auth::Interaction;
+use crate::fhir::http::FhirContext;
+use crate::fhir::http::caller::{Caller, ClientAddr, audit_read, authorize};
 use crate::store::{BlobId, StoreError};
 
 /// DICOM JSON media type.

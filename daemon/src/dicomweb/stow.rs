@@ -24,8 +24,8 @@ use crate::dicom::index::{self, Recorded};
 use crate::dicom::sink::{ReceivedInstance, SinkHandle};
 use crate::dicom::uids;
 use crate::fhir::FhirError;
-use crate::fhir::api::{Caller, audit_read, authorize};
 use crate::fhir::auth::Interaction;
+use crate::fhir::http::caller::{Caller, audit_read, authorize};
 
 // Failure reasons (PS3.18 Table 10.5.3-3 / PS3.4 status codes).
 const DUPLICATE: u16 = 0x0111;

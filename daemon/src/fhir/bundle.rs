@@ -7,10 +7,10 @@ use std::sync::Arc;
 use rusqlite::Connection;
 use serde_json::{Value, json};
 
-use super::api::shared::{Caller, new_id, validate_resource, write_audit};
 use super::auth::Interaction;
+use super::http::caller::{Caller, write_audit};
 use super::storage::{self, Written};
-use super::{FhirError, date, search};
+use super::{FhirError, date, new_id, search, validate_resource};
 use crate::store::{Store, WriteTx};
 
 #[derive(Debug, Clone)]

@@ -177,7 +177,7 @@ fn patient_for(
     if let Some(g) = gender {
         p["gender"] = json!(g);
     }
-    let id = super::api::new_id();
+    let id = super::new_id();
     p["id"] = json!(id);
     storage::put(tx, "Patient", &id, p, None, "local")?;
     Ok(id)

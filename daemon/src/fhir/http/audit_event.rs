@@ -11,13 +11,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use super::FhirError;
-use super::api::{
-    ApiResult, ClientAddr, FhirContext, audit_read, authorize, base_url, check_format,
-    json_response, strict_handling, version_headers,
-};
-use super::auth::Interaction;
+use super::caller::{Caller, ClientAddr, audit_read, authorize};
+use super::response::{base_url, check_format, json_response, strict_handling, version_headers};
+use super::{ApiResult, FhirContext};
 use crate::audit::{self, AuditQuery};
+use crate::fhir::FhirError;
+use crate::fhir::auth::Interaction;
 
 const RTYPE: &str = "AuditEvent";
 
@@ -57,7 +56,7 @@ fn parse_id(id: &str) -> Result<i64, FhirError> {
 
 async fn load(
     ctx: &Arc<FhirContext>,
-    who: &super::api::Caller,
+    who: &Caller,
     action: &str,
     id: &str,
 ) -> Result<audit::AuditRow, FhirError> {
