@@ -339,7 +339,9 @@ pub async fn run(
     );
     // DICOMweb shares the FHIR listener, its auth and its audit.
     let dicomweb_ctx = Arc::new(crate::dicomweb::DicomWebContext {
-        fhir: fhir_ctx.clone(),
+        store: daemon.store.clone(),
+        access: fhir_ctx.access.clone(),
+        max_body_bytes: cfg.fhir.max_body_bytes as usize,
         duplicate_policy: cfg.dicom.duplicate_policy,
         max_results: cfg.dicom.max_find_results as usize,
     });

@@ -8,9 +8,9 @@ use rusqlite::Connection;
 use serde_json::{Value, json};
 
 use super::auth::Interaction;
-use super::http::caller::{Caller, write_audit};
 use super::storage::{self, Written};
 use super::{FhirError, date, new_id, search, validate_resource};
+use crate::http_caller::Identity;
 use crate::store::{Store, WriteTx};
 
 #[derive(Debug, Clone)]
@@ -215,7 +215,7 @@ fn run_entry(
     tx: &WriteTx<'_>,
     e: &Entry,
     assigned: Option<&str>,
-    who: &Caller,
+    who: &Identity,
 ) -> Result<Value, FhirError> {
     let conn = tx.sql();
     match &e.op {
@@ -241,7 +241,7 @@ fn run_entry(
             let mut r = e.resource.clone().expect("validated");
             r["id"] = Value::String(id.clone());
             let w = storage::put(tx, rtype, &id, r, None, "local")?;
-            storage::audit(tx, &write_audit(who, "create", format!("{rtype}/{id}")))?;
+            storage::audit(tx, &who.write_audit("create", format!("{rtype}/{id}")))?;
             Ok(json!({"response": response_of(&w, "201 Created")}))
         }
         Op::Update { rtype, id, if_match } => {
@@ -253,7 +253,7 @@ fn run_entry(
                 *if_match,
                 "local",
             )?;
-            storage::audit(tx, &write_audit(who, "update", format!("{rtype}/{id}")))?;
+            storage::audit(tx, &who.write_audit("update", format!("{rtype}/{id}")))?;
             Ok(
                 json!({"response": response_of(&w, if w.created { "201 Created" } else { "200 OK" })}),
             )
@@ -272,23 +272,23 @@ fn run_entry(
             let mut r = e.resource.clone().expect("validated");
             r["id"] = Value::String(id.clone());
             let w = storage::put(tx, rtype, &id, r, None, "local")?;
-            storage::audit(tx, &write_audit(who, "update", format!("{rtype}/{id}")))?;
+            storage::audit(tx, &who.write_audit("update", format!("{rtype}/{id}")))?;
             Ok(
                 json!({"response": response_of(&w, if w.created { "201 Created" } else { "200 OK" })}),
             )
         }
         Op::Delete { rtype, id } => {
             storage::delete(tx, rtype, id, "local")?;
-            storage::audit(tx, &write_audit(who, "delete", format!("{rtype}/{id}")))?;
+            storage::audit(tx, &who.write_audit("delete", format!("{rtype}/{id}")))?;
             Ok(json!({"response": {"status": "204 No Content"}}))
         }
         Op::Read { rtype, id } => {
-            storage::audit(tx, &write_audit(who, "read", format!("{rtype}/{id}")))?;
+            storage::audit(tx, &who.write_audit("read", format!("{rtype}/{id}")))?;
             read_entry(conn, rtype, id)
         }
         Op::Search { rtype, query } => {
             let ids = search_in_tx(conn, rtype, query)?;
-            storage::audit(tx, &write_audit(who, "search", format!("{rtype}?{query}")))?;
+            storage::audit(tx, &who.write_audit("search", format!("{rtype}?{query}")))?;
             let mut entries = Vec::new();
             for id in ids.iter().take(search::DEFAULT_COUNT) {
                 if let Ok(v) = read_entry(conn, rtype, id) {
@@ -328,7 +328,7 @@ fn order_rank(op: &Op) -> u8 {
 pub async fn transaction(
     store: &Arc<Store>,
     bundle: Value,
-    who: Caller,
+    who: Identity,
 ) -> Result<Value, FhirError> {
     let mut entries = parse_entries(bundle)?;
     for (i, e) in entries.iter().enumerate() {
@@ -409,7 +409,7 @@ fn entry_err(i: usize, e: FhirError) -> crate::store::StoreError {
 pub async fn batch(
     store: &Arc<Store>,
     bundle: Value,
-    who: Caller,
+    who: Identity,
     _base: &str,
 ) -> Result<Value, FhirError> {
     let entries = parse_entries(bundle)?;

@@ -7,24 +7,24 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use serde_json::json;
 
-use super::caller::{Caller, ClientAddr, audit_read, authorize};
 use super::paging::{Snapshot, load_resources, page_links, remember};
 use super::response::{base_url, bundle_response, check_format, check_id, query_flag};
 use super::{ApiResult, FhirContext};
 use crate::fhir::auth::Interaction;
 use crate::fhir::search::{self, SearchRequest, Total};
 use crate::fhir::{FhirError, storage};
+use crate::http_caller::{Caller, Identity};
 
 pub(super) async fn everything(
     State(ctx): State<Arc<FhirContext>>,
     Path(id): Path<String>,
     Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    addr: Option<axum::Extension<ClientAddr>>,
+    caller: Caller,
 ) -> ApiResult {
     check_format(&q, &headers)?;
     check_id(&id)?;
-    let who = authorize(&ctx, &headers, addr.as_deref(), "Patient", Interaction::Read)?;
+    let who = caller.authorize("Patient", Interaction::Read)?;
     let count = query_flag(&q, "_count")
         .and_then(|c| c.parse().ok())
         .unwrap_or(100usize)
@@ -57,10 +57,10 @@ pub(super) async fn everything(
         })
         .await?;
     let Some(keys) = keys else {
-        audit_read(&ctx, &who, "everything", format!("Patient/{id}"), "404");
+        who.audit_read("everything", format!("Patient/{id}"), "404");
         return Err(FhirError::NotFound(format!("Patient/{id} is not known")));
     };
-    audit_read(&ctx, &who, "everything", format!("Patient/{id}"), "success");
+    who.audit_read("everything", format!("Patient/{id}"), "success");
     // Paged like a search: the compartment is snapshotted as (type, id) pairs.
     let ids: Vec<String> = keys.iter().map(|(t, i)| format!("{t}/{i}")).collect();
     let req = SearchRequest {
@@ -87,7 +87,7 @@ pub(super) async fn everything_page(
     snap: &Arc<Snapshot>,
     offset: usize,
     q: &[(String, String)],
-    who: &Caller,
+    who: &Identity,
 ) -> ApiResult {
     let count = snap.req.count;
     let keys: Vec<(String, String)> = snap

@@ -6,11 +6,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 
-use super::caller::{ClientAddr, audit_read, authorize};
 use super::response::{base_url, check_format, check_id, check_type, json_response, query_flag};
 use super::{ApiResult, FhirContext};
 use crate::fhir::auth::Interaction;
 use crate::fhir::{FhirError, date, search, storage};
+use crate::http_caller::Caller;
 
 fn history_bundle(base: &str, versions: Vec<storage::Version>) -> Value {
     let entries: Vec<Value> = versions
@@ -40,7 +40,7 @@ async fn history_common(
     id: Option<String>,
     q: Vec<(String, String)>,
     headers: HeaderMap,
-    addr: Option<ClientAddr>,
+    caller: Caller,
 ) -> ApiResult {
     check_format(&q, &headers)?;
     if let Some(t) = &rtype {
@@ -64,13 +64,7 @@ async fn history_common(
             .min(search::MAX_COUNT),
         None => 100,
     };
-    let who = authorize(
-        &ctx,
-        &headers,
-        addr.as_ref(),
-        rtype.as_deref().unwrap_or("*"),
-        Interaction::Read,
-    )?;
+    let who = caller.authorize(rtype.as_deref().unwrap_or("*"), Interaction::Read)?;
     let (rt, i) = (rtype.clone(), id.clone());
     let versions = ctx
         .store
@@ -84,10 +78,10 @@ async fn history_common(
         _ => "_history".into(),
     };
     if rtype.is_some() && id.is_some() && versions.is_empty() {
-        audit_read(&ctx, &who, "history", entity, "404");
+        who.audit_read("history", entity, "404");
         return Err(FhirError::NotFound("no such resource".into()));
     }
-    audit_read(&ctx, &who, "history", entity, "success");
+    who.audit_read("history", entity, "success");
     Ok(json_response(StatusCode::OK, &history_bundle(&base_url(&headers), versions), &q))
 }
 
@@ -95,9 +89,9 @@ pub(super) async fn system_history(
     State(ctx): State<Arc<FhirContext>>,
     Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    addr: Option<axum::Extension<ClientAddr>>,
+    caller: Caller,
 ) -> ApiResult {
-    history_common(ctx, None, None, q, headers, addr.map(|a| a.0)).await
+    history_common(ctx, None, None, q, headers, caller).await
 }
 
 pub(super) async fn type_history(
@@ -105,9 +99,9 @@ pub(super) async fn type_history(
     Path(rtype): Path<String>,
     Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    addr: Option<axum::Extension<ClientAddr>>,
+    caller: Caller,
 ) -> ApiResult {
-    history_common(ctx, Some(rtype), None, q, headers, addr.map(|a| a.0)).await
+    history_common(ctx, Some(rtype), None, q, headers, caller).await
 }
 
 pub(super) async fn instance_history(
@@ -115,7 +109,7 @@ pub(super) async fn instance_history(
     Path((rtype, id)): Path<(String, String)>,
     Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    addr: Option<axum::Extension<ClientAddr>>,
+    caller: Caller,
 ) -> ApiResult {
-    history_common(ctx, Some(rtype), Some(id), q, headers, addr.map(|a| a.0)).await
+    history_common(ctx, Some(rtype), Some(id), q, headers, caller).await
 }

@@ -6,10 +6,10 @@
 //! (with the paging cache in [`paging`]), [`everything`] (`Patient/$everything`), [`write`]
 //! (create, update, delete, transaction/batch Bundles), [`metadata`] (the CapabilityStatement),
 //! [`audit_event`] (the audit trail as AuditEvent); [`response`] holds the request and response
-//! helpers they share. Who is calling is [`caller`]'s business.
+//! helpers they share. Who is calling is `crate::http_caller`'s business (the [`Caller`]
+//! extractor), shared with DICOMweb.
 
 mod audit_event;
-pub mod caller;
 mod everything;
 mod history;
 mod metadata;
@@ -28,15 +28,14 @@ use axum::http::Method;
 use axum::response::Response;
 use axum::routing::{get, post};
 
-pub use caller::{Caller, ClientAddr, READ_AUDIT_BATCH_DELAY};
 pub use metadata::capability_statement;
 pub use response::FHIR_JSON;
 pub use write::BODY_READ_TIMEOUT;
 
 use super::FhirError;
 use super::auth::Verifier;
+use crate::http_caller::{Access, CallerState};
 use crate::store::Store;
-use caller::{AuditQueue, write_pending_audits};
 use everything::everything;
 use history::{instance_history, system_history, type_history};
 use metadata::metadata;
@@ -48,16 +47,13 @@ use write::{create, delete, system_bundle, update};
 /// What the API needs from the daemon.
 pub struct FhirContext {
     pub store: Arc<Store>,
-    /// Token verifier; `None` when authentication is off (development, loopback only).
-    pub verifier: Option<Verifier>,
     /// Largest request body accepted (bytes); larger gets 413.
     pub max_body_bytes: usize,
     /// The integrity ledger, for `$verify`.
     pub ledger: Arc<crate::ledger::Ledger>,
-    /// Workstation client-certificate CN → granted SMART scopes (`fhir.client_certs`).
-    pub client_certs: std::collections::BTreeMap<String, String>,
+    /// Authentication and the read audit queue, shared with DICOMweb.
+    pub access: Arc<Access>,
     pages: Mutex<HashMap<String, Arc<Snapshot>>>,
-    audits: Arc<AuditQueue>,
     /// Transaction and batch Bundles being read, parsed or written ([`MAX_CONCURRENT_BUNDLES`]).
     bundles: tokio::sync::Semaphore,
 }
@@ -78,9 +74,7 @@ impl FhirContext {
     /// Writes the read audit records still waiting for their batch; called on shutdown before
     /// the store closes.
     pub async fn flush_audits(&self) {
-        if !self.audits.pending.lock().expect("audit queue").0.is_empty() {
-            write_pending_audits(&self.store, &self.audits).await;
-        }
+        self.access.flush_audits().await;
     }
 
     pub fn new(
@@ -91,15 +85,19 @@ impl FhirContext {
         client_certs: std::collections::BTreeMap<String, String>,
     ) -> Arc<Self> {
         Arc::new(FhirContext {
+            access: Access::new(store.clone(), verifier, client_certs),
             store,
-            verifier,
             max_body_bytes,
             ledger,
-            client_certs,
             pages: Mutex::new(HashMap::new()),
-            audits: Arc::default(),
             bundles: tokio::sync::Semaphore::new(MAX_CONCURRENT_BUNDLES),
         })
+    }
+}
+
+impl CallerState for Arc<FhirContext> {
+    fn access(&self) -> &Arc<Access> {
+        &self.access
     }
 }
 

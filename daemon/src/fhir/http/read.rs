@@ -7,7 +7,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::Value;
 
-use super::caller::{Caller, ClientAddr, audit_read, authorize};
 use super::response::{
     apply_elements, check_format, check_id, check_type, json_response, query_flag,
     raw_json_response, version_headers,
@@ -16,33 +15,34 @@ use super::{ApiResult, FhirContext};
 use crate::fhir::FhirError;
 use crate::fhir::auth::Interaction;
 use crate::fhir::storage;
+use crate::http_caller::{Caller, Identity};
 
 pub(super) async fn read(
     State(ctx): State<Arc<FhirContext>>,
     Path((rtype, id)): Path<(String, String)>,
     Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    addr: Option<axum::Extension<ClientAddr>>,
+    caller: Caller,
 ) -> ApiResult {
     check_format(&q, &headers)?;
     check_type(&rtype)?;
     check_id(&id)?;
-    let who = authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Read)?;
+    let who = caller.authorize(&rtype, Interaction::Read)?;
     let (rt, i) = (rtype.clone(), id.clone());
     let current =
         ctx.store.read(move |c| storage::read_current(c, &rt, &i).map_err(Into::into)).await?;
     let entity = format!("{rtype}/{id}");
     match current {
         None => {
-            audit_read(&ctx, &who, "read", entity, "404");
+            who.audit_read("read", entity, "404");
             Err(FhirError::NotFound(format!("{rtype}/{id} is not known")))
         }
         Some(c) if c.deleted => {
-            audit_read(&ctx, &who, "read", entity, "410");
+            who.audit_read("read", entity, "410");
             Err(FhirError::Gone(format!("{rtype}/{id} was deleted (version {})", c.version)))
         }
         Some(c) => {
-            audit_read(&ctx, &who, "read", entity, "success");
+            who.audit_read("read", entity, "success");
             let text = c.json.unwrap_or_else(|| "{}".into());
             let mut r = match query_flag(&q, "_elements") {
                 // The stored text is the canonical serialisation: sent without re-parsing.
@@ -65,19 +65,17 @@ pub(super) async fn vread(
     Path((rtype, id, vid)): Path<(String, String, String)>,
     Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    addr: Option<axum::Extension<ClientAddr>>,
+    caller: Caller,
 ) -> ApiResult {
     check_format(&q, &headers)?;
     check_type(&rtype)?;
     check_id(&id)?;
     let v: i64 = vid.parse().map_err(|_| FhirError::NotFound(format!("no version {vid:?}")))?;
-    let who = authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Read)?;
+    let who = caller.authorize(&rtype, Interaction::Read)?;
     let (rt, i) = (rtype.clone(), id.clone());
     let ver =
         ctx.store.read(move |c| storage::read_version(c, &rt, &i, v).map_err(Into::into)).await?;
-    audit_read(
-        &ctx,
-        &who,
+    who.audit_read(
         "vread",
         format!("{rtype}/{id}/_history/{v}"),
         if ver.is_some() { "success" } else { "404" },
@@ -105,16 +103,16 @@ pub(super) async fn verify_version(
     Path((rtype, id, vid)): Path<(String, String, String)>,
     Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    addr: Option<axum::Extension<ClientAddr>>,
+    caller: Caller,
 ) -> ApiResult {
     check_format(&q, &headers)?;
     check_type(&rtype)?;
     check_id(&id)?;
     let v: i64 = vid.parse().map_err(|_| FhirError::NotFound(format!("no version {vid:?}")))?;
-    let who = authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Read)?;
+    let who = caller.authorize(&rtype, Interaction::Read)?;
     let subject = crate::ledger::Subject::Fhir { rtype: rtype.clone(), id: id.clone(), version: v };
     let out = ctx.ledger.prove(&ctx.store, subject).await;
-    proof_response(&ctx, &who, format!("{rtype}/{id}/_history/{v}"), out, &q)
+    proof_response(&who, format!("{rtype}/{id}/_history/{v}"), out, &q)
 }
 
 /// `GET /fhir/$verify-dicom?sop=<SOP Instance UID>[&version=<n>]`: the integrity proof of a
@@ -123,10 +121,10 @@ pub(super) async fn verify_dicom(
     State(ctx): State<Arc<FhirContext>>,
     Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    addr: Option<axum::Extension<ClientAddr>>,
+    caller: Caller,
 ) -> ApiResult {
     check_format(&q, &headers)?;
-    let who = authorize(&ctx, &headers, addr.as_deref(), "ImagingStudy", Interaction::Read)?;
+    let who = caller.authorize("ImagingStudy", Interaction::Read)?;
     let sop = query_flag(&q, "sop")
         .filter(|s| !s.is_empty() && s.len() <= 64)
         .ok_or_else(|| FhirError::BadRequest("parameter sop (SOP Instance UID) required".into()))?
@@ -140,12 +138,11 @@ pub(super) async fn verify_dicom(
     };
     let subject = crate::ledger::Subject::Dicom { sop_uid: sop.clone(), version };
     let out = ctx.ledger.prove(&ctx.store, subject).await;
-    proof_response(&ctx, &who, format!("dicom:{sop}"), out, &q)
+    proof_response(&who, format!("dicom:{sop}"), out, &q)
 }
 
 fn proof_response(
-    ctx: &FhirContext,
-    who: &Caller,
+    who: &Identity,
     entity: String,
     out: Result<crate::ledger::proof::ProofDoc, crate::ledger::LedgerError>,
     q: &[(String, String)],
@@ -157,7 +154,7 @@ fn proof_response(
         Err(LedgerError::Tampered(_)) => "409 integrity check failed".into(),
         Err(LedgerError::Store(_)) => "500".into(),
     };
-    audit_read(ctx, who, "verify", entity, &outcome);
+    who.audit_read("verify", entity, &outcome);
     match out {
         Ok(doc) => {
             let body =

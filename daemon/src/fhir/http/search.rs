@@ -9,7 +9,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::json;
 
-use super::caller::{Caller, ClientAddr, audit_read, authorize};
 use super::everything::everything_page;
 use super::paging::{Snapshot, load_resources, page_links, remember};
 use super::response::{
@@ -20,15 +19,16 @@ use super::{ApiResult, FhirContext};
 use crate::fhir::FhirError;
 use crate::fhir::auth::Interaction;
 use crate::fhir::search::{self, Total};
+use crate::http_caller::{Caller, Identity};
 
 pub(super) async fn search_get(
     State(ctx): State<Arc<FhirContext>>,
     Path(rtype): Path<String>,
     Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    addr: Option<axum::Extension<ClientAddr>>,
+    caller: Caller,
 ) -> ApiResult {
-    run_search(ctx, rtype, q, headers, addr.map(|a| a.0)).await
+    run_search(ctx, rtype, q, headers, caller).await
 }
 
 pub(super) async fn search_post(
@@ -36,17 +36,17 @@ pub(super) async fn search_post(
     Path(rtype): Path<String>,
     Query(mut q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    addr: Option<axum::Extension<ClientAddr>>,
+    caller: Caller,
     body: Body,
 ) -> ApiResult {
     // Who is asking, and whether they may search this type, is known before the body is read.
     check_type(&rtype)?;
-    authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Search)?;
+    caller.authorize(&rtype, Interaction::Search)?;
     let bytes = read_body(&ctx, body).await?;
     let form: Vec<(String, String)> = serde_urlencoded::from_bytes(&bytes)
         .map_err(|e| FhirError::BadRequest(format!("_search body must be form-encoded: {e}")))?;
     q.extend(form);
-    run_search(ctx, rtype, q, headers, addr.map(|a| a.0)).await
+    run_search(ctx, rtype, q, headers, caller).await
 }
 
 async fn run_search(
@@ -54,16 +54,16 @@ async fn run_search(
     rtype: String,
     q: Vec<(String, String)>,
     headers: HeaderMap,
-    addr: Option<ClientAddr>,
+    caller: Caller,
 ) -> ApiResult {
     check_format(&q, &headers)?;
     check_type(&rtype)?;
-    let who = authorize(&ctx, &headers, addr.as_ref(), &rtype, Interaction::Search)?;
+    let who = caller.authorize(&rtype, Interaction::Search)?;
     let req = search::parse(&rtype, &q, strict_handling(&headers))?;
     let entity = format!("{rtype}?{}", serde_urlencoded::to_string(&q).unwrap_or_default());
     let r2 = req.clone();
     let ids = ctx.store.read(move |c| search::execute(c, &r2).map_err(Into::into)).await?;
-    audit_read(&ctx, &who, "search", entity, "success");
+    who.audit_read("search", entity, "success");
     let base = base_url(&headers);
     if req.summary_count {
         let b = json!({"resourceType": "Bundle", "type": "searchset", "total": ids.len()});
@@ -97,7 +97,7 @@ async fn page_bundle(
     snap: &Arc<Snapshot>,
     offset: usize,
     q: &[(String, String)],
-    who: &Caller,
+    who: &Identity,
 ) -> ApiResult {
     let req = &snap.req;
     let count = req.count;
@@ -162,7 +162,7 @@ pub(super) async fn system_get(
     State(ctx): State<Arc<FhirContext>>,
     Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    addr: Option<axum::Extension<ClientAddr>>,
+    caller: Caller,
 ) -> ApiResult {
     check_format(&q, &headers)?;
     let Some(key) = query_flag(&q, "_getpages") else {
@@ -176,11 +176,11 @@ pub(super) async fn system_get(
     let offset = query_flag(&q, "_getpagesoffset").and_then(|o| o.parse().ok()).unwrap_or(0);
     if snap.req.rtype == "*" {
         // A page of Patient/$everything.
-        let who = authorize(&ctx, &headers, addr.as_deref(), "Patient", Interaction::Read)?;
-        audit_read(&ctx, &who, "everything-page", format!("?_getpages={key}"), "success");
+        let who = caller.authorize("Patient", Interaction::Read)?;
+        who.audit_read("everything-page", format!("?_getpages={key}"), "success");
         return everything_page(&ctx, &base_url(&headers), key, &snap, offset, &q, &who).await;
     }
-    let who = authorize(&ctx, &headers, addr.as_deref(), &snap.req.rtype, Interaction::Search)?;
-    audit_read(&ctx, &who, "search-page", format!("{}?_getpages={key}", snap.req.rtype), "success");
+    let who = caller.authorize(&snap.req.rtype, Interaction::Search)?;
+    who.audit_read("search-page", format!("{}?_getpages={key}", snap.req.rtype), "success");
     page_bundle(&ctx, &base_url(&headers), PageKey::Snapshot(key), &snap, offset, &q, &who).await
 }

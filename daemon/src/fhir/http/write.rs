@@ -9,12 +9,12 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
-use super::caller::{ClientAddr, authenticate, authorize, write_audit};
 use super::response::{base_url, check_id, check_type, json_response, prefer, version_headers};
 use super::{ApiResult, FhirContext};
 use crate::fhir::auth::Interaction;
 use crate::fhir::storage::{self, Written};
 use crate::fhir::{FhirError, new_id, parse_resource, search};
+use crate::http_caller::Caller;
 
 /// A request body must arrive within this (a slow-loris body holds a connection and a task).
 pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -107,7 +107,7 @@ pub(super) async fn create(
     Path(rtype): Path<String>,
     Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    addr: Option<axum::Extension<ClientAddr>>,
+    caller: Caller,
     body: Body,
 ) -> ApiResult {
     check_type(&rtype)?;
@@ -115,7 +115,7 @@ pub(super) async fn create(
     check_content_type(&headers)?;
     // Authenticate and check the scope first: an unauthenticated caller never gets a body read
     // and parsed (JSON parsing multiplies memory).
-    let who = authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Create)?;
+    let who = caller.authorize(&rtype, Interaction::Create)?;
     let bytes = read_body(&ctx, body).await?;
     let mut resource = parse_resource(&bytes, &rtype)?;
     let if_none_exist =
@@ -123,7 +123,7 @@ pub(super) async fn create(
     let cond = match &if_none_exist {
         Some(s) => {
             // The match test is a search: a create-only token may not learn what exists.
-            authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Search)?;
+            caller.authorize(&rtype, Interaction::Search)?;
             let pairs: Vec<(String, String)> =
                 serde_urlencoded::from_str(s.trim_start_matches('?'))
                     .map_err(|e| FhirError::BadRequest(format!("If-None-Exist: {e}")))?;
@@ -150,7 +150,7 @@ pub(super) async fn create(
                         // and that disclosure is audited like any read.
                         let may_read = who.principal.allows(&rt, Interaction::Read);
                         let entity = format!("{rt}/{}", found[0]);
-                        storage::audit(tx, &write_audit(&who, "create-matched-existing", entity))?;
+                        storage::audit(tx, &who.write_audit("create-matched-existing", entity))?;
                         return Ok((
                             false,
                             Written {
@@ -172,7 +172,7 @@ pub(super) async fn create(
                 }
             }
             let w = storage::put(tx, &rt, &id, resource, None, "local")?;
-            storage::audit(tx, &write_audit(&who, "create", format!("{rt}/{}", w.id)))?;
+            storage::audit(tx, &who.write_audit("create", format!("{rt}/{}", w.id)))?;
             Ok((true, w))
         })
         .await?;
@@ -186,14 +186,14 @@ pub(super) async fn update(
     Path((rtype, id)): Path<(String, String)>,
     Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    addr: Option<axum::Extension<ClientAddr>>,
+    caller: Caller,
     body: Body,
 ) -> ApiResult {
     check_type(&rtype)?;
     check_id(&id)?;
     check_writable(&rtype)?;
     check_content_type(&headers)?;
-    let who = authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Update)?;
+    let who = caller.authorize(&rtype, Interaction::Update)?;
     let bytes = read_body(&ctx, body).await?;
     let resource = parse_resource(&bytes, &rtype)?;
     match resource.get("id").and_then(Value::as_str) {
@@ -213,8 +213,7 @@ pub(super) async fn update(
             let w = storage::put(tx, &rt, &id, resource, if_match, "local")?;
             storage::audit(
                 tx,
-                &write_audit(
-                    &who,
+                &who.write_audit(
                     if w.created { "create" } else { "update" },
                     format!("{rt}/{}", w.id),
                 ),
@@ -229,19 +228,18 @@ pub(super) async fn update(
 pub(super) async fn delete(
     State(ctx): State<Arc<FhirContext>>,
     Path((rtype, id)): Path<(String, String)>,
-    headers: HeaderMap,
-    addr: Option<axum::Extension<ClientAddr>>,
+    caller: Caller,
 ) -> ApiResult {
     check_type(&rtype)?;
     check_id(&id)?;
     check_writable(&rtype)?;
-    let who = authorize(&ctx, &headers, addr.as_deref(), &rtype, Interaction::Delete)?;
+    let who = caller.authorize(&rtype, Interaction::Delete)?;
     let rt = rtype.clone();
     let w = ctx
         .store
         .write(move |tx| {
             let w = storage::delete(tx, &rt, &id, "local")?;
-            storage::audit(tx, &write_audit(&who, "delete", format!("{rt}/{id}")))?;
+            storage::audit(tx, &who.write_audit("delete", format!("{rt}/{id}")))?;
             Ok(w)
         })
         .await?;
@@ -261,12 +259,12 @@ pub(super) async fn system_bundle(
     State(ctx): State<Arc<FhirContext>>,
     Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    addr: Option<axum::Extension<ClientAddr>>,
+    caller: Caller,
     body: Body,
 ) -> ApiResult {
     check_content_type(&headers)?;
     // Who is asking is known before a large body is read and parsed.
-    let who = authenticate(&ctx, &headers, addr.as_deref())?;
+    let who = caller.authenticate()?;
     let _permit =
         ctx.bundles.acquire().await.map_err(|_| FhirError::Unavailable("shutting down".into()))?;
     let bytes = read_body(&ctx, body).await?;
