@@ -593,6 +593,33 @@ pub fn service_requests_by_identifier(
     json_rows(stmt.query([Value::from(values.to_vec()).to_string()])?)
 }
 
+/// `Patient/$everything`: the (type, id) of the Patient `id` and of every current resource that
+/// references it — the Patient first, then by type and id; `None` if the Patient is unknown or
+/// deleted.
+pub fn patient_compartment(
+    conn: &Connection,
+    id: &str,
+) -> Result<Option<Vec<(String, String)>>, StoreError> {
+    let cur = read_current(conn, "Patient", id)?;
+    if cur.is_none_or(|c| c.deleted) {
+        return Ok(None);
+    }
+    // Index rows exist only for current, not deleted versions (a delete or an update clears
+    // them), so the compartment is read from the covering target index alone.
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT r.rtype, r.id FROM fhir_idx_ref r
+         WHERE r.target_id = ?1 AND r.target_type = 'Patient' ORDER BY r.rtype, r.id",
+    )?;
+    let mut keys = vec![("Patient".to_string(), id.to_owned())];
+    for row in stmt.query_map([id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+        let k = row?;
+        if k.0 != "Patient" || k.1 != id {
+            keys.push(k);
+        }
+    }
+    Ok(Some(keys))
+}
+
 /// The resources of a query whose first column is the JSON of current versions (unreadable or
 /// empty JSON skipped).
 fn json_rows(mut rows: rusqlite::Rows<'_>) -> Result<Vec<Value>, StoreError> {

@@ -30,32 +30,7 @@ pub(super) async fn everything(
         .unwrap_or(100usize)
         .min(search::MAX_COUNT);
     let pid = id.clone();
-    let keys = ctx
-        .store
-        .read(move |c| {
-            let cur = storage::read_current(c, "Patient", &pid)
-                .map_err(crate::store::StoreError::from)?;
-            if cur.is_none_or(|c| c.deleted) {
-                return Ok(None);
-            }
-            // Index rows exist only for current, not deleted versions (a delete or an update
-            // clears them), so the compartment is read from the covering target index alone.
-            let mut stmt = c.prepare_cached(
-                "SELECT DISTINCT r.rtype, r.id FROM fhir_idx_ref r
-                 WHERE r.target_id = ?1 AND r.target_type = 'Patient' ORDER BY r.rtype, r.id",
-            )?;
-            let mut keys = vec![("Patient".to_string(), pid.clone())];
-            for row in
-                stmt.query_map([&pid], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
-            {
-                let k = row?;
-                if k.0 != "Patient" || k.1 != pid {
-                    keys.push(k);
-                }
-            }
-            Ok(Some(keys))
-        })
-        .await?;
+    let keys = ctx.store.read(move |c| storage::patient_compartment(c, &pid)).await?;
     let Some(keys) = keys else {
         who.audit_read("everything", format!("Patient/{id}"), "404");
         return Err(FhirError::NotFound(format!("Patient/{id} is not known")));
