@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::auth::Interaction;
 use super::storage::{self, Written};
-use super::{FhirError, date, new_id, search, validate_resource};
+use super::{FhirError, date, new_id, search, search_sql, validate_resource};
 use crate::http_caller::Identity;
 use crate::store::{Store, WriteTx};
 
@@ -130,7 +130,7 @@ fn search_in_tx(conn: &Connection, rtype: &str, query: &str) -> Result<Vec<Strin
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
         .map_err(|e| FhirError::BadRequest(format!("bad query {query:?}: {e}")))?;
     let req = search::parse(rtype, &pairs, true)?;
-    search::execute(conn, &req)
+    search_sql::execute(conn, &req)
 }
 
 /// Replaces `reference` values: bundle-local full URLs by their assigned `Type/id`, and

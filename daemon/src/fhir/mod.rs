@@ -2,12 +2,13 @@
 //!
 //! Boundaries: the pure protocol code (`params`/`params_r4`, `fhirpath`, `index`, `date`, search
 //! parsing, resource checks) is the `hms-edge-fhir` crate, re-exported here; `storage` is the
-//! only module with SQL on the FHIR tables; `http` is the only one with HTTP.
+//! only module with SQL on the FHIR tables, besides the read-only search planner `search_sql`;
+//! `http` is the only one with HTTP.
 
 pub mod bundle;
 pub mod http;
 pub mod imaging;
-pub mod search;
+pub mod search_sql;
 pub mod storage;
 
 use serde_json::{Value, json};
@@ -15,7 +16,7 @@ use serde_json::{Value, json};
 pub use hms_edge_fhir::resource::{parse_resource, validate_resource};
 pub use hms_edge_fhir::{
     R4_RESOURCE_TYPES, READ_ONLY_TYPES, auth, date, fhirpath, index, is_resource_type, params,
-    params_r4, valid_id,
+    params_r4, search, valid_id,
 };
 
 impl From<hms_edge_fhir::auth::AuthError> for FhirError {

@@ -19,6 +19,7 @@ use super::{ApiResult, FhirContext};
 use crate::fhir::FhirError;
 use crate::fhir::auth::Interaction;
 use crate::fhir::search::{self, Total};
+use crate::fhir::search_sql;
 use crate::http_caller::{Caller, Identity};
 
 pub(super) async fn search_get(
@@ -62,7 +63,7 @@ async fn run_search(
     let req = search::parse(&rtype, &q, strict_handling(&headers))?;
     let entity = format!("{rtype}?{}", serde_urlencoded::to_string(&q).unwrap_or_default());
     let r2 = req.clone();
-    let ids = ctx.store.read(move |c| search::execute(c, &r2).map_err(Into::into)).await?;
+    let ids = ctx.store.read(move |c| search_sql::execute(c, &r2).map_err(Into::into)).await?;
     who.audit_read("search", entity, "success");
     let base = base_url(&headers);
     if req.summary_count {
@@ -115,13 +116,13 @@ async fn page_bundle(
                 let mut keys = Vec::new();
                 for inc in &r2.includes {
                     keys.extend(
-                        search::include_targets(c, &rt2, &ids2, inc)
+                        search_sql::include_targets(c, &rt2, &ids2, inc)
                             .map_err(crate::store::StoreError::from)?,
                     );
                 }
                 for inc in &r2.revincludes {
                     keys.extend(
-                        search::revinclude_sources(c, &rt2, &ids2, inc)
+                        search_sql::revinclude_sources(c, &rt2, &ids2, inc)
                             .map_err(crate::store::StoreError::from)?,
                     );
                 }

@@ -13,7 +13,7 @@ use super::response::{base_url, check_id, check_type, json_response, prefer, ver
 use super::{ApiResult, FhirContext};
 use crate::fhir::auth::Interaction;
 use crate::fhir::storage::{self, Written};
-use crate::fhir::{FhirError, new_id, parse_resource, search};
+use crate::fhir::{FhirError, new_id, parse_resource, search, search_sql};
 use crate::http_caller::Caller;
 
 /// A request body must arrive within this (a slow-loris body holds a connection and a task).
@@ -138,7 +138,7 @@ pub(super) async fn create(
         .store
         .write(move |tx| {
             if let Some(req) = &cond {
-                let found = search::execute(tx.sql(), req)?;
+                let found = search_sql::execute(tx.sql(), req)?;
                 match found.len() {
                     0 => {}
                     1 => {
