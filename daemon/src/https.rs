@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::fhir::api::ClientAddr;
+use crate::http_caller::ClientAddr;
 use crate::tls::TlsReloader;
 
 /// A client has this long to finish the TLS handshake.
@@ -91,7 +91,7 @@ pub async fn serve(
                         return;
                     }
                 };
-            // A verified client certificate names a fixed workstation (see `fhir::api`).
+            // A verified client certificate names a fixed workstation (see `http_caller`).
             let cn: Option<Arc<str>> = tls_stream
                 .get_ref()
                 .1

@@ -6,6 +6,7 @@ pub mod conn_gate;
 pub mod dicom;
 pub mod dicomweb;
 pub mod fhir;
+pub mod http_caller;
 pub mod https;
 pub mod ledger;
 pub mod ops;

@@ -330,7 +330,7 @@ pub async fn run(
         );
         Some(c)
     };
-    let fhir_ctx = crate::fhir::api::FhirContext::new(
+    let fhir_ctx = crate::fhir::http::FhirContext::new(
         daemon.store.clone(),
         cfg.fhir.max_body_bytes as usize,
         daemon.fhir_verifier.clone(),
@@ -339,7 +339,9 @@ pub async fn run(
     );
     // DICOMweb shares the FHIR listener, its auth and its audit.
     let dicomweb_ctx = Arc::new(crate::dicomweb::DicomWebContext {
-        fhir: fhir_ctx.clone(),
+        store: daemon.store.clone(),
+        access: fhir_ctx.access.clone(),
+        max_body_bytes: cfg.fhir.max_body_bytes as usize,
         duplicate_policy: cfg.dicom.duplicate_policy,
         max_results: cfg.dicom.max_find_results as usize,
     });
@@ -348,7 +350,7 @@ pub async fn run(
         listeners.fhir,
         daemon.tls.clone(),
         client_auth,
-        crate::fhir::api::router(fhir_ctx.clone()).merge(crate::dicomweb::router(dicomweb_ctx)),
+        crate::fhir::http::router(fhir_ctx.clone()).merge(crate::dicomweb::router(dicomweb_ctx)),
         cfg.fhir.max_connections as usize,
         token.clone(),
         daemon.tasks.clone(),

@@ -29,9 +29,9 @@ use serde_json::Value;
 use crate::config::DuplicatePolicy;
 use crate::dicom::query::Level;
 use crate::fhir::FhirError;
-use crate::fhir::api::{Caller, ClientAddr, FhirContext, audit_read, authorize};
 use crate::fhir::auth::Interaction;
-use crate::store::{BlobId, StoreError};
+use crate::http_caller::{Access, Caller, CallerState, Identity};
+use crate::store::{BlobId, Store, StoreError};
 
 /// DICOM JSON media type.
 pub const DICOM_JSON: &str = "application/dicom+json";
@@ -42,7 +42,11 @@ pub const INLINE_MAX: u64 = 1024;
 
 /// What DICOMweb needs from the daemon.
 pub struct DicomWebContext {
-    pub fhir: Arc<FhirContext>,
+    pub store: Arc<Store>,
+    /// The FHIR API's authentication and read audit queue (one per listener).
+    pub access: Arc<Access>,
+    /// Largest request body (bytes, `fhir.max_body_bytes`): what is drained of a refused STOW.
+    pub max_body_bytes: usize,
     pub duplicate_policy: DuplicatePolicy,
     /// Most QIDO matches returned when the client gives no `limit`.
     pub max_results: usize,
@@ -54,8 +58,13 @@ impl std::fmt::Debug for DicomWebContext {
     }
 }
 
+impl CallerState for Arc<DicomWebContext> {
+    fn access(&self) -> &Arc<Access> {
+        &self.access
+    }
+}
+
 type Ctx = State<Arc<DicomWebContext>>;
-type Addr = Option<axum::Extension<ClientAddr>>;
 type ApiResult = Result<Response, FhirError>;
 
 /// The routes under `/dicom-web` (merged into the FHIR router; unknown paths get its 404).
@@ -117,49 +126,59 @@ pub(crate) fn json_response(status: StatusCode, body: &Value) -> Response {
 
 // ---- QIDO-RS --------------------------------------------------------------------------------
 
-async fn qido_studies(s: Ctx, q: Query<Vec<(String, String)>>, h: HeaderMap, a: Addr) -> ApiResult {
-    qido(s, q, h, a, Level::Study, None, None, "/dicom-web/studies").await
+async fn qido_studies(
+    s: Ctx,
+    q: Query<Vec<(String, String)>>,
+    h: HeaderMap,
+    c: Caller,
+) -> ApiResult {
+    qido(s, q, h, c, Level::Study, None, None, "/dicom-web/studies").await
 }
-async fn qido_series(s: Ctx, q: Query<Vec<(String, String)>>, h: HeaderMap, a: Addr) -> ApiResult {
-    qido(s, q, h, a, Level::Series, None, None, "/dicom-web/series").await
+async fn qido_series(
+    s: Ctx,
+    q: Query<Vec<(String, String)>>,
+    h: HeaderMap,
+    c: Caller,
+) -> ApiResult {
+    qido(s, q, h, c, Level::Series, None, None, "/dicom-web/series").await
 }
 async fn qido_instances(
     s: Ctx,
     q: Query<Vec<(String, String)>>,
     h: HeaderMap,
-    a: Addr,
+    c: Caller,
 ) -> ApiResult {
-    qido(s, q, h, a, Level::Image, None, None, "/dicom-web/instances").await
+    qido(s, q, h, c, Level::Image, None, None, "/dicom-web/instances").await
 }
 async fn qido_study_series(
     s: Ctx,
     Path(study): Path<String>,
     q: Query<Vec<(String, String)>>,
     h: HeaderMap,
-    a: Addr,
+    c: Caller,
 ) -> ApiResult {
     let p = format!("/dicom-web/studies/{study}/series");
-    qido(s, q, h, a, Level::Series, Some(study), None, &p).await
+    qido(s, q, h, c, Level::Series, Some(study), None, &p).await
 }
 async fn qido_study_instances(
     s: Ctx,
     Path(study): Path<String>,
     q: Query<Vec<(String, String)>>,
     h: HeaderMap,
-    a: Addr,
+    c: Caller,
 ) -> ApiResult {
     let p = format!("/dicom-web/studies/{study}/instances");
-    qido(s, q, h, a, Level::Image, Some(study), None, &p).await
+    qido(s, q, h, c, Level::Image, Some(study), None, &p).await
 }
 async fn qido_series_instances(
     s: Ctx,
     Path((study, series)): Path<(String, String)>,
     q: Query<Vec<(String, String)>>,
     h: HeaderMap,
-    a: Addr,
+    c: Caller,
 ) -> ApiResult {
     let p = format!("/dicom-web/studies/{study}/series/{series}/instances");
-    qido(s, q, h, a, Level::Image, Some(study), Some(series), &p).await
+    qido(s, q, h, c, Level::Image, Some(study), Some(series), &p).await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -167,13 +186,13 @@ async fn qido(
     State(ctx): Ctx,
     Query(pairs): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    addr: Addr,
+    caller: Caller,
     level: Level,
     study: Option<String>,
     series: Option<String>,
     path: &str,
 ) -> ApiResult {
-    let who = authorize(&ctx.fhir, &headers, addr.as_deref(), SCOPE_TYPE, Interaction::Search)?;
+    let who = caller.authorize(SCOPE_TYPE, Interaction::Search)?;
     let ent = entity(path, &pairs);
     let parsed = (|| {
         if let Some(s) = &study {
@@ -188,7 +207,7 @@ async fn qido(
     let q = match parsed {
         Ok(q) => q,
         Err(e) => {
-            audit_read(&ctx.fhir, &who, "dicomweb-search", ent, "400");
+            who.audit_read("dicomweb-search", ent, "400");
             return Err(e);
         }
     };
@@ -196,11 +215,8 @@ async fn qido(
     let cap = q.limit.unwrap_or(ctx.max_results).min(ctx.max_results);
     let offset = q.offset;
     // Only the requested window is kept in memory, however many instances match.
-    let (records, more) = ctx
-        .fhir
-        .store
-        .read(move |c| super::dicom::index::find_page(c, &query, offset, cap))
-        .await?;
+    let (records, more) =
+        ctx.store.read(move |c| super::dicom::index::find_page(c, &query, offset, cap)).await?;
     let base = base_url(&headers);
     let out: Vec<Value> = records
         .iter()
@@ -224,7 +240,7 @@ async fn qido(
             qido::record_json(&q, rec, &url)
         })
         .collect();
-    audit_read(&ctx.fhir, &who, "dicomweb-search", ent, "success");
+    who.audit_read("dicomweb-search", ent, "success");
     let mut r = json_response(StatusCode::OK, &Value::Array(out));
     if q.limit.is_none() && more {
         r.headers_mut().insert(
@@ -267,7 +283,6 @@ pub(crate) async fn locate(
     }
     let (st, se, so) = (study.to_owned(), series.map(str::to_owned), sop.map(str::to_owned));
     let rows = ctx
-        .fhir
         .store
         .read(move |c| {
             let mut stmt = c.prepare_cached(
@@ -325,13 +340,12 @@ pub(crate) async fn locate(
 
 /// Authorizes a retrieval, finds its instances and audits the access (also a refusal).
 pub(crate) async fn retrieve_prelude(
+    caller: &Caller,
     ctx: &DicomWebContext,
-    headers: &HeaderMap,
-    addr: Option<&ClientAddr>,
     action: &str,
     ids: (&str, Option<&str>, Option<&str>),
-) -> Result<(Caller, Vec<Located>), FhirError> {
-    let who = authorize(&ctx.fhir, headers, addr, SCOPE_TYPE, Interaction::Read)?;
+) -> Result<(Identity, Vec<Located>), FhirError> {
+    let who = caller.authorize(SCOPE_TYPE, Interaction::Read)?;
     let (study, series, sop) = ids;
     let mut ent = format!("studies/{study}");
     if let Some(s) = series {
@@ -342,11 +356,11 @@ pub(crate) async fn retrieve_prelude(
     }
     match locate(ctx, study, series, sop).await {
         Ok(found) => {
-            audit_read(&ctx.fhir, &who, action, ent, "success");
+            who.audit_read(action, ent, "success");
             Ok((who, found))
         }
         Err(e) => {
-            audit_read(&ctx.fhir, &who, action, ent, &e.status().to_string());
+            who.audit_read(action, ent, &e.status().to_string());
             Err(e)
         }
     }
@@ -356,17 +370,11 @@ async fn wado_study(
     State(ctx): Ctx,
     Path(study): Path<String>,
     headers: HeaderMap,
-    addr: Addr,
+    caller: Caller,
 ) -> ApiResult {
     stream::check_accept_dicom(&headers)?;
-    let (_, found) = retrieve_prelude(
-        &ctx,
-        &headers,
-        addr.as_deref(),
-        "dicomweb-retrieve",
-        (&study, None, None),
-    )
-    .await?;
+    let (_, found) =
+        retrieve_prelude(&caller, &ctx, "dicomweb-retrieve", (&study, None, None)).await?;
     Ok(stream::instances(&ctx, found))
 }
 
@@ -374,12 +382,11 @@ async fn wado_series(
     State(ctx): Ctx,
     Path((study, series)): Path<(String, String)>,
     headers: HeaderMap,
-    addr: Addr,
+    caller: Caller,
 ) -> ApiResult {
     stream::check_accept_dicom(&headers)?;
     let ids = (study.as_str(), Some(series.as_str()), None);
-    let (_, found) =
-        retrieve_prelude(&ctx, &headers, addr.as_deref(), "dicomweb-retrieve", ids).await?;
+    let (_, found) = retrieve_prelude(&caller, &ctx, "dicomweb-retrieve", ids).await?;
     Ok(stream::instances(&ctx, found))
 }
 
@@ -387,12 +394,11 @@ async fn wado_instance(
     State(ctx): Ctx,
     Path((study, series, sop)): Path<(String, String, String)>,
     headers: HeaderMap,
-    addr: Addr,
+    caller: Caller,
 ) -> ApiResult {
     stream::check_accept_dicom(&headers)?;
     let ids = (study.as_str(), Some(series.as_str()), Some(sop.as_str()));
-    let (_, found) =
-        retrieve_prelude(&ctx, &headers, addr.as_deref(), "dicomweb-retrieve", ids).await?;
+    let (_, found) = retrieve_prelude(&caller, &ctx, "dicomweb-retrieve", ids).await?;
     Ok(stream::instances(&ctx, found))
 }
 
@@ -400,16 +406,10 @@ async fn metadata_study(
     State(ctx): Ctx,
     Path(study): Path<String>,
     headers: HeaderMap,
-    addr: Addr,
+    caller: Caller,
 ) -> ApiResult {
-    let (_, found) = retrieve_prelude(
-        &ctx,
-        &headers,
-        addr.as_deref(),
-        "dicomweb-metadata",
-        (&study, None, None),
-    )
-    .await?;
+    let (_, found) =
+        retrieve_prelude(&caller, &ctx, "dicomweb-metadata", (&study, None, None)).await?;
     Ok(stream::metadata(&ctx, found, base_url(&headers)))
 }
 
@@ -417,11 +417,10 @@ async fn metadata_series(
     State(ctx): Ctx,
     Path((study, series)): Path<(String, String)>,
     headers: HeaderMap,
-    addr: Addr,
+    caller: Caller,
 ) -> ApiResult {
     let ids = (study.as_str(), Some(series.as_str()), None);
-    let (_, found) =
-        retrieve_prelude(&ctx, &headers, addr.as_deref(), "dicomweb-metadata", ids).await?;
+    let (_, found) = retrieve_prelude(&caller, &ctx, "dicomweb-metadata", ids).await?;
     Ok(stream::metadata(&ctx, found, base_url(&headers)))
 }
 
@@ -429,11 +428,10 @@ async fn metadata_instance(
     State(ctx): Ctx,
     Path((study, series, sop)): Path<(String, String, String)>,
     headers: HeaderMap,
-    addr: Addr,
+    caller: Caller,
 ) -> ApiResult {
     let ids = (study.as_str(), Some(series.as_str()), Some(sop.as_str()));
-    let (_, found) =
-        retrieve_prelude(&ctx, &headers, addr.as_deref(), "dicomweb-metadata", ids).await?;
+    let (_, found) = retrieve_prelude(&caller, &ctx, "dicomweb-metadata", ids).await?;
     Ok(stream::metadata(&ctx, found, base_url(&headers)))
 }
 

@@ -18,14 +18,14 @@ use serde_json::{Map, Value, json};
 use super::json::tag_key;
 use super::multipart::{Event, MediaType, Parser};
 use super::part10::{self, Part10Meta};
-use super::{Addr, DicomWebContext, SCOPE_TYPE, base_url, check_uid, json_response};
+use super::{DicomWebContext, SCOPE_TYPE, base_url, check_uid, json_response};
 use crate::dicom::dataset::FileMeta;
 use crate::dicom::index::{self, Recorded};
 use crate::dicom::sink::{ReceivedInstance, SinkHandle};
 use crate::dicom::uids;
 use crate::fhir::FhirError;
-use crate::fhir::api::{Caller, audit_read, authorize};
 use crate::fhir::auth::Interaction;
+use crate::http_caller::{Caller, Identity};
 
 // Failure reasons (PS3.18 Table 10.5.3-3 / PS3.4 status codes).
 const DUPLICATE: u16 = 0x0111;
@@ -42,20 +42,20 @@ const MAX_WARNINGS: usize = 100;
 pub async fn stow(
     ctx: State<Arc<DicomWebContext>>,
     headers: HeaderMap,
-    addr: Addr,
+    caller: Caller,
     body: Body,
 ) -> Result<Response, FhirError> {
-    run(ctx, None, headers, addr, body).await
+    run(ctx, None, headers, caller, body).await
 }
 
 pub async fn stow_in_study(
     ctx: State<Arc<DicomWebContext>>,
     Path(study): Path<String>,
     headers: HeaderMap,
-    addr: Addr,
+    caller: Caller,
     body: Body,
 ) -> Result<Response, FhirError> {
-    run(ctx, Some(study), headers, addr, body).await
+    run(ctx, Some(study), headers, caller, body).await
 }
 
 /// One part's outcome.
@@ -81,19 +81,18 @@ async fn run(
     State(ctx): State<Arc<DicomWebContext>>,
     study: Option<String>,
     headers: HeaderMap,
-    addr: Addr,
+    caller: Caller,
     body: Body,
 ) -> Result<Response, FhirError> {
-    let who = match authorize(&ctx.fhir, &headers, addr.as_deref(), SCOPE_TYPE, Interaction::Create)
-    {
+    let who = match caller.authorize(SCOPE_TYPE, Interaction::Create) {
         Ok(w) => w,
         Err(e) => {
-            drain(body, ctx.fhir.max_body_bytes).await;
+            drain(body, ctx.max_body_bytes).await;
             return Err(e);
         }
     };
     let refuse = |e: FhirError| {
-        audit_read(&ctx.fhir, &who, "dicomweb-store", "studies".into(), &e.status().to_string());
+        who.audit_read("dicomweb-store", "studies".into(), &e.status().to_string());
         e
     };
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
@@ -119,7 +118,7 @@ async fn run(
     let mut parser = match checked {
         Ok(p) => p,
         Err(e) => {
-            drain(body, ctx.fhir.max_body_bytes).await;
+            drain(body, ctx.max_body_bytes).await;
             return Err(refuse(e));
         }
     };
@@ -234,7 +233,7 @@ async fn run(
         (true, _) => StatusCode::CONFLICT,
     };
     if status == StatusCode::CONFLICT {
-        audit_read(&ctx.fhir, &who, "dicomweb-store", "studies".into(), "409");
+        who.audit_read("dicomweb-store", "studies".into(), "409");
     }
     let mut r = json_response(status, &Value::Object(out));
     for w in warnings {
@@ -294,7 +293,7 @@ async fn feed(ctx: &DicomWebContext, state: PartState, b: Bytes) -> PartState {
                         transfer_syntax: meta.transfer_syntax.clone(),
                         source_ae_title: String::new(),
                     };
-                    let mut sink = SinkHandle::start(ctx.fhir.store.blobs().clone(), fm, enc);
+                    let mut sink = SinkHandle::start(ctx.store.blobs().clone(), fm, enc);
                     let rest = Bytes::copy_from_slice(&buf[meta.dataset_offset..]);
                     if !rest.is_empty() {
                         sink.push(rest).await;
@@ -314,7 +313,7 @@ async fn feed(ctx: &DicomWebContext, state: PartState, b: Bytes) -> PartState {
 /// Ends a part: checks the instance and records it durably, or reports why not.
 async fn finish(
     ctx: &DicomWebContext,
-    who: &Caller,
+    who: &Identity,
     study: Option<&str>,
     state: PartState,
 ) -> Outcome {
@@ -366,7 +365,7 @@ async fn finish(
     };
     let blob = inst.blob.id.clone();
     let remove_blob = || {
-        let blobs = ctx.fhir.store.blobs().clone();
+        let blobs = ctx.store.blobs().clone();
         let id = blob.clone();
         tokio::task::spawn_blocking(move || {
             if let Err(e) = blobs.remove(&id) {
@@ -387,11 +386,8 @@ async fn finish(
         actor: who.actor.clone(),
         source: who.source.clone(),
     };
-    let result = ctx
-        .fhir
-        .store
-        .write(move |tx| index::record_instance(tx, &inst, &ts, &sender, policy))
-        .await;
+    let result =
+        ctx.store.write(move |tx| index::record_instance(tx, &inst, &ts, &sender, policy)).await;
     match result {
         Ok(Recorded::Stored { .. }) => {
             metrics::counter!("hms_dicomweb_stored_instances_total").increment(1);

@@ -14,9 +14,10 @@ use tokio::sync::mpsc;
 
 use super::json::{self, Bulk, PixelData, WalkOptions};
 use super::multipart::{self, MediaType};
-use super::{Addr, DicomWebContext, Located, retrieve_prelude};
+use super::{DicomWebContext, Located, retrieve_prelude};
 use crate::dicom::dataset::part10_dataset_offset;
 use crate::fhir::FhirError;
+use crate::http_caller::Caller;
 use crate::store::BlobStore;
 
 /// Pieces in flight between the blob reader and the socket.
@@ -106,7 +107,7 @@ pub fn check_accept_dicom(headers: &HeaderMap) -> Result<(), FhirError> {
 
 /// The stored instances as one multipart/related body of Part 10 files, exactly as stored.
 pub fn instances(ctx: &DicomWebContext, found: Vec<Located>) -> Response {
-    let blobs = ctx.fhir.store.blobs().clone();
+    let blobs = ctx.store.blobs().clone();
     let boundary = multipart::new_boundary();
     let b = boundary.clone();
     let body = body_from(move |tx| {
@@ -158,7 +159,7 @@ fn bulk_uri(instance_url: &str, b: Bulk) -> String {
 
 /// DICOM JSON of each instance, streamed as one JSON array.
 pub fn metadata(ctx: &DicomWebContext, found: Vec<Located>, base: String) -> Response {
-    let blobs = ctx.fhir.store.blobs().clone();
+    let blobs = ctx.store.blobs().clone();
     let body = body_from(move |tx| {
         send(tx, Bytes::from_static(b"["))?;
         for (i, inst) in found.iter().enumerate() {
@@ -274,15 +275,13 @@ fn frame_list(s: &str) -> Result<Vec<u64>, FhirError> {
 pub async fn frames(
     State(ctx): State<Arc<DicomWebContext>>,
     Path((study, series, sop, list)): Path<(String, String, String, String)>,
-    headers: HeaderMap,
-    addr: Addr,
+    caller: Caller,
 ) -> Result<Response, FhirError> {
     let ids = (study.as_str(), Some(series.as_str()), Some(sop.as_str()));
-    let (_, mut found) =
-        retrieve_prelude(&ctx, &headers, addr.as_deref(), "dicomweb-frames", ids).await?;
+    let (_, mut found) = retrieve_prelude(&caller, &ctx, "dicomweb-frames", ids).await?;
     let wanted = frame_list(&list)?;
     let inst = found.remove(0);
-    let blobs = ctx.fhir.store.blobs().clone();
+    let blobs = ctx.store.blobs().clone();
     let (b2, i2) = (blobs.clone(), inst.clone());
     let (pixel, n, size) = tokio::task::spawn_blocking(move || pixel_layout(&b2, &i2))
         .await
@@ -313,8 +312,7 @@ pub async fn frames(
 pub async fn bulk(
     State(ctx): State<Arc<DicomWebContext>>,
     Path((study, series, sop, spec)): Path<(String, String, String, String)>,
-    headers: HeaderMap,
-    addr: Addr,
+    caller: Caller,
 ) -> Result<Response, FhirError> {
     let range = if spec.eq_ignore_ascii_case("7FE00010") {
         None
@@ -327,10 +325,9 @@ pub async fn bulk(
         })?)
     };
     let ids = (study.as_str(), Some(series.as_str()), Some(sop.as_str()));
-    let (_, mut found) =
-        retrieve_prelude(&ctx, &headers, addr.as_deref(), "dicomweb-bulkdata", ids).await?;
+    let (_, mut found) = retrieve_prelude(&caller, &ctx, "dicomweb-bulkdata", ids).await?;
     let inst = found.remove(0);
-    let blobs = ctx.fhir.store.blobs().clone();
+    let blobs = ctx.store.blobs().clone();
     if let Some(r) = range {
         return Ok(ranges_response(blobs, inst, vec![vec![r]], "application/octet-stream"));
     }

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use rusqlite::Connection;
 use serde_json::{Value, json};
 
-use super::api::shared::{Caller, new_id, validate_resource, write_audit};
 use super::auth::Interaction;
 use super::storage::{self, Written};
-use super::{FhirError, date, search};
+use super::{FhirError, date, new_id, search, search_sql, validate_resource};
+use crate::http_caller::Identity;
 use crate::store::{Store, WriteTx};
 
 #[derive(Debug, Clone)]
@@ -130,7 +130,7 @@ fn search_in_tx(conn: &Connection, rtype: &str, query: &str) -> Result<Vec<Strin
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
         .map_err(|e| FhirError::BadRequest(format!("bad query {query:?}: {e}")))?;
     let req = search::parse(rtype, &pairs, true)?;
-    search::execute(conn, &req)
+    search_sql::execute(conn, &req)
 }
 
 /// Replaces `reference` values: bundle-local full URLs by their assigned `Type/id`, and
@@ -215,7 +215,7 @@ fn run_entry(
     tx: &WriteTx<'_>,
     e: &Entry,
     assigned: Option<&str>,
-    who: &Caller,
+    who: &Identity,
 ) -> Result<Value, FhirError> {
     let conn = tx.sql();
     match &e.op {
@@ -241,7 +241,7 @@ fn run_entry(
             let mut r = e.resource.clone().expect("validated");
             r["id"] = Value::String(id.clone());
             let w = storage::put(tx, rtype, &id, r, None, "local")?;
-            storage::audit(tx, &write_audit(who, "create", format!("{rtype}/{id}")))?;
+            storage::audit(tx, &who.write_audit("create", format!("{rtype}/{id}")))?;
             Ok(json!({"response": response_of(&w, "201 Created")}))
         }
         Op::Update { rtype, id, if_match } => {
@@ -253,7 +253,7 @@ fn run_entry(
                 *if_match,
                 "local",
             )?;
-            storage::audit(tx, &write_audit(who, "update", format!("{rtype}/{id}")))?;
+            storage::audit(tx, &who.write_audit("update", format!("{rtype}/{id}")))?;
             Ok(
                 json!({"response": response_of(&w, if w.created { "201 Created" } else { "200 OK" })}),
             )
@@ -272,23 +272,23 @@ fn run_entry(
             let mut r = e.resource.clone().expect("validated");
             r["id"] = Value::String(id.clone());
             let w = storage::put(tx, rtype, &id, r, None, "local")?;
-            storage::audit(tx, &write_audit(who, "update", format!("{rtype}/{id}")))?;
+            storage::audit(tx, &who.write_audit("update", format!("{rtype}/{id}")))?;
             Ok(
                 json!({"response": response_of(&w, if w.created { "201 Created" } else { "200 OK" })}),
             )
         }
         Op::Delete { rtype, id } => {
             storage::delete(tx, rtype, id, "local")?;
-            storage::audit(tx, &write_audit(who, "delete", format!("{rtype}/{id}")))?;
+            storage::audit(tx, &who.write_audit("delete", format!("{rtype}/{id}")))?;
             Ok(json!({"response": {"status": "204 No Content"}}))
         }
         Op::Read { rtype, id } => {
-            storage::audit(tx, &write_audit(who, "read", format!("{rtype}/{id}")))?;
+            storage::audit(tx, &who.write_audit("read", format!("{rtype}/{id}")))?;
             read_entry(conn, rtype, id)
         }
         Op::Search { rtype, query } => {
             let ids = search_in_tx(conn, rtype, query)?;
-            storage::audit(tx, &write_audit(who, "search", format!("{rtype}?{query}")))?;
+            storage::audit(tx, &who.write_audit("search", format!("{rtype}?{query}")))?;
             let mut entries = Vec::new();
             for id in ids.iter().take(search::DEFAULT_COUNT) {
                 if let Ok(v) = read_entry(conn, rtype, id) {
@@ -328,7 +328,7 @@ fn order_rank(op: &Op) -> u8 {
 pub async fn transaction(
     store: &Arc<Store>,
     bundle: Value,
-    who: Caller,
+    who: Identity,
 ) -> Result<Value, FhirError> {
     let mut entries = parse_entries(bundle)?;
     for (i, e) in entries.iter().enumerate() {
@@ -408,7 +408,7 @@ fn entry_err(i: usize, e: FhirError) -> FhirError {
 pub async fn batch(
     store: &Arc<Store>,
     bundle: Value,
-    who: Caller,
+    who: Identity,
     _base: &str,
 ) -> Result<Value, FhirError> {
     let entries = parse_entries(bundle)?;

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rusqlite::{OptionalExtension, params};
+use rusqlite::OptionalExtension;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -143,16 +143,7 @@ fn patient_for(
     birth: &str,
     sex: &str,
 ) -> Result<String, FhirError> {
-    let found: Option<String> = tx
-        .sql()
-        .prepare_cached(
-            "SELECT t.id FROM fhir_idx_token t JOIN fhir_current c ON c.rtype = t.rtype AND c.id = t.id
-             WHERE t.rtype = 'Patient' AND t.param = 'identifier' AND t.system = ?1 AND t.code = ?2
-               AND c.deleted = 0 ORDER BY t.id LIMIT 1",
-        )?
-        .query_row(params![system, patient_id], |r| r.get(0))
-        .optional()?;
-    if let Some(id) = found {
+    if let Some(id) = storage::patient_by_identifier(tx.sql(), system, patient_id)? {
         return Ok(id);
     }
     let mut p = json!({
@@ -178,7 +169,7 @@ fn patient_for(
     if let Some(g) = gender {
         p["gender"] = json!(g);
     }
-    let id = super::api::new_id();
+    let id = super::new_id();
     p["id"] = json!(id);
     storage::put(tx, "Patient", &id, p, None, "local")?;
     Ok(id)
@@ -289,18 +280,9 @@ fn link_order(
     study: &mut Value,
 ) -> Result<(), FhirError> {
     let sql = tx.sql();
-    let ids_with =
-        |rtype: &str, system: Option<&str>, value: &str| -> Result<Vec<String>, FhirError> {
-            Ok(sql
-                .prepare_cached(
-                    "SELECT DISTINCT t.id FROM fhir_idx_token t JOIN fhir_current c
-                   ON c.rtype = t.rtype AND c.id = t.id AND c.deleted = 0
-                 WHERE t.rtype = ?1 AND t.param = 'identifier' AND t.code = ?3
-                   AND (?2 IS NULL OR t.system = ?2) ORDER BY t.id",
-                )?
-                .query_map(params![rtype, system, value], |r| r.get(0))?
-                .collect::<Result<_, _>>()?)
-        };
+    let ids_with = |rtype: &str, system: Option<&str>, value: &str| {
+        storage::ids_by_identifier(sql, rtype, system, value)
+    };
     if !accession.is_empty() {
         for id in ids_with("ServiceRequest", None, accession)? {
             let sr = storage::read_current_json(sql, "ServiceRequest", &id)?;

@@ -2,13 +2,13 @@
 //!
 //! Boundaries: the pure protocol code (`params`/`params_r4`, `fhirpath`, `index`, `date`, search
 //! parsing, resource checks) is the `hms-edge-fhir` crate, re-exported here; `storage` is the
-//! only module with SQL on the FHIR tables; `api` is the only one with HTTP.
+//! only module with SQL on the FHIR tables, besides the read-only search planner `search_sql`;
+//! `http` is the only one with HTTP.
 
-pub mod api;
-mod audit_api;
 pub mod bundle;
+pub mod http;
 pub mod imaging;
-pub mod search;
+pub mod search_sql;
 pub mod storage;
 
 use serde_json::{Value, json};
@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 pub use hms_edge_fhir::resource::{parse_resource, validate_resource};
 pub use hms_edge_fhir::{
     R4_RESOURCE_TYPES, READ_ONLY_TYPES, auth, date, fhirpath, index, is_resource_type, params,
-    params_r4, valid_id,
+    params_r4, search, valid_id,
 };
 
 impl From<hms_edge_fhir::auth::AuthError> for FhirError {
@@ -35,6 +35,20 @@ impl From<hms_edge_fhir::Invalid> for FhirError {
             hms_edge_fhir::Invalid::Unprocessable(m) => FhirError::Unprocessable(m),
         }
     }
+}
+
+/// A server-assigned id: a UUIDv7 (48-bit millisecond time, then random bits). Time-ordered ids
+/// make the primary key, the owner indexes and the reference target index grow at their end
+/// instead of touching a random page (decrypted and re-encrypted by SQLCipher) per insert.
+pub fn new_id() -> String {
+    let mut b = [0u8; 16];
+    rand::fill(&mut b);
+    let ms = (crate::store::now_ms().max(0) as u64).to_be_bytes();
+    b[..6].copy_from_slice(&ms[2..]);
+    b[6] = (b[6] & 0x0f) | 0x70;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
 /// What a caller is told when its query ran past the store's SQL deadline.

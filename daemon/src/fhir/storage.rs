@@ -593,6 +593,68 @@ pub fn service_requests_by_identifier(
     json_rows(stmt.query([Value::from(values.to_vec()).to_string()])?)
 }
 
+/// The first (by id) current Patient with the identifier `system|value`.
+pub fn patient_by_identifier(
+    conn: &Connection,
+    system: &str,
+    value: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT t.id FROM fhir_idx_token t JOIN fhir_current c ON c.rtype = t.rtype AND c.id = t.id
+             WHERE t.rtype = 'Patient' AND t.param = 'identifier' AND t.system = ?1 AND t.code = ?2
+               AND c.deleted = 0 ORDER BY t.id LIMIT 1",
+        )?
+        .query_row(params![system, value], |r| r.get(0))
+        .optional()?)
+}
+
+/// The ids of the current resources of `rtype` with an identifier `value` (in `system`, when
+/// given), by id.
+pub fn ids_by_identifier(
+    conn: &Connection,
+    rtype: &str,
+    system: Option<&str>,
+    value: &str,
+) -> Result<Vec<String>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT DISTINCT t.id FROM fhir_idx_token t JOIN fhir_current c
+               ON c.rtype = t.rtype AND c.id = t.id AND c.deleted = 0
+             WHERE t.rtype = ?1 AND t.param = 'identifier' AND t.code = ?3
+               AND (?2 IS NULL OR t.system = ?2) ORDER BY t.id",
+        )?
+        .query_map(params![rtype, system, value], |r| r.get(0))?
+        .collect::<Result<_, _>>()?)
+}
+
+/// `Patient/$everything`: the (type, id) of the Patient `id` and of every current resource that
+/// references it — the Patient first, then by type and id; `None` if the Patient is unknown or
+/// deleted.
+pub fn patient_compartment(
+    conn: &Connection,
+    id: &str,
+) -> Result<Option<Vec<(String, String)>>, StoreError> {
+    let cur = read_current(conn, "Patient", id)?;
+    if cur.is_none_or(|c| c.deleted) {
+        return Ok(None);
+    }
+    // Index rows exist only for current, not deleted versions (a delete or an update clears
+    // them), so the compartment is read from the covering target index alone.
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT r.rtype, r.id FROM fhir_idx_ref r
+         WHERE r.target_id = ?1 AND r.target_type = 'Patient' ORDER BY r.rtype, r.id",
+    )?;
+    let mut keys = vec![("Patient".to_string(), id.to_owned())];
+    for row in stmt.query_map([id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+        let k = row?;
+        if k.0 != "Patient" || k.1 != id {
+            keys.push(k);
+        }
+    }
+    Ok(Some(keys))
+}
+
 /// The resources of a query whose first column is the JSON of current versions (unreadable or
 /// empty JSON skipped).
 fn json_rows(mut rows: rusqlite::Rows<'_>) -> Result<Vec<Value>, StoreError> {

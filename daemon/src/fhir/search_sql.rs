@@ -1,10 +1,16 @@
-//! Search execution: a parsed [`SearchRequest`] (`hms_edge_fhir::search`, pure) turned into SQL
-//! over the index tables (`execute`, read-only).
+//! The search planner and executor: a parsed [`SearchRequest`] (`hms_edge_fhir::search`, pure:
+//! parameters, modifiers, prefixes, bounds) turned into SQL over the FHIR index tables —
+//! [`execute`] (the driving-clause `plan` or the `patient_token_plan`), [`include_targets`] and
+//! [`revinclude_sources`].
+//!
+//! **Boundary:** besides `fhir::storage`, this is the only door to the FHIR tables, and a
+//! read-only one: it reads the index rows `storage` writes (`fhir_idx_*`, `fhir_current`) and
+//! never writes. Everything else reaches those tables through `storage` or through here.
 
 use rusqlite::Connection;
 use rusqlite::types::Value as Sql;
 
-pub use hms_edge_fhir::search::*;
+use hms_edge_fhir::search::*;
 
 use super::FhirError;
 use super::date;

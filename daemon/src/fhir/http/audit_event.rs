@@ -11,13 +11,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use super::FhirError;
-use super::api::{
-    ApiResult, ClientAddr, FhirContext, audit_read, authorize, base_url, check_format,
-    json_response, strict_handling, version_headers,
-};
-use super::auth::Interaction;
+use super::response::{base_url, check_format, json_response, strict_handling, version_headers};
+use super::{ApiResult, FhirContext};
 use crate::audit::{self, AuditQuery};
+use crate::fhir::FhirError;
+use crate::fhir::auth::Interaction;
+use crate::http_caller::{Caller, Identity};
 
 const RTYPE: &str = "AuditEvent";
 
@@ -57,7 +56,7 @@ fn parse_id(id: &str) -> Result<i64, FhirError> {
 
 async fn load(
     ctx: &Arc<FhirContext>,
-    who: &super::api::Caller,
+    who: &Identity,
     action: &str,
     id: &str,
 ) -> Result<audit::AuditRow, FhirError> {
@@ -65,18 +64,18 @@ async fn load(
     let seq = match parse_id(id) {
         Ok(s) => s,
         Err(e) => {
-            audit_read(ctx, who, action, entity, "404");
+            who.audit_read(action, entity, "404");
             return Err(e);
         }
     };
     let row = ctx.store.read(move |c| audit::get(c, seq)).await?;
     match row {
         Some(r) => {
-            audit_read(ctx, who, action, entity, "success");
+            who.audit_read(action, entity, "success");
             Ok(r)
         }
         None => {
-            audit_read(ctx, who, action, entity, "404");
+            who.audit_read(action, entity, "404");
             Err(FhirError::NotFound(format!("AuditEvent/{id} is not known")))
         }
     }
@@ -87,10 +86,10 @@ async fn read(
     Path(id): Path<String>,
     Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    addr: Option<axum::Extension<ClientAddr>>,
+    caller: Caller,
 ) -> ApiResult {
     check_format(&q, &headers)?;
-    let who = authorize(&ctx, &headers, addr.as_deref(), RTYPE, Interaction::Read)?;
+    let who = caller.authorize(RTYPE, Interaction::Read)?;
     let row = load(&ctx, &who, "read", &id).await?;
     let mut r = json_response(StatusCode::OK, &audit::to_fhir(&row, &observer(&ctx)), &q);
     version_headers(&mut r, 1, row.at);
@@ -102,10 +101,10 @@ async fn vread(
     Path((id, vid)): Path<(String, String)>,
     Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    addr: Option<axum::Extension<ClientAddr>>,
+    caller: Caller,
 ) -> ApiResult {
     check_format(&q, &headers)?;
-    let who = authorize(&ctx, &headers, addr.as_deref(), RTYPE, Interaction::Read)?;
+    let who = caller.authorize(RTYPE, Interaction::Read)?;
     let row = load(&ctx, &who, "vread", &id).await?;
     if vid != "1" {
         return Err(FhirError::NotFound(format!(
@@ -122,10 +121,10 @@ async fn instance_history(
     Path(id): Path<String>,
     Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    addr: Option<axum::Extension<ClientAddr>>,
+    caller: Caller,
 ) -> ApiResult {
     check_format(&q, &headers)?;
-    let who = authorize(&ctx, &headers, addr.as_deref(), RTYPE, Interaction::Read)?;
+    let who = caller.authorize(RTYPE, Interaction::Read)?;
     let row = load(&ctx, &who, "history", &id).await?;
     let base = base_url(&headers);
     let b = json!({
@@ -146,16 +145,16 @@ async fn search_get(
     State(ctx): State<Arc<FhirContext>>,
     Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    addr: Option<axum::Extension<ClientAddr>>,
+    caller: Caller,
 ) -> ApiResult {
-    search(ctx, q, headers, addr.map(|a| a.0)).await
+    search(ctx, q, headers, caller).await
 }
 
 async fn search_post(
     State(ctx): State<Arc<FhirContext>>,
     Query(mut q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
-    addr: Option<axum::Extension<ClientAddr>>,
+    caller: Caller,
     body: axum::body::Bytes,
 ) -> ApiResult {
     if body.len() > ctx.max_body_bytes {
@@ -167,22 +166,22 @@ async fn search_post(
     let form: Vec<(String, String)> = serde_urlencoded::from_bytes(&body)
         .map_err(|e| FhirError::BadRequest(format!("_search body must be form-encoded: {e}")))?;
     q.extend(form);
-    search(ctx, q, headers, addr.map(|a| a.0)).await
+    search(ctx, q, headers, caller).await
 }
 
 async fn search(
     ctx: Arc<FhirContext>,
     q: Vec<(String, String)>,
     headers: HeaderMap,
-    addr: Option<ClientAddr>,
+    caller: Caller,
 ) -> ApiResult {
     check_format(&q, &headers)?;
-    let who = authorize(&ctx, &headers, addr.as_ref(), RTYPE, Interaction::Search)?;
+    let who = caller.authorize(RTYPE, Interaction::Search)?;
     let aq = AuditQuery::parse(&q, strict_handling(&headers)).map_err(FhirError::BadRequest)?;
     let entity = format!("{RTYPE}?{}", serde_urlencoded::to_string(&q).unwrap_or_default());
     let aq2 = aq.clone();
     let (mut rows, total) = ctx.store.read(move |c| audit::search(c, &aq2)).await?;
-    audit_read(&ctx, &who, "search", entity, "success");
+    who.audit_read("search", entity, "success");
     let base = base_url(&headers);
     if aq.summary_count {
         let b = json!({"resourceType": "Bundle", "type": "searchset", "total": total.unwrap_or(0)});
