@@ -19,13 +19,12 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::DicomContext;
-use super::dataset::FileMeta;
 use super::dimse::{self, Command, field, status, tag};
-use super::index::{self, Recorded};
+use super::index;
+use super::ingest::{self, Declared, IngestError, Receiving, Stored, Written};
 use super::negotiate::{self, AcceptedContext, Association};
 use super::pdu::{self, FramingError, Incoming, PduReader, Pdv, ReadPdu};
 use super::query;
-use super::sink::{SinkError, SinkHandle};
 use super::uids::{self, ServiceKind};
 use super::{mpps, worklist};
 
@@ -55,7 +54,7 @@ enum Message {
     Store {
         pc: AcceptedContext,
         cmd: Command,
-        sink: SinkHandle,
+        sink: Receiving,
     },
     Find {
         pc: AcceptedContext,
@@ -454,18 +453,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         discard(pc, cmd, status::CANNOT_UNDERSTAND, "no Affected SOP Instance UID");
                     return Ok(());
                 }
-                let Some(enc) = uids::dataset_encoding(&pc.transfer_syntax) else {
-                    self.state = discard(pc, cmd, status::CANNOT_UNDERSTAND, "transfer syntax");
-                    return Ok(());
-                };
-                let meta = FileMeta {
+                let declared = Declared {
                     sop_class_uid: class,
                     sop_instance_uid: instance,
                     transfer_syntax: pc.transfer_syntax.clone(),
                     source_ae_title: self.assoc.calling_ae.clone(),
+                    study_instance_uid: None,
                 };
-                let sink = SinkHandle::start(self.ctx.store.blobs().clone(), meta, enc);
-                self.state = Message::Store { pc, cmd, sink };
+                match Receiving::start(self.ctx.store.blobs(), declared) {
+                    Ok(sink) => self.state = Message::Store { pc, cmd, sink },
+                    Err(_) => {
+                        self.state = discard(pc, cmd, status::CANNOT_UNDERSTAND, "transfer syntax");
+                    }
+                }
                 Ok(())
             }
             field::C_FIND_RQ => {
@@ -576,85 +576,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         &mut self,
         pc: AcceptedContext,
         cmd: Command,
-        sink: SinkHandle,
+        sink: Receiving,
     ) -> Result<(), AbortReason> {
         let ctx = self.ctx.clone();
-        let expected_class = cmd.str(tag::AFFECTED_SOP_CLASS_UID).unwrap_or("").to_owned();
-        let expected_instance = cmd.str(tag::AFFECTED_SOP_INSTANCE_UID).unwrap_or("").to_owned();
-        let (st, comment) = match sink.finish().await {
-            Err(SinkError::Malformed(m)) => {
-                warn!(peer = %self.peer, error = %m, "malformed data set refused");
-                (status::CANNOT_UNDERSTAND, m)
-            }
-            Err(e) => {
-                warn!(peer = %self.peer, error = %e, "instance could not be written");
-                (status::OUT_OF_RESOURCES, "cannot write the instance".to_owned())
-            }
-            Ok(inst) => {
-                let a = &inst.attrs;
-                let mismatch = if a.sop_instance_uid != expected_instance {
-                    Some("SOP Instance UID of the data set differs from the command")
-                } else if a.sop_class_uid != expected_class {
-                    Some("SOP Class UID of the data set differs from the command")
-                } else if a.study_instance_uid.is_empty() || a.series_instance_uid.is_empty() {
-                    Some("Study or Series Instance UID missing")
-                } else {
-                    None
-                };
-                if let Some(why) = mismatch {
-                    remove_unreferenced_blob(&ctx, inst.blob.id.clone());
-                    warn!(peer = %self.peer, why, "instance refused");
-                    (status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS, why.to_owned())
-                } else {
-                    self.record(&pc, inst).await
+        let sender = index::Sender::association(&self.assoc.calling_ae, self.peer);
+        let policy = ctx.settings.duplicate_policy;
+        let (st, comment) = match ingest::commit(&ctx.store, policy, sink, sender).await {
+            Ok(Stored { sop_instance_uid: sop, written, .. }) => {
+                match written {
+                    Written::New { version, outbox_seq } => {
+                        debug!(peer = %self.peer, %sop, version, outbox_seq, "instance stored");
+                    }
+                    Written::Identical => {
+                        debug!(peer = %self.peer, %sop, "identical instance already stored");
+                    }
                 }
+                (status::SUCCESS, String::new())
             }
+            Err(e) => self.store_failure(e, cmd.str(tag::AFFECTED_SOP_INSTANCE_UID).unwrap_or("")),
         };
         metrics::counter!("hms_dicom_store_total", "status" => format!("{st:04X}")).increment(1);
         self.respond(&pc, &cmd, field::C_STORE_RSP, st, &comment).await
     }
 
-    /// One durable write per instance: blob row, index rows and outbox change together.
-    async fn record(
-        &mut self,
-        pc: &AcceptedContext,
-        inst: super::sink::ReceivedInstance,
-    ) -> (u16, String) {
-        let ctx = self.ctx.clone();
-        let blob = inst.blob.id.clone();
-        let ts = pc.transfer_syntax.clone();
-        let sender = index::Sender::association(&self.assoc.calling_ae, self.peer);
-        let policy = ctx.settings.duplicate_policy;
-        let sop = inst.attrs.sop_instance_uid.clone();
-        let result = ctx
-            .store
-            .write(move |tx| index::record_instance(tx, &inst, &ts, &sender, policy))
-            .await;
-        match result {
-            Ok(Recorded::Stored { version, outbox_seq }) => {
-                debug!(peer = %self.peer, %sop, version, outbox_seq, "instance stored");
-                (status::SUCCESS, String::new())
+    /// The C-STORE-RSP status and Error Comment of an instance that was not stored.
+    fn store_failure(&self, e: IngestError, sop: &str) -> (u16, String) {
+        match e {
+            IngestError::Malformed(m) => {
+                warn!(peer = %self.peer, error = %m, "malformed data set refused");
+                (status::CANNOT_UNDERSTAND, m)
             }
-            Ok(Recorded::Identical) => {
-                remove_unreferenced_blob(&ctx, blob);
-                debug!(peer = %self.peer, %sop, "identical instance already stored");
-                (status::SUCCESS, String::new())
+            IngestError::UnsupportedTransferSyntax(_) | IngestError::Write(_) => {
+                warn!(peer = %self.peer, error = %e, "instance could not be written");
+                (status::OUT_OF_RESOURCES, "cannot write the instance".to_owned())
             }
-            Ok(Recorded::Conflict) => {
-                remove_unreferenced_blob(&ctx, blob);
+            IngestError::Mismatch(m) => {
+                let why = m.describe("the command");
+                warn!(peer = %self.peer, why, "instance refused");
+                (status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS, why)
+            }
+            IngestError::Conflict => {
                 warn!(peer = %self.peer, %sop,
                     "instance with this SOP Instance UID already stored with other content; kept the first");
-                (
-                    status::DUPLICATE_SOP_INSTANCE,
-                    "SOP Instance UID already stored with different content".to_owned(),
-                )
+                (status::DUPLICATE_SOP_INSTANCE, e.to_string())
             }
-            Err(e) => {
-                // Not committed (a failed write rolls back); the unreferenced blob is removed now,
-                // or by the sweep at the next start when the outcome is unknown (store closed).
-                if !matches!(e, crate::store::StoreError::Closed) {
-                    remove_unreferenced_blob(&ctx, blob);
-                }
+            IngestError::Store(e) => {
                 warn!(peer = %self.peer, error = %e, disk_full = e.is_disk_full(), "index write failed");
                 (status::OUT_OF_RESOURCES, "storage failure".to_owned())
             }
@@ -1187,14 +1153,4 @@ async fn report_on_new_association(
     }
     tracing::error!(requester = %requester_ae, transaction = %transaction_uid, error = %last_error,
         "storage commitment report could not be delivered; the requester must ask again");
-}
-
-/// Removes a finished blob that no row references (duplicate, refused or failed write).
-fn remove_unreferenced_blob(ctx: &Arc<DicomContext>, id: crate::store::BlobId) {
-    let blobs = ctx.store.blobs().clone();
-    tokio::task::spawn_blocking(move || {
-        if let Err(e) = blobs.remove(&id) {
-            warn!(error = %e, "cannot remove an unreferenced blob; the next start sweeps it");
-        }
-    });
 }

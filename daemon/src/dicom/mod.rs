@@ -23,6 +23,7 @@ pub mod commitment;
 pub mod conformance;
 pub mod export;
 pub mod index;
+pub mod ingest;
 pub mod mpps;
 pub mod negotiate;
 pub mod pdu;
