@@ -7,11 +7,12 @@
 //!   (association acceptance), [`dataset`] (streaming data set scanner, Part 10 header),
 //!   [`query`] (C-FIND matching), [`retrieve`] (C-GET/C-MOVE identifiers, counts, stored data
 //!   sets streamed into C-STORE sub-operations), [`uids`] (SOP classes from the standard registry);
-//! - storage: [`sink`] (data set → encrypted blob as it arrives), [`index`] (index tables, one
-//!   durable write per instance), [`export`];
-//! - I/O: [`assoc`] (one association's state machine over any stream; `assoc::retrieve` runs
-//!   C-GET/C-MOVE), [`scu`] (the association we open to a C-MOVE destination) and the acceptor
-//!   here ([`serve`], [`serve_tls`]).
+//! - storage: [`sink`] (data set → encrypted blob as it arrives), [`ingest`] (the one ingest
+//!   commit of C-STORE and STOW-RS: checks, record, orphan blob removal), [`index`] (index
+//!   tables, one durable write per instance), [`export`];
+//! - I/O: [`assoc`] (one association's state machine over any stream, one file per DIMSE
+//!   service), [`scu`] (the association we open to a C-MOVE destination) and the acceptor here
+//!   ([`serve`], [`serve_tls`]).
 //!
 //! Invariants kept here: a C-STORE success is sent only after [`crate::store::Store::write`]
 //! resolved (blob fsynced and renamed before, index + outbox committed and fsynced); a malformed
@@ -23,6 +24,7 @@ pub mod commitment;
 pub mod conformance;
 pub mod export;
 pub mod index;
+pub mod ingest;
 pub mod mpps;
 pub mod negotiate;
 pub mod pdu;

@@ -1,7 +1,7 @@
 //! STOW-RS: each `application/dicom` part of a multipart/related request is streamed into an
-//! encrypted blob as it arrives ([`crate::dicom::sink`], as for C-STORE) and recorded by
-//! [`crate::dicom::index::record_instance`] (index rows, ledger leaf and `dicom-store` audit event,
-//! the token's subject as sender) in one durable write.
+//! encrypted blob as it arrives and committed by [`crate::dicom::ingest`], as for C-STORE (index
+//! rows, ledger leaf and `dicom-store` audit event, the token's subject as sender, in one durable
+//! write); here only the mapping of its outcome to a Failure Reason.
 //! A part that is not a complete, well-formed DICOM instance of a storage SOP class leaves no blob
 //! and no row and is listed in the FailedSOPSequence.
 
@@ -19,9 +19,8 @@ use super::json::tag_key;
 use super::multipart::{Event, MediaType, Parser};
 use super::part10::{self, Part10Meta};
 use super::{DicomWebContext, SCOPE_TYPE, base_url, check_uid, json_response};
-use crate::dicom::dataset::FileMeta;
-use crate::dicom::index::{self, Recorded};
-use crate::dicom::sink::{ReceivedInstance, SinkHandle};
+use crate::dicom::index;
+use crate::dicom::ingest::{self, Declared, IngestError, Receiving, Written};
 use crate::dicom::uids;
 use crate::fhir::FhirError;
 use crate::fhir::auth::Interaction;
@@ -68,7 +67,7 @@ enum PartState {
     /// Gathering the File Meta.
     Meta(Vec<u8>),
     /// Streaming the data set into a blob.
-    Sink(SinkHandle, Part10Meta),
+    Sink(Receiving, Part10Meta),
     /// Refused; the rest of the part is skipped.
     Refused { class: String, sop: String, reason: u16, why: String },
 }
@@ -163,12 +162,12 @@ async fn run(
                     }
                     Event::Data(b) => {
                         if let Some(s) = state.take() {
-                            state = Some(feed(&ctx, s, b).await);
+                            state = Some(feed(&ctx, s, b, study.as_deref()).await);
                         }
                     }
                     Event::PartEnd => {
                         if let Some(s) = state.take() {
-                            outcomes.push(finish(&ctx, &who, study.as_deref(), s).await);
+                            outcomes.push(finish(&ctx, &who, s).await);
                         }
                     }
                 }
@@ -258,7 +257,7 @@ async fn drain(body: Body, limit: usize) {
 }
 
 /// Feeds part bytes to the part's state.
-async fn feed(ctx: &DicomWebContext, state: PartState, b: Bytes) -> PartState {
+async fn feed(ctx: &DicomWebContext, state: PartState, b: Bytes, study: Option<&str>) -> PartState {
     match state {
         PartState::Meta(mut buf) => {
             buf.extend_from_slice(&b);
@@ -281,19 +280,17 @@ async fn feed(ctx: &DicomWebContext, state: PartState, b: Bytes) -> PartState {
                             format!("{} is not a storage SOP class", meta.sop_class_uid),
                         );
                     }
-                    let Some(enc) = uids::dataset_encoding(&meta.transfer_syntax) else {
-                        return refuse(
-                            CANNOT_UNDERSTAND,
-                            format!("transfer syntax {} is not supported", meta.transfer_syntax),
-                        );
-                    };
-                    let fm = FileMeta {
+                    let declared = Declared {
                         sop_class_uid: meta.sop_class_uid.clone(),
                         sop_instance_uid: meta.sop_instance_uid.clone(),
                         transfer_syntax: meta.transfer_syntax.clone(),
                         source_ae_title: String::new(),
+                        study_instance_uid: study.map(str::to_owned),
                     };
-                    let mut sink = SinkHandle::start(ctx.store.blobs().clone(), fm, enc);
+                    let mut sink = match Receiving::start(ctx.store.blobs(), declared) {
+                        Ok(s) => s,
+                        Err(e) => return refuse(CANNOT_UNDERSTAND, e.to_string()),
+                    };
                     let rest = Bytes::copy_from_slice(&buf[meta.dataset_offset..]);
                     if !rest.is_empty() {
                         sink.push(rest).await;
@@ -311,12 +308,7 @@ async fn feed(ctx: &DicomWebContext, state: PartState, b: Bytes) -> PartState {
 }
 
 /// Ends a part: checks the instance and records it durably, or reports why not.
-async fn finish(
-    ctx: &DicomWebContext,
-    who: &Identity,
-    study: Option<&str>,
-    state: PartState,
-) -> Outcome {
+async fn finish(ctx: &DicomWebContext, who: &Identity, state: PartState) -> Outcome {
     let (sink, meta) = match state {
         PartState::Meta(buf) => {
             let why = match part10::parse(&buf) {
@@ -341,81 +333,38 @@ async fn finish(
         reason,
         why,
     };
-    let inst: ReceivedInstance = match sink.finish().await {
-        Ok(i) => i,
-        Err(crate::dicom::sink::SinkError::Malformed(m)) => {
-            return fail(CANNOT_UNDERSTAND, format!("malformed data set: {m}"));
-        }
-        Err(e) => return fail(OUT_OF_RESOURCES, e.to_string()),
-    };
-    let a = &inst.attrs;
-    let mismatch = if a.sop_instance_uid != meta.sop_instance_uid {
-        Some("SOP Instance UID of the data set differs from the File Meta".to_owned())
-    } else if a.sop_class_uid != meta.sop_class_uid {
-        Some("SOP Class UID of the data set differs from the File Meta".to_owned())
-    } else if a.study_instance_uid.is_empty() || a.series_instance_uid.is_empty() {
-        Some("Study or Series Instance UID missing".to_owned())
-    } else if study.is_some_and(|s| s != a.study_instance_uid) {
-        Some(format!(
-            "the instance belongs to study {}, not the one of the URL",
-            a.study_instance_uid
-        ))
-    } else {
-        None
-    };
-    let blob = inst.blob.id.clone();
-    let remove_blob = || {
-        let blobs = ctx.store.blobs().clone();
-        let id = blob.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = blobs.remove(&id) {
-                tracing::warn!(error = %e, "cannot remove an unreferenced blob; the next start sweeps it");
-            }
-        });
-    };
-    if let Some(why) = mismatch {
-        remove_blob();
-        return fail(DOES_NOT_MATCH, why);
-    }
-    let (st, se) = (a.study_instance_uid.clone(), a.series_instance_uid.clone());
-    let ts = meta.transfer_syntax.clone();
-    let policy = ctx.duplicate_policy;
-    // `record_instance` writes the `dicom-store` audit event in the instance's own transaction.
+    // `ingest::commit` writes the `dicom-store` audit event in the instance's own transaction.
     let sender = index::Sender {
         calling_ae: who.actor.clone(),
         actor: who.actor.clone(),
         source: who.source.clone(),
     };
-    let result =
-        ctx.store.write(move |tx| index::record_instance(tx, &inst, &ts, &sender, policy)).await;
-    match result {
-        Ok(Recorded::Stored { .. }) => {
-            metrics::counter!("hms_dicomweb_stored_instances_total").increment(1);
+    match ingest::commit(&ctx.store, ctx.duplicate_policy, sink, sender).await {
+        Ok(stored) => {
+            if let Written::New { .. } = stored.written {
+                metrics::counter!("hms_dicomweb_stored_instances_total").increment(1);
+            }
             Outcome::Stored {
                 class: meta.sop_class_uid.clone(),
                 sop: meta.sop_instance_uid.clone(),
-                study: st,
-                series: se,
+                study: stored.study_instance_uid,
+                series: stored.series_instance_uid,
             }
-        }
-        Ok(Recorded::Identical) => {
-            remove_blob();
-            Outcome::Stored {
-                class: meta.sop_class_uid.clone(),
-                sop: meta.sop_instance_uid.clone(),
-                study: st,
-                series: se,
-            }
-        }
-        Ok(Recorded::Conflict) => {
-            remove_blob();
-            fail(DUPLICATE, "SOP Instance UID already stored with different content".into())
         }
         Err(e) => {
-            if !matches!(e, crate::store::StoreError::Closed) {
-                remove_blob();
-            }
-            fail(OUT_OF_RESOURCES, format!("cannot store the instance: {e}"))
+            let reason = match &e {
+                IngestError::UnsupportedTransferSyntax(_) | IngestError::Malformed(_) => {
+                    CANNOT_UNDERSTAND
+                }
+                IngestError::Write(_) | IngestError::Store(_) => OUT_OF_RESOURCES,
+                IngestError::Mismatch(_) => DOES_NOT_MATCH,
+                IngestError::Conflict => DUPLICATE,
+            };
+            let why = match e {
+                IngestError::Mismatch(m) => m.describe("the File Meta"),
+                e => e.to_string(),
+            };
+            fail(reason, why)
         }
     }
 }

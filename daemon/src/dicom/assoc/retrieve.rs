@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
 use super::Session;
+use super::message::{Collect, Message};
 use crate::config::MoveDestination;
 use crate::dicom::dimse::{Command, field, status, tag};
 use crate::dicom::negotiate::AcceptedContext;
@@ -30,6 +31,37 @@ struct Done<'a> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// A C-GET-RQ / C-MOVE-RQ on a context of its kind: its identifier is collected, then run by
+    /// [`Self::run_retrieve`].
+    pub(super) async fn on_retrieve(
+        &mut self,
+        pc: AcceptedContext,
+        cmd: Command,
+    ) -> Result<(), AbortReason> {
+        let rsp_field = cmd.command_field() | 0x8000;
+        if !cmd.has_data_set() {
+            return self
+                .respond(&pc, &cmd, rsp_field, status::CANNOT_UNDERSTAND, "no identifier")
+                .await;
+        }
+        let fits = match pc.kind {
+            ServiceKind::Get(_) => cmd.command_field() == field::C_GET_RQ,
+            ServiceKind::Move(_) => cmd.command_field() == field::C_MOVE_RQ,
+            _ => false,
+        };
+        if !fits {
+            self.state = Message::discard(
+                pc,
+                cmd,
+                status::SOP_CLASS_NOT_SUPPORTED,
+                "not a C-GET/C-MOVE context",
+            );
+            return Ok(());
+        }
+        self.state = Message::collect(Collect::Retrieve, pc, cmd);
+        Ok(())
+    }
+
     pub(super) async fn run_retrieve(
         &mut self,
         pc: AcceptedContext,
