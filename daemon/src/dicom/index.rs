@@ -480,3 +480,171 @@ pub fn instances_of_study(conn: &Connection, study_uid: &str) -> Result<Vec<Stri
     let rows = stmt.query_map(params![study_uid], |r| r.get(0))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
+
+// ---- Retrieval reads (C-GET, C-MOVE, WADO-RS): the newest version of each named instance ----
+
+/// The newest version of one stored instance, as a retrieval sends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatestInstance {
+    pub study_uid: String,
+    pub series_uid: String,
+    pub sop_uid: String,
+    pub sop_class_uid: String,
+    pub transfer_syntax: String,
+    pub blob: BlobId,
+    pub size: u64,
+}
+
+fn latest_instance(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<LatestInstance>> {
+    let blob: String = r.get(5)?;
+    let Some(blob) = BlobId::parse(&blob) else { return Ok(None) };
+    Ok(Some(LatestInstance {
+        study_uid: r.get(0)?,
+        series_uid: r.get(1)?,
+        sop_uid: r.get(2)?,
+        sop_class_uid: r.get(3)?,
+        transfer_syntax: r.get(4)?,
+        blob,
+        size: r.get::<_, i64>(6)? as u64,
+    }))
+}
+
+/// The instances a C-GET/C-MOVE identifier names (each list empty = any), in study, series,
+/// instance number order; at most `limit` (`Err(limit)` beyond).
+pub fn retrieve_targets(
+    conn: &Connection,
+    patient_id: Option<&str>,
+    studies: &[String],
+    series: &[String],
+    instances: &[String],
+    limit: usize,
+) -> Result<Result<Vec<LatestInstance>, usize>, StoreError> {
+    let json = |v: &[String]| (!v.is_empty()).then(|| serde_json::Value::from(v).to_string());
+    let mut stmt = conn.prepare_cached(
+        "SELECT se.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax, i.blob,
+                i.size
+         FROM dicom_instances i JOIN dicom_series se ON i.series_uid = se.series_uid
+         JOIN dicom_studies st ON se.study_uid = st.study_uid
+         JOIN dicom_patients p ON st.patient_pk = p.pk
+         WHERE (?1 IS NULL OR p.patient_id = ?1)
+           AND (?2 IS NULL OR se.study_uid IN (SELECT value FROM json_each(?2)))
+           AND (?3 IS NULL OR se.series_uid IN (SELECT value FROM json_each(?3)))
+           AND (?4 IS NULL OR i.sop_uid IN (SELECT value FROM json_each(?4)))
+           AND i.version = (SELECT max(version) FROM dicom_instances WHERE sop_uid = i.sop_uid)
+         ORDER BY se.study_uid, se.series_uid, i.instance_number, i.sop_uid",
+    )?;
+    let mut rows = stmt.query(params![patient_id, json(studies), json(series), json(instances)])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let Some(inst) = latest_instance(row)? else { continue };
+        if out.len() == limit {
+            return Ok(Err(limit));
+        }
+        out.push(inst);
+    }
+    Ok(Ok(out))
+}
+
+/// The instances of a study (or one series, or one instance) for WADO-RS, in series number,
+/// series, instance number order.
+pub fn study_instances(
+    conn: &Connection,
+    study: &str,
+    series: Option<&str>,
+    sop: Option<&str>,
+) -> Result<Vec<LatestInstance>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT se.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax,
+                i.blob, i.size
+         FROM dicom_instances i JOIN dicom_series se ON i.series_uid = se.series_uid
+         WHERE se.study_uid = ?1 AND (?2 IS NULL OR se.series_uid = ?2)
+           AND (?3 IS NULL OR i.sop_uid = ?3)
+           AND i.version = (SELECT max(version) FROM dicom_instances WHERE sop_uid = i.sop_uid)
+         ORDER BY se.series_number, se.series_uid, i.instance_number, i.sop_uid",
+    )?;
+    let rows = stmt.query_map(params![study, series, sop], latest_instance)?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.extend(row?);
+    }
+    Ok(out)
+}
+
+// ---- Study reads for the FHIR ImagingStudy built from the index (`fhir::imaging`) ----
+
+/// A study's own attributes and its patient's, as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StudyHead {
+    pub study_date: String,
+    pub study_time: String,
+    pub accession_number: String,
+    pub study_description: String,
+    pub patient_id: String,
+    pub patient_name: String,
+    pub birth_date: String,
+    pub sex: String,
+}
+
+/// The head of a stored study, if there is one.
+pub fn study_head(conn: &Connection, study_uid: &str) -> Result<Option<StudyHead>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT s.study_date, s.study_time, s.accession_number, s.study_description,
+                    p.patient_id, p.patient_name, p.birth_date, p.sex
+             FROM dicom_studies s JOIN dicom_patients p ON p.pk = s.patient_pk WHERE s.study_uid = ?1",
+        )?
+        .query_row([study_uid], |r| {
+            Ok(StudyHead {
+                study_date: r.get(0)?,
+                study_time: r.get(1)?,
+                accession_number: r.get(2)?,
+                study_description: r.get(3)?,
+                patient_id: r.get(4)?,
+                patient_name: r.get(5)?,
+                birth_date: r.get(6)?,
+                sex: r.get(7)?,
+            })
+        })
+        .optional()?)
+}
+
+/// One series of a study.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesRow {
+    pub series_uid: String,
+    pub modality: String,
+    pub series_number: Option<i64>,
+    pub series_description: String,
+}
+
+/// The series of a study, by series number.
+pub fn series_of_study(conn: &Connection, study_uid: &str) -> Result<Vec<SeriesRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT series_uid, modality, series_number, series_description FROM dicom_series
+         WHERE study_uid = ?1 ORDER BY series_number, series_uid",
+    )?;
+    let rows = stmt.query_map([study_uid], |r| {
+        Ok(SeriesRow {
+            series_uid: r.get(0)?,
+            modality: r.get(1)?,
+            series_number: r.get(2)?,
+            series_description: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The newest version of each instance of a series: (SOP Instance UID, SOP Class UID, Instance
+/// Number), by instance number.
+pub fn instances_of_series(
+    conn: &Connection,
+    series_uid: &str,
+) -> Result<Vec<(String, String, Option<i64>)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT sop_uid, sop_class_uid, instance_number FROM dicom_instances i
+         WHERE series_uid = ?1 AND version = (SELECT max(version) FROM dicom_instances j WHERE j.sop_uid = i.sop_uid)
+         ORDER BY instance_number, sop_uid",
+    )?;
+    let rows = stmt.query_map([series_uid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}

@@ -9,7 +9,7 @@
 use std::io::{self, Read};
 
 use bytes::Bytes;
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
 use tokio::io::AsyncWrite;
 use tokio::sync::mpsc;
 
@@ -40,38 +40,26 @@ pub fn resolve(
     r: &Retrieve,
     limit: usize,
 ) -> Result<Result<Vec<Target>, usize>, StoreError> {
-    let json = |v: &[String]| (!v.is_empty()).then(|| serde_json::Value::from(v).to_string());
-    let mut stmt = conn.prepare_cached(
-        "SELECT i.sop_uid, i.sop_class_uid, i.transfer_syntax, i.blob, se.study_uid, se.series_uid
-         FROM dicom_instances i JOIN dicom_series se ON i.series_uid = se.series_uid
-         JOIN dicom_studies st ON se.study_uid = st.study_uid
-         JOIN dicom_patients p ON st.patient_pk = p.pk
-         WHERE (?1 IS NULL OR p.patient_id = ?1)
-           AND (?2 IS NULL OR se.study_uid IN (SELECT value FROM json_each(?2)))
-           AND (?3 IS NULL OR se.series_uid IN (SELECT value FROM json_each(?3)))
-           AND (?4 IS NULL OR i.sop_uid IN (SELECT value FROM json_each(?4)))
-           AND i.version = (SELECT max(version) FROM dicom_instances WHERE sop_uid = i.sop_uid)
-         ORDER BY se.study_uid, se.series_uid, i.instance_number, i.sop_uid",
+    let found = super::index::retrieve_targets(
+        conn,
+        r.patient_id.as_deref(),
+        &r.studies,
+        &r.series,
+        &r.instances,
+        limit,
     )?;
-    let mut rows =
-        stmt.query(params![r.patient_id, json(&r.studies), json(&r.series), json(&r.instances)])?;
-    let mut out = Vec::new();
-    while let Some(row) = rows.next()? {
-        let blob: String = row.get(3)?;
-        let Some(blob) = BlobId::parse(&blob) else { continue };
-        if out.len() == limit {
-            return Ok(Err(limit));
-        }
-        out.push(Target {
-            sop_uid: row.get(0)?,
-            sop_class_uid: row.get(1)?,
-            transfer_syntax: row.get(2)?,
-            blob,
-            study_uid: row.get(4)?,
-            series_uid: row.get(5)?,
-        });
-    }
-    Ok(Ok(out))
+    Ok(found.map(|all| {
+        all.into_iter()
+            .map(|i| Target {
+                sop_uid: i.sop_uid,
+                sop_class_uid: i.sop_class_uid,
+                transfer_syntax: i.transfer_syntax,
+                blob: i.blob,
+                study_uid: i.study_uid,
+                series_uid: i.series_uid,
+            })
+            .collect()
+    }))
 }
 
 /// The C-STORE-RQ of a sub-operation (with the Move Originator for C-MOVE).

@@ -23,15 +23,15 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use rusqlite::params;
 use serde_json::Value;
 
 use crate::config::DuplicatePolicy;
+use crate::dicom::index;
 use crate::dicom::query::Level;
 use crate::fhir::FhirError;
 use crate::fhir::auth::Interaction;
 use crate::http_caller::{Access, Caller, CallerState, Identity};
-use crate::store::{BlobId, Store, StoreError};
+use crate::store::Store;
 
 /// DICOM JSON media type.
 pub const DICOM_JSON: &str = "application/dicom+json";
@@ -215,8 +215,7 @@ async fn qido(
     let cap = q.limit.unwrap_or(ctx.max_results).min(ctx.max_results);
     let offset = q.offset;
     // Only the requested window is kept in memory, however many instances match.
-    let (records, more) =
-        ctx.store.read(move |c| super::dicom::index::find_page(c, &query, offset, cap)).await?;
+    let (records, more) = ctx.store.read(move |c| index::find_page(c, &query, offset, cap)).await?;
     let base = base_url(&headers);
     let out: Vec<Value> = records
         .iter()
@@ -255,17 +254,8 @@ async fn qido(
 
 // ---- instance lookup ------------------------------------------------------------------------
 
-/// A stored instance (newest version) with its place in the hierarchy.
-#[derive(Debug, Clone)]
-pub struct Located {
-    pub study_uid: String,
-    pub series_uid: String,
-    pub sop_uid: String,
-    pub sop_class_uid: String,
-    pub transfer_syntax: String,
-    pub blob: BlobId,
-    pub size: u64,
-}
+/// A stored instance (newest version) with its place in the hierarchy, as the index reads it.
+pub type Located = index::LatestInstance;
 
 /// Instances of a study (optionally one series, one instance), in series/instance order.
 pub(crate) async fn locate(
@@ -282,49 +272,11 @@ pub(crate) async fn locate(
         check_uid("SOP Instance UID", s)?;
     }
     let (st, se, so) = (study.to_owned(), series.map(str::to_owned), sop.map(str::to_owned));
-    let rows = ctx
+    let out: Vec<Located> = ctx
         .store
-        .read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT se.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax,
-                        i.blob, i.size
-                 FROM dicom_instances i JOIN dicom_series se ON i.series_uid = se.series_uid
-                 WHERE se.study_uid = ?1 AND (?2 IS NULL OR se.series_uid = ?2)
-                   AND (?3 IS NULL OR i.sop_uid = ?3)
-                   AND i.version = (SELECT max(version) FROM dicom_instances WHERE sop_uid = i.sop_uid)
-                 ORDER BY se.series_number, se.series_uid, i.instance_number, i.sop_uid",
-            )?;
-            let rows = stmt.query_map(params![st, se, so], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, String>(5)?,
-                    r.get::<_, i64>(6)?,
-                ))
-            })?;
-            Ok::<_, StoreError>(rows.collect::<Result<Vec<_>, _>>()?)
-        })
+        .read(move |c| index::study_instances(c, &st, se.as_deref(), so.as_deref()))
         .await
         .map_err(|e| FhirError::Internal(e.to_string()))?;
-    let out: Vec<Located> = rows
-        .into_iter()
-        .filter_map(
-            |(study_uid, series_uid, sop_uid, sop_class_uid, transfer_syntax, blob, size)| {
-                Some(Located {
-                    study_uid,
-                    series_uid,
-                    sop_uid,
-                    sop_class_uid,
-                    transfer_syntax,
-                    blob: BlobId::parse(&blob)?,
-                    size: size as u64,
-                })
-            },
-        )
-        .collect();
     if out.is_empty() {
         let what = match (series, sop) {
             (_, Some(s)) => format!("instance {s}"),

@@ -9,11 +9,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rusqlite::OptionalExtension;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::storage;
+use crate::dicom::index;
 use crate::fhir::FhirError;
 use crate::store::{Store, StoreError, WriteTx};
 
@@ -181,55 +181,41 @@ fn build_study(
     link: &ImagingLink,
 ) -> Result<Option<Value>, FhirError> {
     let sql = tx.sql();
-    let head = sql
-        .prepare_cached(
-            "SELECT s.study_date, s.study_time, s.accession_number, s.study_description,
-                    p.patient_id, p.patient_name, p.birth_date, p.sex
-             FROM dicom_studies s JOIN dicom_patients p ON p.pk = s.patient_pk WHERE s.study_uid = ?1",
-        )?
-        .query_row([uid], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, String>(6)?,
-                r.get::<_, String>(7)?,
-            ))
-        })
-        .optional()?;
-    let Some((date, time, accession, description, pid, pname, birth, sex)) = head else {
+    let Some(head) = index::study_head(sql, uid)? else {
         return Ok(None);
     };
+    let index::StudyHead {
+        study_date: date,
+        study_time: time,
+        accession_number: accession,
+        study_description: description,
+        patient_id: pid,
+        patient_name: pname,
+        birth_date: birth,
+        sex,
+    } = head;
     let patient = patient_for(tx, &link.patient_id_system, &pid, &pname, &birth, &sex)?;
-    let series_rows: Vec<(String, String, Option<i64>, String)> = sql
-        .prepare_cached(
-            "SELECT series_uid, modality, series_number, series_description FROM dicom_series
-             WHERE study_uid = ?1 ORDER BY series_number, series_uid",
-        )?
-        .query_map([uid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-        .collect::<Result<_, _>>()?;
+    let series_rows = index::series_of_study(sql, uid)?;
     let mut series = Vec::new();
     let mut modalities: Vec<String> = Vec::new();
     let mut total = 0usize;
-    let mut inst_stmt = sql.prepare_cached(
-        "SELECT sop_uid, sop_class_uid, instance_number FROM dicom_instances i
-         WHERE series_uid = ?1 AND version = (SELECT max(version) FROM dicom_instances j WHERE j.sop_uid = i.sop_uid)
-         ORDER BY instance_number, sop_uid",
-    )?;
-    for (suid, modality, number, sdesc) in series_rows {
-        let instances: Vec<Value> = inst_stmt
-            .query_map([&suid], |r| {
-                let (sop, class, num): (String, String, Option<i64>) = (r.get(0)?, r.get(1)?, r.get(2)?);
+    for index::SeriesRow {
+        series_uid: suid,
+        modality,
+        series_number: number,
+        series_description: sdesc,
+    } in series_rows
+    {
+        let instances: Vec<Value> = index::instances_of_series(sql, &suid)?
+            .into_iter()
+            .map(|(sop, class, num)| {
                 let mut v = json!({"uid": sop, "sopClass": {"system": "urn:ietf:rfc:3986", "code": format!("urn:oid:{class}")}});
                 if let Some(n) = num {
                     v["number"] = json!(n);
                 }
-                Ok(v)
-            })?
-            .collect::<Result<_, _>>()?;
+                v
+            })
+            .collect();
         total += instances.len();
         if !modality.is_empty() && !modalities.contains(&modality) {
             modalities.push(modality.clone());
