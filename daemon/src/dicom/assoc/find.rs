@@ -8,7 +8,7 @@ use dicom_ul::pdu::AbortRQServiceProviderReason as AbortReason;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
-use super::message::{Collect, Message};
+use super::message::Collect;
 use super::{Session, WRITE_BATCH};
 use crate::dicom::dimse::{Command, field, status};
 use crate::dicom::negotiate::AcceptedContext;
@@ -25,19 +25,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         pc: AcceptedContext,
         cmd: Command,
     ) -> Result<(), AbortReason> {
-        let rsp_field = cmd.command_field() | 0x8000;
-        if !cmd.has_data_set() {
-            return self
-                .respond(&pc, &cmd, rsp_field, status::CANNOT_UNDERSTAND, "no identifier")
-                .await;
-        }
-        if !matches!(pc.kind, ServiceKind::StudyRootFind | ServiceKind::WorklistFind) {
-            self.state =
-                Message::discard(pc, cmd, status::SOP_CLASS_NOT_SUPPORTED, "not a C-FIND context");
-            return Ok(());
-        }
-        self.state = Message::collect(Collect::Find, pc, cmd);
-        Ok(())
+        let fits = matches!(pc.kind, ServiceKind::StudyRootFind | ServiceKind::WorklistFind);
+        self.expect_identifier(pc, cmd, fits, Collect::Find, "not a C-FIND context").await
     }
 
     pub(super) async fn run_find(

@@ -87,6 +87,32 @@ impl Message {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// The start of a request whose identifier follows (C-FIND, C-GET, C-MOVE): none announced
+    /// → C000 "no identifier"; a context of another service (`fits` false) → the data set is
+    /// dropped and the request answered 0122 with `wrong_context`; else it is collected for
+    /// `service`.
+    pub(super) async fn expect_identifier(
+        &mut self,
+        pc: AcceptedContext,
+        cmd: Command,
+        fits: bool,
+        service: Collect,
+        wrong_context: &str,
+    ) -> Result<(), AbortReason> {
+        if !cmd.has_data_set() {
+            let rsp_field = cmd.command_field() | 0x8000;
+            return self
+                .respond(&pc, &cmd, rsp_field, status::CANNOT_UNDERSTAND, "no identifier")
+                .await;
+        }
+        self.state = if fits {
+            Message::collect(service, pc, cmd)
+        } else {
+            Message::discard(pc, cmd, status::SOP_CLASS_NOT_SUPPORTED, wrong_context)
+        };
+        Ok(())
+    }
+
     pub(super) async fn on_pdv(&mut self, pdv: Pdv) -> Result<(), AbortReason> {
         let Some(pc) = self.assoc.contexts.get(&pdv.context_id).cloned() else {
             warn!(peer = %self.peer, id = pdv.context_id, "PDV on a context that was not accepted");

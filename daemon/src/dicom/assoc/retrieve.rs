@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
 use super::Session;
-use super::message::{Collect, Message};
+use super::message::Collect;
 use crate::config::MoveDestination;
 use crate::dicom::dimse::{Command, field, status, tag};
 use crate::dicom::negotiate::AcceptedContext;
@@ -38,28 +38,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         pc: AcceptedContext,
         cmd: Command,
     ) -> Result<(), AbortReason> {
-        let rsp_field = cmd.command_field() | 0x8000;
-        if !cmd.has_data_set() {
-            return self
-                .respond(&pc, &cmd, rsp_field, status::CANNOT_UNDERSTAND, "no identifier")
-                .await;
-        }
         let fits = match pc.kind {
             ServiceKind::Get(_) => cmd.command_field() == field::C_GET_RQ,
             ServiceKind::Move(_) => cmd.command_field() == field::C_MOVE_RQ,
             _ => false,
         };
-        if !fits {
-            self.state = Message::discard(
-                pc,
-                cmd,
-                status::SOP_CLASS_NOT_SUPPORTED,
-                "not a C-GET/C-MOVE context",
-            );
-            return Ok(());
-        }
-        self.state = Message::collect(Collect::Retrieve, pc, cmd);
-        Ok(())
+        self.expect_identifier(pc, cmd, fits, Collect::Retrieve, "not a C-GET/C-MOVE context").await
     }
 
     pub(super) async fn run_retrieve(

@@ -59,6 +59,21 @@ pub(super) async fn read(
     }
 }
 
+/// The checks of a `{type}/{id}/_history/{vid}` request before anything is read: format, type,
+/// id, and the version number (a version that is not a number is 404, as one that is absent).
+fn check_version_address(
+    q: &[(String, String)],
+    headers: &HeaderMap,
+    rtype: &str,
+    id: &str,
+    vid: &str,
+) -> Result<i64, FhirError> {
+    check_format(q, headers)?;
+    check_type(rtype)?;
+    check_id(id)?;
+    vid.parse().map_err(|_| FhirError::NotFound(format!("no version {vid:?}")))
+}
+
 pub(super) async fn vread(
     State(ctx): State<Arc<FhirContext>>,
     Path((rtype, id, vid)): Path<(String, String, String)>,
@@ -66,10 +81,7 @@ pub(super) async fn vread(
     headers: HeaderMap,
     caller: Caller,
 ) -> ApiResult {
-    check_format(&q, &headers)?;
-    check_type(&rtype)?;
-    check_id(&id)?;
-    let v: i64 = vid.parse().map_err(|_| FhirError::NotFound(format!("no version {vid:?}")))?;
+    let v = check_version_address(&q, &headers, &rtype, &id, &vid)?;
     let who = caller.authorize(&rtype, Interaction::Read)?;
     let (rt, i) = (rtype.clone(), id.clone());
     let ver = ctx.store.read(move |c| storage::read_version(c, &rt, &i, v)).await?;
@@ -103,10 +115,7 @@ pub(super) async fn verify_version(
     headers: HeaderMap,
     caller: Caller,
 ) -> ApiResult {
-    check_format(&q, &headers)?;
-    check_type(&rtype)?;
-    check_id(&id)?;
-    let v: i64 = vid.parse().map_err(|_| FhirError::NotFound(format!("no version {vid:?}")))?;
+    let v = check_version_address(&q, &headers, &rtype, &id, &vid)?;
     let who = caller.authorize(&rtype, Interaction::Read)?;
     let subject = crate::ledger::Subject::Fhir { rtype: rtype.clone(), id: id.clone(), version: v };
     let out = ctx.ledger.prove(&ctx.store, subject).await;
