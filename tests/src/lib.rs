@@ -26,9 +26,28 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, for a server a test starts (the daemon, a peer).
+///
+/// Taken at random below the kernel's ephemeral range (`ip_local_port_range`), not from it: a
+/// port the kernel handed out for `:0` goes back to the pool the outgoing connections of the
+/// tests running beside this one draw from, and one of them took it before the server bound it
+/// ("Address already in use" in about one run in ten once the suite ran on release binaries).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::hash::{BuildHasher, Hasher};
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.max(20_000));
+    for _ in 0..1000 {
+        // RandomState is seeded afresh per call: a random number without a dependency.
+        let r = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        let port = low + (r % u64::from(high - low)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{high}");
 }
 
 /// A real `NOTIFY_SOCKET`: a Unix datagram socket that records what the daemon sends.

@@ -155,10 +155,7 @@ fn commitment_is_reported_only_for_durable_instances() {
 /// of Storage Commitment) and deliver the N-EVENT-REPORT there.
 #[test]
 fn commitment_report_on_a_new_association_when_the_peer_asks_for_it() {
-    let report_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let report_port = hms_edge_tests::free_port();
     let mut peer = hms_edge::config::DicomPeer::new("COMMIT_SCU", "127.0.0.1");
     peer.port = Some(report_port);
     peer.commitment_new_association = true;

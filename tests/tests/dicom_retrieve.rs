@@ -107,13 +107,9 @@ fn audit_events(scp: &Scp, action: &str, want: usize) -> Vec<(String, String, Va
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A real DCMTK storescp writing into `dir`, as AE `DEST`.
 fn storescp(dir: &Path) -> (ChildGuard, u16) {
-    let port = free_port();
+    let port = hms_edge_tests::free_port();
     let child = dcmtk("storescp")
         .args(["+B", "-aet", "DEST", "-od"])
         .arg(dir)

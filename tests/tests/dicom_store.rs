@@ -118,10 +118,7 @@ fn every_sample_is_stored_and_exported_with_dcmtk_storescu() {
     // bit-preserving mode receiving the same sends.
     let ref_dir = scp.dir.path().join("reference");
     std::fs::create_dir(&ref_dir).unwrap();
-    let ref_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let ref_port = hms_edge_tests::free_port();
     let _reference = ChildGuard(
         dcmtk("storescp")
             .args(["+B", "+xa", "-aet", AE, "-od"])
