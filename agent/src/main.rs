@@ -14,6 +14,7 @@ mod dicom_forward;
 mod events;
 mod fhir_sync;
 mod mqtt;
+mod recall;
 mod upstream;
 
 use std::path::PathBuf;
@@ -249,6 +250,25 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             run_loop("dicom", i, st, interval, max_backoff, w, s, || {
                 let fwd = fwd.clone();
                 async move { fwd.round().await }
+            })
+            .await
+        });
+    }
+    // Recall: evicted studies a retrieve at the edge asks for, fetched back by WADO-RS.
+    if !cfg.pacs.dicomweb_url.is_empty() {
+        let r = Arc::new(recall::Recall {
+            http: http.clone(),
+            base: cfg.pacs.dicomweb_url.trim_end_matches('/').to_owned(),
+            internal: internal.clone(),
+            stats: Arc::new(ChannelStats::default()),
+        });
+        let (i, st, w, s) = (internal.clone(), r.stats.clone(), wake.clone(), shutdown.clone());
+        // A retrieve is waiting: a short interval of its own.
+        let every = interval.min(Duration::from_secs(1));
+        tasks.spawn(async move {
+            run_loop("recall", i, st, every, max_backoff, w, s, || {
+                let r = r.clone();
+                async move { r.round().await }
             })
             .await
         });

@@ -2,7 +2,6 @@
 //! and the site IT status page at `/` and `/status` ([`crate::site_status`]).
 //! Unauthenticated by design, so it must stay on loopback; it never serves patient data.
 
-use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use axum::Router;
@@ -12,8 +11,10 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::config::space::human_bytes;
 use crate::server::Daemon;
 use crate::store::Store;
+use crate::store::space::Pressure;
 
 /// The process-wide Prometheus recorder (installed once, even when tests start several daemons).
 pub fn metrics_handle() -> PrometheusHandle {
@@ -61,26 +62,26 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .with_state(daemon)
 }
 
-/// Free bytes for unprivileged users on the filesystem holding `path`.
-pub fn free_bytes(path: &Path) -> Option<u64> {
-    let s = nix::sys::statvfs::statvfs(path).ok()?;
-    Some(s.blocks_available() as u64 * s.fragment_size() as u64)
-}
-
 async fn readyz(State(d): State<Arc<Daemon>>) -> impl IntoResponse {
     let mut problems = Vec::new();
     if let Err(why) = d.store.probe().await {
         problems.push(why);
     }
-    let min = d.config().admin.min_free_disk_mb * 1024 * 1024;
-    match free_bytes(d.store.root()) {
-        Some(free) if free < min => problems.push(format!(
-            "low disk space: {} MiB free, {} MiB required",
-            free / (1024 * 1024),
-            min / (1024 * 1024)
-        )),
-        None => problems.push("cannot read free disk space".into()),
-        Some(_) => {}
+    let space = d.store.space();
+    match space.measure() {
+        Ok(s) => {
+            let p = space.policy();
+            let pressure = p.pressure(s);
+            if pressure >= Pressure::Critical {
+                problems.push(format!(
+                    "low disk space: {} free, {} required ({})",
+                    human_bytes(s.free),
+                    human_bytes(p.critical_free.bytes_of(s.total)),
+                    pressure.as_str()
+                ));
+            }
+        }
+        Err(_) => problems.push("cannot read free disk space".into()),
     }
     if d.shutdown.is_cancelled() {
         problems.push("shutting down".into());
@@ -145,9 +146,15 @@ async fn metrics_text(State(d): State<Arc<Daemon>>) -> impl IntoResponse {
         metrics::gauge!("hms_store_blobs").set(count as f64);
         metrics::gauge!("hms_store_blob_bytes").set(bytes as f64);
     }
-    if let Some(free) = free_bytes(d.store.root()) {
-        metrics::gauge!("hms_disk_free_bytes").set(free as f64);
+    if let Ok(sp) = d.store.space().measure() {
+        metrics::gauge!("hms_disk_free_bytes").set(sp.free as f64);
+        metrics::gauge!("hms_disk_total_bytes").set(sp.total as f64);
+        let pressure = d.store.space().policy().pressure(sp);
+        metrics::gauge!("hms_disk_pressure").set(pressure as u8 as f64);
     }
+    let (images, records) = d.store.space().refused();
+    metrics::gauge!("hms_writes_refused_no_space", "class" => "images").set(images as f64);
+    metrics::gauge!("hms_writes_refused_no_space", "class" => "records").set(records as f64);
     sync_metrics(&d).await;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], d.metrics.render())
 }

@@ -30,6 +30,13 @@ pub const RELOADABLE: &[&str] = &[
     "tls.cert_file",
     "tls.key_file",
     "admin.min_free_disk_mb",
+    "storage.high_watermark",
+    "storage.low_watermark",
+    "storage.critical_free",
+    "storage.records_reserve",
+    "storage.eviction",
+    "storage.protect_secs",
+    "storage.check_interval_secs",
     "dicom.peers",
     "dicom.accept_loopback_callers",
 ];
@@ -200,6 +207,7 @@ pub async fn start(
             }
             StartError::Store { dir: state_dir.clone(), source }
         })?;
+    store.space().set_policy(space_policy(&config));
     let ledger = crate::ledger::Ledger::new(store.ledger_signing_key(), &config.ledger_origin());
     // Leases held when the daemon stopped belong to requests that died with it: the agent may
     // take those changes again at once (every push is idempotent, see `sync`).
@@ -337,8 +345,18 @@ pub async fn run(
         daemon.ledger.clone(),
         cfg.fhir.client_certs.clone(),
     );
+    // Retrieves by C-GET, C-MOVE and WADO-RS, for the eviction task's least-recently-used order.
+    let accessed = crate::dicom::evict::AccessLog::new();
+    daemon.tasks.spawn(crate::dicom::evict::run(
+        daemon.store.clone(),
+        accessed.clone(),
+        daemon.subscribe_config(),
+        token.clone(),
+    ));
     // DICOMweb shares the FHIR listener, its auth and its audit.
     let dicomweb_ctx = Arc::new(crate::dicomweb::DicomWebContext {
+        accessed: accessed.clone(),
+        recall_timeout: Duration::from_secs(cfg.storage.recall_timeout_secs),
         store: daemon.store.clone(),
         access: fhir_ctx.access.clone(),
         max_body_bytes: cfg.fhir.max_body_bytes as usize,
@@ -362,6 +380,7 @@ pub async fn run(
         tenant_id: cfg.site.tenant_id.clone(),
         site_id: cfg.site.site_id.clone(),
         ledger: daemon.ledger.clone(),
+        patient_id_system: cfg.site.patient_id_system.clone(),
     });
     tokio::spawn(crate::sync::internal::serve(listeners.internal, internal_ctx, token.clone()));
 
@@ -381,8 +400,13 @@ pub async fn run(
 
     // DICOM: plain and TLS listeners share the association slots; the allow-list follows
     // SIGHUP reloads; on shutdown each association finishes the message it is in.
-    let dicom_ctx =
-        crate::dicom::DicomContext::for_site(daemon.store.clone(), &cfg.dicom, &cfg.site);
+    let dicom_ctx = crate::dicom::DicomContext::for_site(
+        daemon.store.clone(),
+        &cfg.dicom,
+        &cfg.site,
+        &cfg.storage,
+        accessed,
+    );
     daemon.tasks.spawn(crate::dicom::serve(
         listeners.dicom,
         dicom_ctx.clone(),
@@ -538,6 +562,7 @@ fn reload(daemon: &Daemon) {
                     tracing::error!(error = %e, "TLS reload failed; keeping the old certificate")
                 }
             }
+            daemon.store.space().set_policy(space_policy(&effective));
             let effective = Arc::new(effective);
             *daemon.config.write().expect("config lock") = effective.clone();
             daemon.config_tx.send_replace(effective);
@@ -545,6 +570,11 @@ fn reload(daemon: &Daemon) {
         }
     }
     notify(&[sd_notify::NotifyState::Ready]);
+}
+
+/// The free-space limits of a configuration, for the store's space gate.
+pub fn space_policy(c: &Config) -> crate::store::space::SpacePolicy {
+    crate::store::space::SpacePolicy::from_config(&c.storage, c.critical_free())
 }
 
 /// Returns `new` with every non-reloadable setting kept at its `old` value, logging each change.

@@ -36,8 +36,14 @@ pub struct Disk {
     /// Available to the (unprivileged) service user.
     pub free_bytes: u64,
     pub used_bytes: u64,
-    /// `admin.min_free_disk_mb` in bytes (below it `/readyz` fails).
+    /// The critical floor in bytes (`storage.critical_free`: below it images are refused and
+    /// `/readyz` fails).
     pub min_free_bytes: u64,
+    /// The high and low watermarks of used space, in bytes (eviction runs between them).
+    pub high_watermark_bytes: u64,
+    pub low_watermark_bytes: u64,
+    /// What the space gate makes of it (normal, above the high watermark, images refused, …).
+    pub pressure: &'static str,
 }
 
 /// Figures read from the store in one read transaction.
@@ -197,21 +203,26 @@ pub async fn gather(d: &crate::server::Daemon) -> SiteStatus {
         generated_at_ms: now,
         uptime_secs: d.started.elapsed().as_secs(),
         shutting_down: d.shutdown.is_cancelled(),
-        disk: disk(d.store.root(), config.admin.min_free_disk_mb * 1024 * 1024),
+        disk: disk(d.store.root(), &d.store.space().policy()),
         store,
     }
 }
 
-/// Sizes of the filesystem holding `path`.
-pub fn disk(path: &Path, min_free_bytes: u64) -> Option<Disk> {
+/// Sizes of the filesystem holding `path`, and where they stand against the space policy.
+pub fn disk(path: &Path, policy: &crate::store::space::SpacePolicy) -> Option<Disk> {
     let s = nix::sys::statvfs::statvfs(path).ok()?;
     let frag = s.fragment_size() as u64;
     let total_bytes = s.blocks() as u64 * frag;
+    let free_bytes = s.blocks_available() as u64 * frag;
+    let space = crate::store::space::Space { total: total_bytes, free: free_bytes };
     Some(Disk {
         total_bytes,
-        free_bytes: s.blocks_available() as u64 * frag,
+        free_bytes,
         used_bytes: total_bytes.saturating_sub(s.blocks_free() as u64 * frag),
-        min_free_bytes,
+        min_free_bytes: policy.critical_free.bytes_of(total_bytes),
+        high_watermark_bytes: policy.high_watermark.bytes_of(total_bytes),
+        low_watermark_bytes: policy.low_watermark.bytes_of(total_bytes),
+        pressure: policy.pressure(space).as_str(),
     })
 }
 
@@ -397,7 +408,19 @@ pub fn render(s: &SiteStatus) -> String {
                  <table><tr><th>State folder filesystem</th><td class=\"n\">{total}</td></tr>\
                  <tr><th>Used</th><td class=\"n\">{used}</td></tr>\
                  <tr><th>Free</th><td class=\"n {cls}\" id=\"disk-free\">{free} ({free_pct:.0}%)</td></tr>\
-                 <tr><th>Free space required (/readyz)</th><td class=\"n\">{min}</td></tr>",
+                 <tr><th>Free space required (/readyz; images refused below)</th><td class=\"n\">{min}</td></tr>\
+                 <tr><th>Eviction (high / low watermark of used space)</th><td class=\"n\">{high} / {low}</td></tr>\
+                 <tr><th>Disk state</th><td class=\"{pcls}\" id=\"disk-pressure\">{pressure}</td></tr>",
+                high = e(&human_bytes(d.high_watermark_bytes)),
+                low = e(&human_bytes(d.low_watermark_bytes)),
+                pressure = e(d.pressure),
+                pcls = if d.pressure == "normal" {
+                    "ok"
+                } else if low {
+                    "bad"
+                } else {
+                    "warn"
+                },
                 total = e(&human_bytes(d.total_bytes)),
                 used = e(&human_bytes(d.used_bytes)),
                 free = e(&human_bytes(d.free_bytes)),
@@ -503,7 +526,9 @@ mod tests {
         )
         .unwrap();
         c.execute(
-            "INSERT OR IGNORE INTO dicom_studies VALUES (?1, 1, '', '', '', '', '', '', 0)",
+            "INSERT OR IGNORE INTO dicom_studies (study_uid, patient_pk, study_date, study_time,
+                 accession_number, study_id, study_description, referring_physician, created_at)
+             VALUES (?1, 1, '', '', '', '', '', '', 0)",
             [study],
         )
         .unwrap();
@@ -513,7 +538,11 @@ mod tests {
         )
         .unwrap();
         let blob = format!("b{pk}");
-        c.execute("INSERT INTO blobs VALUES (?1, 100, 'h', 0)", [&blob]).unwrap();
+        c.execute(
+            "INSERT INTO blobs (id, size, sha256, created_at) VALUES (?1, 100, 'h', 0)",
+            [&blob],
+        )
+        .unwrap();
         c.execute(
             "INSERT INTO dicom_instances (pk, sop_uid, version, series_uid, sop_class_uid,
                transfer_syntax, size, dataset_sha256, blob, calling_ae, received_at)
@@ -648,6 +677,9 @@ mod tests {
                 free_bytes: 40 << 30,
                 used_bytes: 60 << 30,
                 min_free_bytes: 1 << 30,
+                high_watermark_bytes: 85 << 30,
+                low_watermark_bytes: 75 << 30,
+                pressure: "normal",
             }),
             store,
         }

@@ -28,6 +28,11 @@ pub const MIGRATIONS: &[&str] = &[
     crate::fhir::storage::MIGRATION_COVERING,
     // 8: per-patient token index with the date sort key (see `fhir::storage`).
     crate::fhir::storage::MIGRATION_PATIENT_TOKEN,
+    // 9: blobs whose file was removed because a copy elsewhere holds it (`offloaded_at`).
+    db::BLOB_OFFLOAD,
+    // 10: storage lifecycle of studies — confirmed upstream, last retrieve, pinned (see
+    // `dicom::index` and `dicom::evict`).
+    crate::dicom::index::MIGRATION_LIFECYCLE,
 ];
 
 /// Opens (creating on first use) the store in `root` with the daemon's schema: see

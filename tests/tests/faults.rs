@@ -19,7 +19,7 @@ use std::time::Duration;
 use dicom_common::{peer, storescu, testfiles};
 use hms_edge::keys::load_key_file;
 use hms_edge::store::StoreOptions;
-use hms_edge_tests::{DaemonOptions, DaemonProc, bin, fhir_client, http_get};
+use hms_edge_tests::{DaemonOptions, DaemonProc, Tmpfs, bin, fhir_client, http_get};
 use serde_json::{Value, json};
 
 /// `n` clones of CT_small.dcm (own SOP Instance UIDs) in `dir`: (file, SOP Instance UID).
@@ -187,32 +187,6 @@ fn after_fault(
     assert_eq!(code, 200, "{body}");
     let (sops, patients) = recover_and_check(d, work);
     (sops, patients, more.into_iter().map(|(_, u)| u).collect())
-}
-
-/// A tmpfs of `mib` MiB mounted on `dir` for the test's life.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, mib: u64) -> Tmpfs {
-        std::fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mount tmpfs (the disk-full test needs root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs(dir.to_owned())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 fn free_bytes(p: &Path) -> u64 {

@@ -12,6 +12,9 @@
 pub mod fsync;
 pub mod keys;
 pub mod logging;
+pub mod space;
+
+pub use space::SpaceLimit;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -37,8 +40,6 @@ pub const DEFAULT_PATIENT_ID_SYSTEM: &str = "urn:hms-edge:dev-site:patient-id";
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Admin listener: health, readiness, metrics. Loopback only by default.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
-/// `/readyz` fails when the state filesystem has less free space than this.
-pub const DEFAULT_MIN_FREE_DISK_MB: u64 = 1024;
 /// At most this many writes share one commit + fsync.
 pub const DEFAULT_GROUP_COMMIT_MAX_BATCH: u32 = 512;
 /// SQLCipher page cache of the writer connection, KiB. The writer's cache stays valid between
@@ -112,6 +113,24 @@ pub const DEFAULT_CHAIN_ANCHOR_EVERY_LEAVES: u64 = 10_000;
 pub const DEFAULT_CHAIN_CONFIRMATIONS: u64 = 2;
 /// Default interval between signed ledger checkpoints, seconds.
 pub const DEFAULT_LEDGER_CHECKPOINT_INTERVAL_SECS: u64 = 60;
+/// Default high watermark: eviction starts when the state file system is this full.
+pub const DEFAULT_STORAGE_HIGH_WATERMARK: SpaceLimit = SpaceLimit::Share(8500);
+/// Default low watermark: eviction stops when the state file system is this full.
+pub const DEFAULT_STORAGE_LOW_WATERMARK: SpaceLimit = SpaceLimit::Share(7500);
+/// Default critical floor: with less free space, images are refused (C-STORE A700, STOW-RS 507).
+pub const DEFAULT_STORAGE_CRITICAL_FREE: SpaceLimit = SpaceLimit::Bytes(1 << 30);
+/// Default FHIR reserve: with less free space, FHIR writes are refused too (507).
+pub const DEFAULT_STORAGE_RECORDS_RESERVE: SpaceLimit = SpaceLimit::Bytes(256 << 20);
+/// Default protection window: a study received or retrieved within it is never evicted (7 days).
+pub const DEFAULT_STORAGE_PROTECT_SECS: u64 = 7 * 24 * 3600;
+/// Default interval between two looks at the disk by the eviction task, seconds.
+pub const DEFAULT_STORAGE_CHECK_INTERVAL_SECS: u64 = 30;
+/// Default wait of a retrieve for evicted instances to come back from the cloud PACS, seconds.
+pub const DEFAULT_STORAGE_RECALL_TIMEOUT_SECS: u64 = 120;
+/// Default lead of prefetch: priors of orders scheduled within this many seconds come back (4 h).
+pub const DEFAULT_STORAGE_PREFETCH_LEAD_SECS: u64 = 4 * 3600;
+/// Default look-back of prefetch: priors dated within this many days (3 years).
+pub const DEFAULT_STORAGE_PREFETCH_LOOKBACK_DAYS: u64 = 3 * 365;
 
 /// The whole daemon configuration. Field docs are the reference; `config/edge.toml` repeats them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -123,6 +142,7 @@ pub struct Config {
     pub log: LogConfig,
     pub admin: AdminConfig,
     pub store: StoreConfig,
+    pub storage: StorageConfig,
     pub tls: TlsConfig,
     pub fhir: FhirConfig,
     pub lifecycle: LifecycleConfig,
@@ -219,7 +239,8 @@ pub enum LogTarget {
 pub struct AdminConfig {
     /// Address of the admin HTTP listener. Keep it on loopback: it is not authenticated.
     pub listen: SocketAddr,
-    /// `/readyz` reports not ready below this much free space on the state filesystem (MiB).
+    /// Deprecated: the critical floor in MiB, from before `storage.critical_free`. 0 (the
+    /// default): unset, `storage.critical_free` applies; otherwise it overrides it.
     pub min_free_disk_mb: u64,
 }
 
@@ -227,7 +248,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default address"),
-            min_free_disk_mb: DEFAULT_MIN_FREE_DISK_MB,
+            min_free_disk_mb: 0,
         }
     }
 }
@@ -329,6 +350,55 @@ impl Default for FhirConfig {
             tenant_claim: DEFAULT_TENANT_CLAIM.into(),
             client_ca_file: PathBuf::new(),
             client_certs: Default::default(),
+        }
+    }
+}
+
+/// The disk lifecycle of the state file system: watermarks for evicting images the cloud PACS
+/// holds, and the floors below which writes are refused with a clear answer (see the daemon's
+/// `disk` and `dicom::evict`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Used space (share of the file system or bytes) above which studies are evicted.
+    pub high_watermark: SpaceLimit,
+    /// Used space at which eviction stops.
+    pub low_watermark: SpaceLimit,
+    /// Free space below which images are refused (C-STORE A700, STOW-RS 507) and `/readyz` fails.
+    pub critical_free: SpaceLimit,
+    /// Free space below which FHIR writes are refused too (507); smaller than `critical_free`, so
+    /// charts can still be written for a while after images stop.
+    pub records_reserve: SpaceLimit,
+    /// Evict studies whose every instance the cloud PACS confirmed (false: never evict).
+    pub eviction: bool,
+    /// A study received or retrieved less than this many seconds ago is never evicted.
+    pub protect_secs: u64,
+    /// Seconds between two looks at the disk by the eviction task (it also wakes when a write
+    /// finds the disk above the high watermark).
+    pub check_interval_secs: u64,
+    /// How long a retrieve (C-GET, C-MOVE, WADO-RS) of evicted instances waits for them to come
+    /// back from the cloud PACS (through the agent) before it fails.
+    pub recall_timeout_secs: u64,
+    /// Prefetch: the evicted prior studies of the patient of an active order scheduled within
+    /// this many seconds are fetched back from the cloud PACS ahead of time (0: no prefetch).
+    pub prefetch_lead_secs: u64,
+    /// Prefetch: only priors dated within this many days.
+    pub prefetch_lookback_days: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            high_watermark: DEFAULT_STORAGE_HIGH_WATERMARK,
+            low_watermark: DEFAULT_STORAGE_LOW_WATERMARK,
+            critical_free: DEFAULT_STORAGE_CRITICAL_FREE,
+            records_reserve: DEFAULT_STORAGE_RECORDS_RESERVE,
+            eviction: true,
+            protect_secs: DEFAULT_STORAGE_PROTECT_SECS,
+            check_interval_secs: DEFAULT_STORAGE_CHECK_INTERVAL_SECS,
+            recall_timeout_secs: DEFAULT_STORAGE_RECALL_TIMEOUT_SECS,
+            prefetch_lead_secs: DEFAULT_STORAGE_PREFETCH_LEAD_SECS,
+            prefetch_lookback_days: DEFAULT_STORAGE_PREFETCH_LOOKBACK_DAYS,
         }
     }
 }
@@ -824,6 +894,26 @@ impl Config {
                 "anchor_interval_secs and confirmations must be at least 1",
             );
         }
+        let st = &self.storage;
+        let same_kind = matches!(
+            (st.high_watermark, st.low_watermark),
+            (SpaceLimit::Share(_), SpaceLimit::Share(_))
+                | (SpaceLimit::Bytes(_), SpaceLimit::Bytes(_))
+        );
+        if same_kind && st.low_watermark.bytes_of(1 << 40) >= st.high_watermark.bytes_of(1 << 40) {
+            return invalid("storage.low_watermark", "must be below storage.high_watermark");
+        }
+        let same_kind = matches!(
+            (st.records_reserve, st.critical_free),
+            (SpaceLimit::Share(_), SpaceLimit::Share(_))
+                | (SpaceLimit::Bytes(_), SpaceLimit::Bytes(_))
+        );
+        if same_kind && st.records_reserve.bytes_of(1 << 40) > st.critical_free.bytes_of(1 << 40) {
+            return invalid("storage.records_reserve", "must not exceed storage.critical_free");
+        }
+        if st.check_interval_secs == 0 {
+            return invalid("storage.check_interval_secs", "must be at least 1");
+        }
         if self.store.group_commit_max_batch == 0 {
             return invalid("store.group_commit_max_batch", "must be at least 1");
         }
@@ -966,6 +1056,15 @@ impl Config {
         Ok(())
     }
 
+    /// The critical floor of free space: `storage.critical_free`, unless the deprecated
+    /// `admin.min_free_disk_mb` is set.
+    pub fn critical_free(&self) -> SpaceLimit {
+        match self.admin.min_free_disk_mb {
+            0 => self.storage.critical_free,
+            mb => SpaceLimit::Bytes(mb.saturating_mul(1 << 20)),
+        }
+    }
+
     /// The state folder after applying the systemd and development fallbacks.
     pub fn state_dir(&self) -> PathBuf {
         if !self.paths.state_dir.as_os_str().is_empty() {
@@ -1101,6 +1200,33 @@ mod tests {
         assert_eq!(c.site.tenant_id, "12345");
         assert!(!c.keys.generate_if_missing);
         assert_eq!(c.store.db_readers, 2);
+    }
+
+    #[test]
+    fn storage_limits_parse_and_are_checked() {
+        let c = parse(
+            "[storage]\nhigh_watermark = \"90%\"\nlow_watermark = \"80GiB\"\ncritical_free = \"2%\"\n",
+            "",
+            no_env(),
+        )
+        .unwrap();
+        assert_eq!(c.storage.high_watermark, SpaceLimit::Share(9000));
+        assert_eq!(c.storage.low_watermark, SpaceLimit::Bytes(80 << 30));
+        assert_eq!(c.critical_free(), SpaceLimit::Share(200));
+        let err = parse("[storage]\nlow_watermark = \"90%\"\n", "", no_env()).unwrap_err();
+        assert!(err.to_string().contains("storage.low_watermark"), "{err}");
+        let err = parse("[storage]\nrecords_reserve = \"2GiB\"\n", "", no_env()).unwrap_err();
+        assert!(err.to_string().contains("storage.records_reserve"), "{err}");
+        let err = parse("[storage]\ncritical_free = \"plenty\"\n", "", no_env()).unwrap_err();
+        assert!(err.to_string().contains("plenty"), "{err}");
+        // The deprecated key still works and wins, so an old edge.toml keeps its meaning (a
+        // floor below the records reserve lowers the reserve with it: see the store's policy).
+        let c = parse("[admin]\nmin_free_disk_mb = 2048\n", "", no_env()).unwrap();
+        assert_eq!(c.critical_free(), SpaceLimit::Bytes(2 << 30));
+        let c = parse("[admin]\nmin_free_disk_mb = 2\n", "", no_env()).unwrap();
+        assert_eq!(c.critical_free(), SpaceLimit::Bytes(2 << 20));
+        let env = vec![("HMS_EDGE_STORAGE_HIGH_WATERMARK".to_string(), "80%".to_string())];
+        assert_eq!(parse("", "", env).unwrap().storage.high_watermark, SpaceLimit::Share(8000));
     }
 
     #[test]

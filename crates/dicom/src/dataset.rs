@@ -23,6 +23,8 @@ pub mod tags {
     pub const RETRIEVE_AE_TITLE: u32 = 0x0008_0054;
     pub const MODALITY: u32 = 0x0008_0060;
     pub const MODALITIES_IN_STUDY: u32 = 0x0008_0061;
+    /// ONLINE, or NEARLINE when some instance was evicted (the cloud PACS holds it).
+    pub const INSTANCE_AVAILABILITY: u32 = 0x0008_0056;
     pub const REFERRING_PHYSICIAN_NAME: u32 = 0x0008_0090;
     pub const STUDY_DESCRIPTION: u32 = 0x0008_1030;
     pub const SERIES_DESCRIPTION: u32 = 0x0008_103E;

@@ -110,8 +110,16 @@ impl BlobStore {
     /// Starts a streaming write whose first bytes are `unhashed`, stored (encrypted) like the rest
     /// but left out of the blob's SHA-256.
     pub fn create_with_header(&self, unhashed: &[u8]) -> io::Result<BlobWriter> {
-        let id = BlobId::new_random();
-        let tmp_path = self.root.join("tmp").join(format!("{}.tmp", id.0));
+        self.create_as(&BlobId::new_random(), unhashed)
+    }
+
+    /// As [`BlobStore::create_with_header`], for a blob with a given id: an offloaded blob
+    /// brought back, so that the rows referencing it keep their meaning. The file appears under
+    /// its name only at [`BlobWriter::finish`].
+    pub fn create_as(&self, id: &BlobId, unhashed: &[u8]) -> io::Result<BlobWriter> {
+        let id = id.clone();
+        let tmp_path =
+            self.root.join("tmp").join(format!("{}.{:016x}.tmp", id.0, rand::random::<u64>()));
         let mut file =
             std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp_path)?;
         let mut salt = [0u8; SALT_LEN];
@@ -252,6 +260,12 @@ impl BlobWriter {
 
     pub fn is_empty(&self) -> bool {
         self.size == 0
+    }
+
+    /// SHA-256 (hex) of the hashed bytes written so far: what [`BlobWriter::finish`] would
+    /// record, known before the blob is committed to its name.
+    pub fn sha256_so_far(&self) -> String {
+        hex::encode(self.hasher.clone().finalize())
     }
 
     fn append(&mut self, data: &[u8], hashed: bool) -> io::Result<()> {

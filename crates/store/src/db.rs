@@ -47,6 +47,16 @@ pub const FOUNDATION: &str = r#"
     ) STRICT;
     "#;
 
+/// A later store migration (appended by the daemon after its domains' first ones): blobs whose
+/// file was removed on purpose because a copy elsewhere holds it (an image the cloud PACS
+/// confirmed). The row stays — rows that reference the blob keep their meaning and their size
+/// and checksum stay known for a recall — with `offloaded_at` set. `blob_removals` lists files
+/// whose removal was committed but not yet done: a crash in between is finished at the next open.
+pub const BLOB_OFFLOAD: &str = r#"
+    ALTER TABLE blobs ADD COLUMN offloaded_at INTEGER;
+    CREATE TABLE blob_removals (id TEXT PRIMARY KEY REFERENCES blobs (id)) STRICT;
+    "#;
+
 /// Marker row proving a database is an hms-edge store.
 pub const STORE_MARKER: (&str, &str) = ("format", "hms-edge-store-v1");
 

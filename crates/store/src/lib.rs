@@ -17,6 +17,7 @@
 pub mod blob;
 pub mod db;
 pub mod offline;
+pub mod space;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -248,6 +249,39 @@ impl<'a> WriteTx<'a> {
         Ok(())
     }
 
+    /// Offloads a blob: its row stays (with its size and checksum) and is marked as not held
+    /// here; its file is removed once this transaction is durable (by
+    /// [`Store::finish_offloads`], or the next open after a crash). Returns whether it was held.
+    pub fn offload_blob(&self, id: &BlobId) -> Result<bool, StoreError> {
+        let n = self
+            .tx
+            .prepare_cached(
+                "UPDATE blobs SET offloaded_at = ?2 WHERE id = ?1 AND offloaded_at IS NULL",
+            )?
+            .execute(params![id.as_str(), now_ms()])?;
+        if n == 1 {
+            self.tx
+                .prepare_cached("INSERT OR IGNORE INTO blob_removals (id) VALUES (?1)")?
+                .execute([id.as_str()])?;
+        }
+        Ok(n == 1)
+    }
+
+    /// Marks an offloaded blob held again: its file (same id, already written and fsynced) is
+    /// back. Returns whether it was offloaded.
+    pub fn restore_blob(&self, id: &BlobId) -> Result<bool, StoreError> {
+        self.tx
+            .prepare_cached("DELETE FROM blob_removals WHERE id = ?1")?
+            .execute([id.as_str()])?;
+        Ok(self
+            .tx
+            .prepare_cached(
+                "UPDATE blobs SET offloaded_at = NULL WHERE id = ?1 AND offloaded_at IS NOT NULL",
+            )?
+            .execute([id.as_str()])?
+            == 1)
+    }
+
     /// Sets a small key/value record, optionally owning a blob.
     pub fn kv_put(
         &self,
@@ -391,6 +425,13 @@ pub struct Store {
     stats: Arc<StoreStats>,
     audit_key: Key,
     ledger_signing_key: Key,
+    /// Admission of writes against the free-space floors (see [`space`]).
+    space: space::SpaceGate,
+    /// Whether the schema has [`db::BLOB_OFFLOAD`] (the daemon's has; a bare test schema not).
+    offload: bool,
+    /// Serializes file removals of offloaded blobs with the return of a blob under its old id
+    /// (see [`Store::lock_offloads`]).
+    offload_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Store {
@@ -437,6 +478,18 @@ impl Store {
         let keys = data_keys(&conn, master)?;
         let blobs = BlobStore::open(&root.join(BLOB_DIR), keys.blobs)?;
         sweep_orphans(&conn, &blobs)?;
+        let offload = has_column(&conn, "blobs", "offloaded_at")?;
+        if offload {
+            let pending = pending_removals(&conn)?;
+            remove_files(&blobs, &pending)?;
+            conn.execute("DELETE FROM blob_removals", [])?;
+            if !pending.is_empty() {
+                tracing::info!(
+                    files = pending.len(),
+                    "finished blob removals cut short by a crash"
+                );
+            }
+        }
         let mut readers = Vec::with_capacity(opts.db_readers);
         for _ in 0..opts.db_readers.max(1) {
             let mut c = db::open(&db_path, &db_key, true, opts.db_reader_cache_kib)?;
@@ -481,6 +534,9 @@ impl Store {
             stats,
             audit_key: keys.audit,
             ledger_signing_key: keys.ledger_signing,
+            space: space::SpaceGate::new(root),
+            offload,
+            offload_lock: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -494,6 +550,52 @@ impl Store {
 
     pub fn stats(&self) -> &StoreStats {
         &self.stats
+    }
+
+    /// Admission of writes against the free-space floors.
+    pub fn space(&self) -> &space::SpaceGate {
+        &self.space
+    }
+
+    /// Removes the files of blobs offloaded by committed transactions
+    /// ([`WriteTx::offload_blob`]), then forgets them. Safe to repeat; what a crash interrupts,
+    /// the next open finishes. Returns how many files were removed.
+    pub async fn finish_offloads(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let _guard = self.offload_lock.lock().await;
+        self.finish_offloads_locked().await
+    }
+
+    /// Holds off [`Store::finish_offloads`] while a blob comes back under its old id: a removal
+    /// listed before the return must not remove the returned file. Call
+    /// [`Store::finish_offloads_locked`] first, under the guard.
+    pub async fn lock_offloads(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.offload_lock.lock().await
+    }
+
+    /// [`Store::finish_offloads`] for a caller that holds [`Store::lock_offloads`].
+    pub async fn finish_offloads_locked(self: &Arc<Self>) -> Result<usize, StoreError> {
+        if !self.offload {
+            return Ok(0);
+        }
+        let ids = self.read(pending_removals).await?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let me = self.clone();
+        let list = ids.clone();
+        tokio::task::spawn_blocking(move || remove_files(&me.blobs, &list))
+            .await
+            .map_err(|_| StoreError::Panicked)??;
+        let n = ids.len();
+        self.write(move |tx| {
+            let mut del = tx.sql().prepare_cached("DELETE FROM blob_removals WHERE id = ?1")?;
+            for id in &ids {
+                del.execute([id.as_str()])?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(n)
     }
 
     /// The HMAC key for audit events and record commitments (ledger).
@@ -656,10 +758,13 @@ impl Store {
         let file_len =
             |name: &str| std::fs::metadata(root.join(name)).map(|m| m.len()).unwrap_or(0);
         let db_bytes = file_len(DB_FILE) + file_len(&format!("{DB_FILE}-wal"));
+        let held = if has_column(conn, "blobs", "offloaded_at")? {
+            "SELECT count(*), coalesce(sum(size), 0) FROM blobs WHERE offloaded_at IS NULL"
+        } else {
+            "SELECT count(*), coalesce(sum(size), 0) FROM blobs"
+        };
         let (count, bytes): (i64, i64) =
-            conn.query_row("SELECT count(*), coalesce(sum(size), 0) FROM blobs", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?;
+            conn.query_row(held, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok((db_bytes, count as u64, bytes as u64))
     }
 
@@ -820,6 +925,63 @@ pub fn data_keys(conn: &Connection, master: &Key) -> Result<DataKeys, StoreError
         audit: stored("audit", KeyPurpose::AuditHmac)?,
         ledger_signing: stored("ledger-signing", KeyPurpose::LedgerSigning)?,
     })
+}
+
+/// Whether `table` has `column` (a schema that lacks a later migration).
+pub fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool, StoreError> {
+    Ok(column_exists(conn, table, column)?)
+}
+
+/// The ids of the blobs whose file is held here (not offloaded), in id order: what a backup
+/// copies and a restore needs.
+pub fn held_blob_ids(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let sql = if column_exists(conn, "blobs", "offloaded_at")? {
+        "SELECT id FROM blobs WHERE offloaded_at IS NULL ORDER BY id"
+    } else {
+        "SELECT id FROM blobs ORDER BY id"
+    };
+    conn.prepare(sql)?.query_map([], |r| r.get(0))?.collect()
+}
+
+/// Whether a row references the blob `id` and its file should be here.
+pub fn blob_is_held(conn: &Connection, id: &str) -> rusqlite::Result<bool> {
+    let sql = if column_exists(conn, "blobs", "offloaded_at")? {
+        "SELECT 1 FROM blobs WHERE id = ?1 AND offloaded_at IS NULL"
+    } else {
+        "SELECT 1 FROM blobs WHERE id = ?1"
+    };
+    conn.prepare_cached(sql)?.exists([id])
+}
+
+fn column_exists(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
+        .exists([table, column])
+}
+
+/// Blob files whose removal is committed but maybe not done.
+fn pending_removals(conn: &Connection) -> Result<Vec<BlobId>, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT id FROM blob_removals")?;
+    let ids = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    let mut out = Vec::new();
+    for id in ids {
+        out.extend(BlobId::parse(&id?));
+    }
+    Ok(out)
+}
+
+/// Removes blob files (already gone is fine) and makes the removals durable.
+fn remove_files(blobs: &BlobStore, ids: &[BlobId]) -> Result<(), StoreError> {
+    let mut dirs = std::collections::BTreeSet::new();
+    for id in ids {
+        blobs.remove(id)?;
+        if let Some(d) = blobs.path_of(id).parent() {
+            dirs.insert(d.to_owned());
+        }
+    }
+    for d in dirs {
+        fsync_dir(&d)?;
+    }
+    Ok(())
 }
 
 /// Removes blob files that no `blobs` row references (written before a crash, never committed).

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Change-log channels the agent consumes independently (one stuck channel never blocks another).
-pub const CHANNELS: &[&str] = &["fhir", "dicom", "event"];
+pub const CHANNELS: &[&str] = &["fhir", "dicom", "event", "recall"];
 
 /// `POST /v1/outbox/lease`: take up to `max` due changes of one channel for `lease_secs`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

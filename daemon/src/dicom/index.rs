@@ -396,13 +396,19 @@ fn for_each_match(
         AND (?2 IS NULL OR st.study_uid IN (SELECT value FROM json_each(?2)))";
     let sql = match q.level {
         Level::Study => format!(
-            "SELECT {STUDY_COLS} FROM dicom_studies st JOIN dicom_patients p ON st.patient_pk = p.pk
+            "SELECT {STUDY_COLS},
+                (SELECT count(*) FROM dicom_series se2 JOIN dicom_instances i
+                    ON i.series_uid = se2.series_uid JOIN blobs b ON b.id = i.blob
+                 WHERE se2.study_uid = st.study_uid AND b.offloaded_at IS NOT NULL)
+             FROM dicom_studies st JOIN dicom_patients p ON st.patient_pk = p.pk
              WHERE {filters} ORDER BY st.study_date, st.study_uid"
         ),
         Level::Series => format!(
             "SELECT {STUDY_COLS}, se.series_uid, se.modality, se.series_number,
                 se.series_description,
-                (SELECT count(DISTINCT sop_uid) FROM dicom_instances WHERE series_uid = se.series_uid)
+                (SELECT count(DISTINCT sop_uid) FROM dicom_instances WHERE series_uid = se.series_uid),
+                (SELECT count(*) FROM dicom_instances i JOIN blobs b ON b.id = i.blob
+                 WHERE i.series_uid = se.series_uid AND b.offloaded_at IS NOT NULL)
              FROM dicom_series se JOIN dicom_studies st ON se.study_uid = st.study_uid
              JOIN dicom_patients p ON st.patient_pk = p.pk
              WHERE {filters} AND (?3 IS NULL OR se.series_uid IN (SELECT value FROM json_each(?3)))
@@ -412,7 +418,8 @@ fn for_each_match(
             "SELECT {STUDY_COLS}, se.series_uid, se.modality, se.series_number,
                 se.series_description,
                 (SELECT count(DISTINCT sop_uid) FROM dicom_instances WHERE series_uid = se.series_uid),
-                i.sop_uid, i.sop_class_uid, i.instance_number, i.number_of_frames
+                i.sop_uid, i.sop_class_uid, i.instance_number, i.number_of_frames,
+                (SELECT b.offloaded_at IS NOT NULL FROM blobs b WHERE b.id = i.blob)
              FROM dicom_instances i JOIN dicom_series se ON i.series_uid = se.series_uid
              JOIN dicom_studies st ON se.study_uid = st.study_uid
              JOIN dicom_patients p ON st.patient_pk = p.pk
@@ -464,6 +471,11 @@ fn for_each_match(
             rec.insert(tags::INSTANCE_NUMBER, num(21)?);
             rec.insert(tags::NUMBER_OF_FRAMES, num(22)?);
         }
+        // The last column: instances of this match whose file was evicted (the cloud PACS holds
+        // them): NEARLINE, as PS3.4 C.4.1.1.3.2 has it for "retrievable, not at once".
+        let evicted: i64 = r.get::<_, Option<i64>>(r.as_ref().column_count() - 1)?.unwrap_or(0);
+        let availability = if evicted > 0 { "NEARLINE" } else { "ONLINE" };
+        rec.insert(tags::INSTANCE_AVAILABILITY, availability.to_owned());
         if q.keys.iter().all(|k| matches_key(k, rec.get(&k.tag).map(String::as_str))) && !f(rec) {
             break;
         }
@@ -493,6 +505,8 @@ pub struct LatestInstance {
     pub transfer_syntax: String,
     pub blob: BlobId,
     pub size: u64,
+    /// Whether its file is here (false: evicted, the cloud PACS holds it).
+    pub held: bool,
 }
 
 fn latest_instance(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<LatestInstance>> {
@@ -506,6 +520,7 @@ fn latest_instance(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<LatestInsta
         transfer_syntax: r.get(4)?,
         blob,
         size: r.get::<_, i64>(6)? as u64,
+        held: r.get::<_, i64>(7)? != 0,
     }))
 }
 
@@ -522,8 +537,9 @@ pub fn retrieve_targets(
     let json = |v: &[String]| (!v.is_empty()).then(|| serde_json::Value::from(v).to_string());
     let mut stmt = conn.prepare_cached(
         "SELECT se.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax, i.blob,
-                i.size
+                i.size, b.offloaded_at IS NULL
          FROM dicom_instances i JOIN dicom_series se ON i.series_uid = se.series_uid
+         JOIN blobs b ON b.id = i.blob
          JOIN dicom_studies st ON se.study_uid = st.study_uid
          JOIN dicom_patients p ON st.patient_pk = p.pk
          WHERE (?1 IS NULL OR p.patient_id = ?1)
@@ -555,8 +571,9 @@ pub fn study_instances(
 ) -> Result<Vec<LatestInstance>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT se.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.transfer_syntax,
-                i.blob, i.size
+                i.blob, i.size, b.offloaded_at IS NULL
          FROM dicom_instances i JOIN dicom_series se ON i.series_uid = se.series_uid
+         JOIN blobs b ON b.id = i.blob
          WHERE se.study_uid = ?1 AND (?2 IS NULL OR se.series_uid = ?2)
            AND (?3 IS NULL OR i.sop_uid = ?3)
            AND i.version = (SELECT max(version) FROM dicom_instances WHERE sop_uid = i.sop_uid)
@@ -647,4 +664,287 @@ pub fn instances_of_series(
     )?;
     let rows = stmt.query_map([series_uid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+// ---- Storage lifecycle: upstream confirmation, access, pinning, eviction (see `dicom::evict`) ----
+
+/// Migration 10: what eviction needs to know. `confirmed_at`: when the cloud PACS confirmed this
+/// instance version (the agent's QIDO-RS/C-FIND check); instances whose change had already left
+/// the outbox were confirmed before the column existed. `accessed_at`: the last retrieve of the
+/// study (C-GET, C-MOVE, WADO-RS). `pinned`: site IT keeps the study here whatever the disk.
+/// Whether an instance's file is here is its blob's `offloaded_at` (store migration 9).
+/// `dicom_offloaded_file_meta` keeps the File Meta an evicted blob began with, so that a recall
+/// (the data set from the cloud PACS) rebuilds the very same blob: same size, same checksum,
+/// same ledger commitment.
+pub const MIGRATION_LIFECYCLE: &str = r#"
+    ALTER TABLE dicom_instances ADD COLUMN confirmed_at INTEGER;
+    ALTER TABLE dicom_studies ADD COLUMN accessed_at INTEGER;
+    ALTER TABLE dicom_studies ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE dicom_offloaded_file_meta (
+        blob      TEXT PRIMARY KEY REFERENCES blobs (id),
+        file_meta BLOB NOT NULL
+    ) STRICT;
+    UPDATE dicom_instances SET confirmed_at = received_at
+     WHERE NOT EXISTS (SELECT 1 FROM outbox o
+                        WHERE o.kind = 'dicom' AND o.entity = dicom_instances.sop_uid);
+"#;
+
+/// Records that the cloud PACS confirmed an instance version (its outbox change acknowledged).
+pub fn mark_confirmed(
+    conn: &Connection,
+    sop_uid: &str,
+    version: Option<i64>,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE dicom_instances SET confirmed_at = ?3
+          WHERE sop_uid = ?1 AND (?2 IS NULL OR version = ?2) AND confirmed_at IS NULL",
+    )?
+    .execute(params![sop_uid, version, now_ms()])?;
+    Ok(())
+}
+
+/// Records the last retrieve of studies (batched by `dicom::evict::AccessLog`).
+pub fn mark_accessed(conn: &Connection, studies: &[(String, i64)]) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE dicom_studies SET accessed_at = max(coalesce(accessed_at, 0), ?2) WHERE study_uid = ?1",
+    )?;
+    for (uid, at) in studies {
+        stmt.execute(params![uid, at])?;
+    }
+    Ok(())
+}
+
+/// Pins or unpins a study. Returns false when no such study is stored.
+pub fn set_pinned(conn: &Connection, study_uid: &str, pinned: bool) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached("UPDATE dicom_studies SET pinned = ?2 WHERE study_uid = ?1")?
+        .execute(params![study_uid, pinned])?
+        == 1)
+}
+
+/// A study as eviction sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StudyUse {
+    pub study_uid: String,
+    pub accession_number: String,
+    /// The later of its last instance received and its last retrieve, ms since the epoch.
+    pub last_use_ms: i64,
+    /// Instances (every version) whose file is here, and their bytes.
+    pub held_instances: u64,
+    pub held_bytes: u64,
+    /// Instances (every version) the cloud PACS has not confirmed yet.
+    pub unconfirmed: u64,
+    pub pinned: bool,
+}
+
+const STUDY_USE_SELECT: &str = "
+    SELECT st.study_uid, st.accession_number,
+           max(st.created_at, coalesce(st.accessed_at, 0), max(i.received_at)) AS last_use,
+           sum(b.offloaded_at IS NULL), sum(CASE WHEN b.offloaded_at IS NULL THEN i.size ELSE 0 END),
+           sum(i.confirmed_at IS NULL), st.pinned
+    FROM dicom_studies st
+    JOIN dicom_series se ON se.study_uid = st.study_uid
+    JOIN dicom_instances i ON i.series_uid = se.series_uid
+    JOIN blobs b ON b.id = i.blob";
+
+fn study_use(r: &rusqlite::Row<'_>) -> rusqlite::Result<StudyUse> {
+    Ok(StudyUse {
+        study_uid: r.get(0)?,
+        accession_number: r.get(1)?,
+        last_use_ms: r.get(2)?,
+        held_instances: r.get::<_, i64>(3)? as u64,
+        held_bytes: r.get::<_, i64>(4)? as u64,
+        unconfirmed: r.get::<_, i64>(5)? as u64,
+        pinned: r.get::<_, i64>(6)? != 0,
+    })
+}
+
+/// One study's use, if it is stored.
+pub fn study_use_of(conn: &Connection, study_uid: &str) -> Result<Option<StudyUse>, StoreError> {
+    let sql = format!("{STUDY_USE_SELECT} WHERE st.study_uid = ?1 GROUP BY st.study_uid");
+    Ok(conn.prepare_cached(&sql)?.query_row([study_uid], study_use).optional()?)
+}
+
+/// Studies eviction may take, least recently used first: something held here, every instance
+/// confirmed upstream, not pinned, last used before `used_before_ms`. At most `limit`.
+pub fn eviction_candidates(
+    conn: &Connection,
+    used_before_ms: i64,
+    limit: usize,
+) -> Result<Vec<StudyUse>, StoreError> {
+    let sql = format!(
+        "{STUDY_USE_SELECT} WHERE st.pinned = 0 GROUP BY st.study_uid
+         HAVING sum(b.offloaded_at IS NULL) > 0 AND sum(i.confirmed_at IS NULL) = 0
+            AND last_use < ?1
+         ORDER BY last_use, st.study_uid LIMIT ?2"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params![used_before_ms, limit as i64], study_use)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Studies with something held here whose last use was before `used_before_ms` (manual
+/// eviction by date; the caller says why any of them cannot go).
+pub fn studies_used_before(
+    conn: &Connection,
+    used_before_ms: i64,
+) -> Result<Vec<StudyUse>, StoreError> {
+    let sql = format!(
+        "{STUDY_USE_SELECT} GROUP BY st.study_uid
+         HAVING sum(b.offloaded_at IS NULL) > 0 AND last_use < ?1 ORDER BY last_use, st.study_uid"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map([used_before_ms], study_use)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Offloads the blobs of a study's held instances in this transaction (their rows stay: C-FIND
+/// and QIDO-RS still find the study). Re-checks, inside the transaction, that the study is
+/// neither pinned nor unconfirmed, so a pin or a new instance that raced the choice wins.
+/// Returns the study's use before, or `None` when it may not (or need not) go.
+pub fn offload_study(
+    tx: &WriteTx<'_>,
+    study_uid: &str,
+    file_metas: &std::collections::HashMap<String, Vec<u8>>,
+) -> Result<Option<StudyUse>, StoreError> {
+    let sql = tx.sql();
+    let Some(before) = study_use_of(sql, study_uid)? else { return Ok(None) };
+    if before.pinned || before.unconfirmed > 0 || before.held_instances == 0 {
+        return Ok(None);
+    }
+    let blobs = held_blobs_of_study(sql, study_uid)?;
+    // Every held blob's File Meta was read before the transaction; one that is not (it arrived
+    // since) means the study changed: leave it for the next round.
+    if blobs.iter().any(|b| !file_metas.contains_key(b)) {
+        return Ok(None);
+    }
+    let mut keep = sql.prepare_cached(
+        "INSERT OR REPLACE INTO dicom_offloaded_file_meta (blob, file_meta) VALUES (?1, ?2)",
+    )?;
+    for b in blobs {
+        if let Some(id) = BlobId::parse(&b) {
+            keep.execute(params![b, file_metas[&b]])?;
+            tx.offload_blob(&id)?;
+        }
+    }
+    Ok(Some(before))
+}
+
+/// The blob ids of a study's instances whose file is here.
+pub fn held_blobs_of_study(conn: &Connection, study_uid: &str) -> Result<Vec<String>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT i.blob FROM dicom_instances i JOIN dicom_series se ON se.series_uid = i.series_uid
+             JOIN blobs b ON b.id = i.blob
+             WHERE se.study_uid = ?1 AND b.offloaded_at IS NULL",
+        )?
+        .query_map([study_uid], |r| r.get(0))?
+        .collect::<Result<_, _>>()?)
+}
+
+/// An evicted instance version, as the agent needs it to fetch it back.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EvictedRef {
+    pub sop: String,
+    pub series: String,
+    pub version: i64,
+}
+
+/// The evicted instance versions of a study.
+pub fn evicted_of_study(conn: &Connection, study_uid: &str) -> Result<Vec<EvictedRef>, StoreError> {
+    let rows = conn
+        .prepare_cached(
+            "SELECT i.sop_uid, i.series_uid, i.version FROM dicom_instances i
+             JOIN dicom_series se ON se.series_uid = i.series_uid JOIN blobs b ON b.id = i.blob
+             WHERE se.study_uid = ?1 AND b.offloaded_at IS NOT NULL ORDER BY i.pk",
+        )?
+        .query_map([study_uid], |r| {
+            Ok(EvictedRef { sop: r.get(0)?, series: r.get(1)?, version: r.get(2)? })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// What a recall of one evicted instance version must rebuild.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvictedInstance {
+    pub study_uid: String,
+    pub blob: BlobId,
+    /// Bytes of the whole blob (our File Meta + the data set) and the data set's SHA-256, as
+    /// recorded when it was received.
+    pub size: u64,
+    pub dataset_sha256: String,
+    pub file_meta: Vec<u8>,
+}
+
+/// An instance version whose file was evicted (`None`: unknown, or held here).
+pub fn evicted_instance(
+    conn: &Connection,
+    sop_uid: &str,
+    version: i64,
+) -> Result<Option<EvictedInstance>, StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT se.study_uid, i.blob, i.size, i.dataset_sha256, m.file_meta
+             FROM dicom_instances i JOIN dicom_series se ON se.series_uid = i.series_uid
+             JOIN blobs b ON b.id = i.blob JOIN dicom_offloaded_file_meta m ON m.blob = i.blob
+             WHERE i.sop_uid = ?1 AND i.version = ?2 AND b.offloaded_at IS NOT NULL",
+        )?
+        .query_row(params![sop_uid, version], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get(3)?,
+                r.get(4)?,
+            ))
+        })
+        .optional()?;
+    Ok(row.and_then(|(study_uid, blob, size, dataset_sha256, file_meta)| {
+        Some(EvictedInstance {
+            study_uid,
+            blob: BlobId::parse(&blob)?,
+            size: size as u64,
+            dataset_sha256,
+            file_meta,
+        })
+    }))
+}
+
+/// Studies of a patient (DICOM Patient ID) with something evicted, dated `since` (YYYYMMDD) or
+/// later, or undated.
+pub fn evicted_studies_of_patient(
+    conn: &Connection,
+    patient_id: &str,
+    since: &str,
+) -> Result<Vec<String>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT DISTINCT st.study_uid FROM dicom_studies st
+             JOIN dicom_patients p ON p.pk = st.patient_pk
+             JOIN dicom_series se ON se.study_uid = st.study_uid
+             JOIN dicom_instances i ON i.series_uid = se.series_uid
+             JOIN blobs b ON b.id = i.blob
+             WHERE p.patient_id = ?1 AND b.offloaded_at IS NOT NULL
+               AND (st.study_date >= ?2 OR st.study_date = '')
+             ORDER BY st.study_uid",
+        )?
+        .query_map(params![patient_id, since], |r| r.get(0))?
+        .collect::<Result<_, _>>()?)
+}
+
+/// Which of these blobs are held here.
+pub fn held_among(
+    conn: &Connection,
+    blobs: &[String],
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    let mut st =
+        conn.prepare_cached("SELECT 1 FROM blobs WHERE id = ?1 AND offloaded_at IS NULL")?;
+    let mut out = std::collections::HashSet::new();
+    for b in blobs {
+        if st.exists([b])? {
+            out.insert(b.clone());
+        }
+    }
+    Ok(out)
 }

@@ -22,6 +22,7 @@
 pub mod assoc;
 pub mod commitment;
 pub mod conformance;
+pub mod evict;
 pub mod export;
 pub mod index;
 pub mod ingest;
@@ -29,6 +30,7 @@ pub mod mpps;
 pub mod negotiate;
 pub mod pdu;
 pub mod quickack;
+pub mod recall;
 pub mod retrieve;
 pub mod scu;
 pub mod sink;
@@ -69,6 +71,8 @@ pub struct DicomSettings {
     pub max_find_results: usize,
     /// `site.patient_id_system`: the Patient identifier given as Patient ID in worklist items.
     pub patient_id_system: String,
+    /// `storage.recall_timeout_secs`: how long a retrieve waits for evicted instances.
+    pub recall_timeout: Duration,
 }
 
 impl DicomSettings {
@@ -82,6 +86,7 @@ impl DicomSettings {
             duplicate_policy: c.duplicate_policy,
             max_find_results: c.max_find_results as usize,
             patient_id_system: crate::config::DEFAULT_PATIENT_ID_SYSTEM.into(),
+            recall_timeout: Duration::from_secs(crate::config::DEFAULT_STORAGE_RECALL_TIMEOUT_SECS),
         }
     }
 }
@@ -95,6 +100,8 @@ pub struct DicomContext {
     slots: Arc<Semaphore>,
     /// Admission of connections before their association is accepted.
     pending: Arc<crate::conn_gate::ConnGate>,
+    /// Studies retrieved (C-GET, C-MOVE), for eviction's least-recently-used order.
+    pub accessed: Arc<evict::AccessLog>,
 }
 
 impl std::fmt::Debug for DicomContext {
@@ -105,7 +112,12 @@ impl std::fmt::Debug for DicomContext {
 
 impl DicomContext {
     pub fn new(store: Arc<Store>, config: &DicomConfig) -> Arc<Self> {
-        Self::with_settings(store, config, DicomSettings::from_config(config))
+        Self::with_settings(
+            store,
+            config,
+            DicomSettings::from_config(config),
+            evict::AccessLog::new(),
+        )
     }
 
     /// As [`DicomContext::new`], with the site's settings (the worklist's Patient ID system).
@@ -113,19 +125,24 @@ impl DicomContext {
         store: Arc<Store>,
         config: &DicomConfig,
         site: &crate::config::SiteConfig,
+        storage: &crate::config::StorageConfig,
+        accessed: Arc<evict::AccessLog>,
     ) -> Arc<Self> {
         let mut settings = DicomSettings::from_config(config);
         settings.patient_id_system = site.patient_id_system.clone();
-        Self::with_settings(store, config, settings)
+        settings.recall_timeout = Duration::from_secs(storage.recall_timeout_secs);
+        Self::with_settings(store, config, settings, accessed)
     }
 
     fn with_settings(
         store: Arc<Store>,
         config: &DicomConfig,
         settings: DicomSettings,
+        accessed: Arc<evict::AccessLog>,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
+            accessed,
             slots: Arc::new(Semaphore::new(settings.max_associations)),
             pending: crate::conn_gate::ConnGate::new(
                 "dicom",

@@ -31,6 +31,8 @@ pub struct Target {
     pub blob: BlobId,
     pub study_uid: String,
     pub series_uid: String,
+    /// Whether its file is here (false: evicted; the cloud PACS holds it).
+    pub held: bool,
 }
 
 /// The instances an identifier names, in study, series, instance number order; at most `limit`
@@ -57,6 +59,7 @@ pub fn resolve(
                 blob: i.blob,
                 study_uid: i.study_uid,
                 series_uid: i.series_uid,
+                held: i.held,
             })
             .collect()
     }))

@@ -50,6 +50,10 @@ pub struct DicomWebContext {
     pub duplicate_policy: DuplicatePolicy,
     /// Most QIDO matches returned when the client gives no `limit`.
     pub max_results: usize,
+    /// Studies retrieved (WADO-RS), for eviction's least-recently-used order.
+    pub accessed: Arc<crate::dicom::evict::AccessLog>,
+    /// How long a retrieve waits for evicted instances to come back (`storage.recall_timeout_secs`).
+    pub recall_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for DicomWebContext {
@@ -306,9 +310,14 @@ pub(crate) async fn retrieve_prelude(
     if let Some(s) = sop {
         ent.push_str(&format!("/instances/{s}"));
     }
-    match locate(ctx, study, series, sop).await {
+    let found = match locate(ctx, study, series, sop).await {
+        Ok(found) if found.iter().any(|i| !i.held) => recall_for(ctx, study, found).await,
+        other => other,
+    };
+    match found {
         Ok(found) => {
             who.audit_read(action, ent, "success");
+            ctx.accessed.touch([study]);
             Ok((who, found))
         }
         Err(e) => {
@@ -317,6 +326,53 @@ pub(crate) async fn retrieve_prelude(
         }
     }
 }
+
+/// Some instances asked for were evicted: ask the agent to fetch them back from the cloud PACS
+/// and wait for them (`storage.recall_timeout_secs`); 503 saying why if they do not come back.
+async fn recall_for(
+    ctx: &DicomWebContext,
+    study: &str,
+    found: Vec<Located>,
+) -> Result<Vec<Located>, FhirError> {
+    use crate::dicom::recall;
+    let missing: Vec<String> =
+        found.iter().filter(|i| !i.held).map(|i| i.blob.as_str().to_owned()).collect();
+    let unavailable = |why: String| {
+        FhirError::Unavailable(format!(
+            "{} of the {} instances asked for were evicted from this box to free disk space and \
+             could not be brought back from the cloud PACS: {why}",
+            missing.len(),
+            found.len()
+        ))
+    };
+    recall::request(&ctx.store, vec![study.to_owned()]).await?;
+    let deadline = std::time::Instant::now() + ctx.recall_timeout;
+    loop {
+        let p = recall::progress(&ctx.store, missing.clone(), vec![study.to_owned()]).await?;
+        if p.missing == 0 {
+            break;
+        }
+        if let Some(e) = p.failure {
+            return Err(unavailable(e));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(unavailable(format!("not back within {:?}", ctx.recall_timeout)));
+        }
+        tokio::time::sleep(RECALL_POLL).await;
+    }
+    let ids: Vec<String> = found.iter().map(|i| i.blob.as_str().to_owned()).collect();
+    let held = ctx.store.read(move |c| index::held_among(c, &ids)).await?;
+    Ok(found
+        .into_iter()
+        .map(|mut i| {
+            i.held = held.contains(i.blob.as_str());
+            i
+        })
+        .collect())
+}
+
+/// How often a retrieve waiting for a recall looks.
+pub const RECALL_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 async fn wado_study(
     State(ctx): Ctx,

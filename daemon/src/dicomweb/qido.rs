@@ -33,6 +33,7 @@ fn defaults(level: Level) -> &'static [u32] {
             tags::STUDY_DATE,
             tags::STUDY_TIME,
             tags::ACCESSION_NUMBER,
+            tags::INSTANCE_AVAILABILITY,
             tags::MODALITIES_IN_STUDY,
             tags::REFERRING_PHYSICIAN_NAME,
             tags::STUDY_DESCRIPTION,

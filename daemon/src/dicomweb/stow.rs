@@ -111,6 +111,8 @@ async fn run(
                 "multipart/related of type {part_type:?}: only application/dicom instances are accepted"
             )));
         }
+        // Below the critical floor of free space nothing is read into the store: 507 at once.
+        ctx.store.space().admit(crate::store::space::WriteClass::Images)?;
         Parser::new(mt.param("boundary").unwrap_or(""))
             .map_err(|e| FhirError::BadRequest(format!("Content-Type {ct:?}: {e}")))
     })();

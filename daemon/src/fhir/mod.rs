@@ -86,6 +86,9 @@ pub enum FhirError {
     Forbidden(String),
     #[error("the store cannot take the write now: {0}")]
     Unavailable(String),
+    /// 507: the disk is below the floor for this write (see `store::space`); reads still work.
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -99,12 +102,20 @@ impl From<rusqlite::Error> for FhirError {
     }
 }
 
+impl From<crate::store::space::NoSpace> for FhirError {
+    fn from(e: crate::store::space::NoSpace) -> Self {
+        FhirError::InsufficientStorage(e.to_string())
+    }
+}
+
 impl From<crate::store::StoreError> for FhirError {
     fn from(e: crate::store::StoreError) -> Self {
         use crate::store::StoreError;
         match e {
             StoreError::Rejected(m) => FhirError::BadRequest(m),
-            e if e.is_disk_full() => FhirError::Unavailable("disk full".into()),
+            e if e.is_disk_full() => FhirError::InsufficientStorage(
+                "the edge store's disk is full; the write was not stored, try again later".into(),
+            ),
             StoreError::Closed => FhirError::Unavailable("shutting down".into()),
             e if e.is_deadline() => FhirError::Unavailable(QUERY_DEADLINE_MESSAGE.into()),
             StoreError::WriterDown => FhirError::Unavailable("the store writer has stopped".into()),
@@ -133,6 +144,7 @@ impl FhirError {
             FhirError::UnsupportedMediaType(_) => 415,
             FhirError::Unprocessable(_) => 422,
             FhirError::Unavailable(_) => 503,
+            FhirError::InsufficientStorage(_) => 507,
             FhirError::Internal(_) => 500,
         }
     }
@@ -150,6 +162,7 @@ impl FhirError {
             | FhirError::UnsupportedMediaType(_)
             | FhirError::NotAcceptable(_) => "not-supported",
             FhirError::Unavailable(_) => "transient",
+            FhirError::InsufficientStorage(_) => "no-store",
             FhirError::Internal(_) => "exception",
         }
     }

@@ -15,12 +15,14 @@
 //! folder named `DEST` is always a whole backup.
 //!
 //! **A blob removed during the backup.** Rows only reference fsynced blobs, and a blob file is
-//! only removed after no row references it any more (today only never-referenced blobs are
-//! removed: duplicates, refused or failed writes). So a blob the snapshot references can only
-//! vanish if a later transaction dropped its row. When a file is missing, the live database is
-//! asked: if its row is gone, the snapshot is simply taken again (files already copied are kept:
-//! blob files never change) — up to [`MAX_ATTEMPTS`] times; if the row is still there, the store
-//! itself is damaged and the backup fails naming the blob.
+//! only removed after a committed transaction says it is no longer held here: its row was
+//! dropped (never-referenced blobs: duplicates, refused or failed writes) or marked offloaded (an
+//! evicted image the cloud PACS holds; the backup has its row, not its file). So a blob the
+//! snapshot references can only vanish if a later transaction did one of those. When a file is
+//! missing, the live database is asked: if the blob is no longer held, the snapshot is simply
+//! taken again (files already copied are kept: blob files never change) — up to
+//! [`MAX_ATTEMPTS`] times; if it is still held, the store itself is damaged and the backup fails
+//! naming the blob.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -125,7 +127,7 @@ pub fn blob_rel_path(id: &BlobId) -> String {
 pub fn counts(conn: &Connection) -> Result<Counts, rusqlite::Error> {
     let n = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).map(|v| v as u64);
     Ok(Counts {
-        blobs: n("SELECT count(*) FROM blobs")?,
+        blobs: crate::store::held_blob_ids(conn)?.len() as u64,
         dicom_instances: n("SELECT count(*) FROM dicom_instances")?,
         fhir_resources: n("SELECT count(*) FROM fhir_current")?,
         outbox: n("SELECT count(*) FROM outbox")?,
@@ -224,11 +226,10 @@ fn build(
             }
         }
         if !missing.is_empty() {
-            // Legitimately deleted after the snapshot (its row is gone now), or a damaged store?
-            let mut still = src.prepare("SELECT 1 FROM blobs WHERE id = ?1")?;
+            // Legitimately removed after the snapshot (no longer held), or a damaged store?
             for rel in &missing {
                 let id = rel.rsplit('/').next().unwrap_or_default();
-                if still.exists([id])? {
+                if crate::store::blob_is_held(&src, id)? {
                     return Err(BackupError::MissingBlob(id.to_owned()));
                 }
             }
@@ -287,10 +288,8 @@ fn snapshot(src: &Connection, dst: &Path, db_key: &Key) -> Result<Vec<BlobId>, B
             }
         }
     }
-    let ids: Vec<String> = out
-        .prepare("SELECT id FROM blobs ORDER BY id")?
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
+    // Offloaded blobs (images the cloud PACS holds) have a row but no file here.
+    let ids: Vec<String> = crate::store::held_blob_ids(&out)?;
     out.close().map_err(|(_, e)| e)?;
     std::fs::File::open(dst).and_then(|f| f.sync_all()).map_err(io_at(dst))?;
     ids.iter()

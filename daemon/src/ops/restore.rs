@@ -228,10 +228,7 @@ fn stage(
             )));
         }
         let listed: BTreeSet<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
-        let mut stmt = conn.prepare("SELECT id FROM blobs").map_err(sql)?;
-        let ids = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(sql)?;
-        for id in ids {
-            let id = id.map_err(sql)?;
+        for id in crate::store::held_blob_ids(&conn).map_err(sql)? {
             let rel = BlobId::parse(&id)
                 .map(|b| super::backup::blob_rel_path(&b))
                 .ok_or_else(|| RestoreError::BadDatabase(format!("bad blob id {id}")))?;

@@ -41,6 +41,8 @@ pub struct InternalContext {
     pub site_id: String,
     /// The integrity ledger (checkpoints to anchor, anchors recorded by the agent).
     pub ledger: Arc<crate::ledger::Ledger>,
+    /// The worklist's Patient ID system (eviction keeps studies of active orders).
+    pub patient_id_system: String,
 }
 
 /// Binds the socket: a stale file from a previous run is replaced, the mode is set to 0660.
@@ -84,6 +86,9 @@ pub fn router(ctx: Arc<InternalContext>) -> Router {
         .route("/v1/conflicts", get(conflicts))
         .route("/v1/conflicts/{id}/resolve", post(resolve))
         .route("/v1/dicom/instances/{sop}", get(dicom_instance))
+        .route("/v1/dicom/studies/{study}/pin", post(dicom_pin))
+        .route("/v1/dicom/evict", post(dicom_evict))
+        .route("/v1/dicom/recall/{sop}", post(dicom_recall))
         .route("/v1/state/{key}", get(get_state).put(put_state))
         .route("/v1/events", post(event))
         .route("/v1/ledger/checkpoint", post(ledger_checkpoint))
@@ -247,6 +252,7 @@ async fn lease(
                 let ids: Vec<&str> = entries.iter().map(|e| e.entity.as_str()).collect();
                 let (action, what) = match kind.as_str() {
                     "fhir" => ("sync-push", "resources"),
+                    "recall" => ("sync-recall", "studies"),
                     _ => ("sync-forward", "instances"),
                 };
                 audit(
@@ -331,6 +337,10 @@ async fn apply_upstream(
     State(ctx): State<Arc<InternalContext>>,
     axum::Json(req): axum::Json<ApplyRequest>,
 ) -> ApiResult<axum::Json<ApplyResponse>> {
+    ctx.store
+        .space()
+        .admit(crate::store::space::WriteClass::Records)
+        .map_err(|e| ApiError(StatusCode::INSUFFICIENT_STORAGE, e.to_string()))?;
     let tenant = ctx.tenant_id.clone();
     let entity = format!("{}/{}", req.rtype, req.id);
     let resp = ctx
@@ -344,6 +354,100 @@ async fn apply_upstream(
         })
         .await?;
     Ok(axum::Json(resp))
+}
+
+/// `hms-edge dicom pin|unpin`: the request names who asked (the socket is site IT's and the
+/// agent's only).
+#[derive(Debug, Deserialize, serde::Serialize)]
+pub struct PinRequest {
+    pub pinned: bool,
+    pub actor: String,
+}
+
+async fn dicom_pin(
+    State(ctx): State<Arc<InternalContext>>,
+    UrlPath(study): UrlPath<String>,
+    axum::Json(req): axum::Json<PinRequest>,
+) -> ApiResult<axum::Json<Value>> {
+    let uid = study.clone();
+    let pinned = req.pinned;
+    let found = ctx
+        .store
+        .write(move |tx| {
+            let found = crate::dicom::index::set_pinned(tx.sql(), &uid, req.pinned)?;
+            let action = if req.pinned { "dicom-pin" } else { "dicom-unpin" };
+            audit(
+                tx,
+                &AuditRecord {
+                    actor: req.actor,
+                    source: "internal-api".into(),
+                    action: action.into(),
+                    entity: format!("dicom-study:{uid}"),
+                    outcome: if found { "success".into() } else { "failed: no such study".into() },
+                    detail: None,
+                },
+            )?;
+            Ok(found)
+        })
+        .await?;
+    if !found {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no study {study} is stored")));
+    }
+    Ok(axum::Json(json!({ "study": study, "pinned": pinned })))
+}
+
+/// `hms-edge dicom evict`.
+#[derive(Debug, Deserialize, serde::Serialize)]
+pub struct EvictCall {
+    #[serde(flatten)]
+    pub request: crate::dicom::evict::EvictRequest,
+    pub actor: String,
+}
+
+async fn dicom_evict(
+    State(ctx): State<Arc<InternalContext>>,
+    axum::Json(call): axum::Json<EvictCall>,
+) -> ApiResult<axum::Json<crate::dicom::evict::EvictReport>> {
+    use crate::dicom::evict;
+    if call.request.study.is_none() == call.request.before_ms.is_none() {
+        return Err(bad("give exactly one of study and before_ms"));
+    }
+    let who =
+        evict::Requester { actor: call.actor, source: "internal-api".into(), reason: "manual" };
+    match evict::evict_by_hand(&ctx.store, &call.request, &ctx.patient_id_system, &who).await? {
+        Some(report) => Ok(axum::Json(report)),
+        None => Err(ApiError(StatusCode::NOT_FOUND, "no such study is stored".into())),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RecallQuery {
+    version: i64,
+}
+
+/// The agent hands back an evicted instance it fetched from the cloud PACS (the body is the Part
+/// 10 file, streamed: no size limit beyond the instance's recorded size, checked as it goes).
+async fn dicom_recall(
+    State(ctx): State<Arc<InternalContext>>,
+    UrlPath(sop): UrlPath<String>,
+    Query(q): Query<RecallQuery>,
+    body: Body,
+) -> ApiResult<axum::Json<Value>> {
+    use crate::dicom::recall::{RecallError, accept};
+    use futures_util::TryStreamExt;
+    let stream = body.into_data_stream().map_err(|e| e.to_string());
+    match accept(&ctx.store, &sop, q.version, AGENT_ACTOR, Box::pin(stream)).await {
+        Ok(bytes) => Ok(axum::Json(json!({ "sop": sop, "version": q.version, "bytes": bytes }))),
+        Err(RecallError::NotEvicted(..)) => {
+            Err(ApiError(StatusCode::CONFLICT, format!("{sop} v{} is not evicted here", q.version)))
+        }
+        Err(e @ (RecallError::Mismatch(_) | RecallError::Body(_))) => {
+            tracing::warn!(%sop, error = %e, "recalled instance refused");
+            Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
+        }
+        Err(RecallError::Store(e)) => Err(e.into()),
+        Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -100,14 +100,20 @@ pub fn ack(tx: &WriteTx<'_>, kind: &str, items: &[AckItem]) -> Result<u64, Store
     let sql = tx.sql();
     let mut affected = 0u64;
     for item in items {
-        let entity: Option<String> = sql
-            .prepare_cached("SELECT entity FROM outbox WHERE seq = ?1 AND kind = ?2")?
-            .query_row(params![item.seq, kind], |r| r.get(0))
+        let row: Option<(String, Option<String>)> = sql
+            .prepare_cached("SELECT entity, version FROM outbox WHERE seq = ?1 AND kind = ?2")?
+            .query_row(params![item.seq, kind], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         affected += sql
             .prepare_cached("DELETE FROM outbox WHERE seq = ?1 AND kind = ?2")?
             .execute(params![item.seq, kind])? as u64;
-        let Some(entity) = entity else { continue };
+        let Some((entity, version)) = row else { continue };
+        if kind == "dicom" {
+            // The cloud PACS holds this instance version now: eviction may take it.
+            let v = version.and_then(|v| v.parse::<i64>().ok());
+            crate::dicom::index::mark_confirmed(sql, &entity, v)?;
+            continue;
+        }
         if kind != "fhir" {
             continue;
         }
@@ -124,6 +130,31 @@ pub fn ack(tx: &WriteTx<'_>, kind: &str, items: &[AckItem]) -> Result<u64, Store
         }
     }
     Ok(affected)
+}
+
+/// Whether a change of `kind` for `entity` is still waiting (pending, leased or not).
+pub fn has_pending(conn: &Connection, kind: &str, entity: &str) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT 1 FROM outbox WHERE kind = ?1 AND entity = ?2 AND state = 'pending'",
+        )?
+        .exists(params![kind, entity])?)
+}
+
+/// The last error of a pending change of `kind` for `entity` that already failed at least
+/// once (the agent retries it; a waiting requester can say why it is not there yet).
+pub fn pending_failure(
+    conn: &Connection,
+    kind: &str,
+    entity: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT last_error FROM outbox WHERE kind = ?1 AND entity = ?2 AND state = 'pending'
+               AND attempts > 0 AND last_error IS NOT NULL ORDER BY seq DESC LIMIT 1",
+        )?
+        .query_row(params![kind, entity], |r| r.get(0))
+        .optional()?)
 }
 
 /// Records failed attempts: retry later, or park.

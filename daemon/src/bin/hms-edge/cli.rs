@@ -121,6 +121,41 @@ pub enum DicomCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Keep a study on this box whatever the disk: eviction never takes a pinned study.
+    /// Asks the running hms-edged; audited.
+    Pin {
+        /// Study Instance UID.
+        study: String,
+        /// Config file (default: $HMS_EDGE_CONFIG, /etc/hms-edge/edge.toml, or the defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Let eviction take a pinned study again.
+    Unpin {
+        /// Study Instance UID.
+        study: String,
+        /// Config file (default: $HMS_EDGE_CONFIG, /etc/hms-edge/edge.toml, or the defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Evict by hand: remove the image files of one study, or of every study last received or
+    /// retrieved before a date, that the cloud PACS has confirmed (never a pinned study, one not
+    /// yet confirmed upstream, or one with an active worklist order). The index keeps them.
+    /// Asks the running hms-edged; audited. Prints each study and the bytes freed.
+    Evict {
+        /// Study Instance UID.
+        #[arg(long, conflicts_with = "before", required_unless_present = "before")]
+        study: Option<String>,
+        /// Every study last used before this date (YYYY-MM-DD, or a date-time; UTC if no zone).
+        #[arg(long)]
+        before: Option<String>,
+        /// Print what would go and the bytes it would free; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Config file (default: $HMS_EDGE_CONFIG, /etc/hms-edge/edge.toml, or the defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

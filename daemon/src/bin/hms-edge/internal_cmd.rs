@@ -78,7 +78,7 @@ pub fn sync(cfg: Option<PathBuf>, command: SyncCommand) -> ExitCode {
 }
 
 /// Runs `f` against hms-edged's internal API socket and prints its text.
-fn internal<F, Fut>(config_file: Option<PathBuf>, f: F) -> ExitCode
+pub fn internal<F, Fut>(config_file: Option<PathBuf>, f: F) -> ExitCode
 where
     F: FnOnce(InternalClient) -> Fut,
     Fut: std::future::Future<Output = Result<String, ClientError>>,

@@ -29,6 +29,15 @@ fn main() -> ExitCode {
         Command::Dicom {
             command: DicomCommand::Export { sop_instance_uid, file, version, config: cfg },
         } => dicom_cmd::dicom_export(cfg, &sop_instance_uid, version, &file),
+        Command::Dicom { command: DicomCommand::Pin { study, config: cfg } } => {
+            dicom_cmd::pin(cfg, &study, true)
+        }
+        Command::Dicom { command: DicomCommand::Unpin { study, config: cfg } } => {
+            dicom_cmd::pin(cfg, &study, false)
+        }
+        Command::Dicom { command: DicomCommand::Evict { study, before, dry_run, config: cfg } } => {
+            dicom_cmd::evict(cfg, study, before.as_deref(), dry_run)
+        }
         Command::CheckConfig { file } => check_config(file),
     }
 }

@@ -23,11 +23,30 @@ use crate::dicom::retrieve::{self, Counts, Outcome, SendError, Target};
 use crate::dicom::scu;
 use crate::dicom::uids::ServiceKind;
 
+impl Done<'_> {
+    fn new(n: usize) -> Self {
+        Done {
+            counts: Counts::new(n),
+            sent: Vec::new(),
+            cancelled: false,
+            not_held: 0,
+            recall_failure: None,
+        }
+    }
+}
+
+/// While a retrieve waits for a recall, a pending response this often.
+pub const RECALL_PENDING_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What a retrieve did, for the final response and the audit event.
 struct Done<'a> {
     counts: Counts,
     sent: Vec<&'a Target>,
     cancelled: bool,
+    /// Sub-operations that failed because the instance was evicted and did not come back.
+    not_held: usize,
+    /// Why the recall of evicted instances did not bring them all back.
+    recall_failure: Option<String>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -113,7 +132,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         };
         metrics::counter!("hms_dicom_retrieve_total", "op" => action).increment(1);
-        let done = match &dest {
+        let mut targets = targets;
+        let recall_failure = if targets.iter().any(|t| !t.held) {
+            self.recall(&pc, &cmd, rsp_field, &mut targets).await?
+        } else {
+            None
+        };
+        let mut done = match &dest {
             None => self.get(&pc, &cmd, &targets).await?,
             Some((ae, d)) => match self.move_to(&pc, &cmd, &targets, ae, *d).await? {
                 Ok(done) => done,
@@ -138,6 +163,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             },
         };
+        done.recall_failure = recall_failure;
         let c = &done.counts;
         let outcome = if done.cancelled {
             format!(
@@ -153,6 +179,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         info!(peer = %self.peer, calling_ae = %self.assoc.calling_ae, %outcome, "{action}");
         let studies: BTreeSet<&str> = done.sent.iter().map(|t| t.study_uid.as_str()).collect();
+        self.ctx.accessed.touch(studies.iter().copied());
         let series: BTreeSet<&str> = done.sent.iter().map(|t| t.series_uid.as_str()).collect();
         let mut detail = serde_json::json!({
             "studies": studies,
@@ -176,8 +203,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         targets: &'a [Target],
     ) -> Result<Done<'a>, AbortReason> {
         let message_id = cmd.message_id();
-        let mut done =
-            Done { counts: Counts::new(targets.len()), sent: Vec::new(), cancelled: false };
+        let mut done = Done::new(targets.len());
         let blobs = self.ctx.store.blobs().clone();
         let mut sub_id: u16 = 0;
         for t in targets {
@@ -198,6 +224,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .map(|c| c.id)
                 .min();
             let outcome = match context {
+                _ if !t.held => {
+                    done.not_held += 1;
+                    Outcome::Failed
+                }
                 None => {
                     debug!(peer = %self.peer, sop = %t.sop_uid, class = %t.sop_class_uid,
                         ts = %t.transfer_syntax, "C-GET: no storage context with the SCP role in the stored transfer syntax");
@@ -254,8 +284,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         dest: MoveDestination,
     ) -> Result<Result<Done<'a>, scu::ScuError>, AbortReason> {
         let message_id = cmd.message_id();
-        let mut done =
-            Done { counts: Counts::new(targets.len()), sent: Vec::new(), cancelled: false };
+        let mut done = Done::new(targets.len());
         if targets.is_empty() {
             return Ok(Ok(done));
         }
@@ -281,7 +310,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 done.cancelled = true;
                 break;
             }
-            let outcome = if !assoc.accepts(&t.sop_class_uid, &t.transfer_syntax) {
+            let outcome = if !t.held {
+                done.not_held += 1;
+                Outcome::Failed
+            } else if !assoc.accepts(&t.sop_class_uid, &t.transfer_syntax) {
                 debug!(sop = %t.sop_uid, "C-MOVE: destination refused the SOP class / transfer syntax");
                 Outcome::Failed
             } else {
@@ -320,6 +352,64 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(Ok(done))
     }
 
+    /// Some targets were evicted: asks the agent to fetch them back from the cloud PACS and waits
+    /// (a pending response every [`RECALL_PENDING_EVERY`] keeps the requester's timers quiet)
+    /// until they are back, the recall failed, or `storage.recall_timeout_secs` passed. Marks
+    /// the targets held again; returns why not all came back, if so.
+    async fn recall(
+        &mut self,
+        pc: &AcceptedContext,
+        cmd: &Command,
+        rsp_field: u16,
+        targets: &mut [Target],
+    ) -> Result<Option<String>, AbortReason> {
+        use crate::dicom::recall;
+        let studies: Vec<String> = targets
+            .iter()
+            .filter(|t| !t.held)
+            .map(|t| t.study_uid.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let missing: Vec<String> =
+            targets.iter().filter(|t| !t.held).map(|t| t.blob.as_str().to_owned()).collect();
+        info!(peer = %self.peer, instances = missing.len(), studies = studies.len(),
+            "retrieve of evicted instances: recalling them from the cloud PACS");
+        if let Err(e) = recall::request(&self.ctx.store, studies.clone()).await {
+            return Ok(Some(format!("recall not asked: {e}")));
+        }
+        let store = self.ctx.store.clone();
+        let started = std::time::Instant::now();
+        let mut last_pending = started;
+        let counts = Counts::new(targets.len());
+        let why = loop {
+            match recall::progress(&store, missing.clone(), studies.clone()).await {
+                Ok(p) if p.missing == 0 => break None,
+                Ok(p) if p.failure.is_some() => break p.failure,
+                Ok(_) => {}
+                Err(e) => break Some(e.to_string()),
+            }
+            if started.elapsed() >= self.ctx.settings.recall_timeout {
+                break Some("recall timed out".into());
+            }
+            if last_pending.elapsed() >= RECALL_PENDING_EVERY {
+                self.pending(pc, cmd, rsp_field, &counts).await?;
+                last_pending = std::time::Instant::now();
+            }
+            tokio::time::sleep(crate::dicomweb::RECALL_POLL).await;
+        };
+        if let Some(w) = &why {
+            warn!(peer = %self.peer, why = %w, "recall of evicted instances failed");
+        }
+        let ids: Vec<String> = targets.iter().map(|t| t.blob.as_str().to_owned()).collect();
+        if let Ok(held) = store.read(move |c| crate::dicom::index::held_among(c, &ids)).await {
+            for t in targets.iter_mut() {
+                t.held = held.contains(t.blob.as_str());
+            }
+        }
+        Ok(why)
+    }
+
     async fn pending(
         &mut self,
         pc: &AcceptedContext,
@@ -352,6 +442,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             };
         let mut rsp = Command::response_to(cmd, rsp_field, st, identifier.is_some());
         c.apply(&mut rsp, done.cancelled);
+        if done.not_held > 0 {
+            // Error Comment is LO: at most 64 characters.
+            let why = done.recall_failure.as_deref().unwrap_or("not recalled");
+            let mut comment = format!("{} evicted, {why}", done.not_held);
+            comment.truncate(64);
+            rsp.set_text(tag::ERROR_COMMENT, &comment);
+        }
         if rsp.str(tag::AFFECTED_SOP_CLASS_UID).is_none() {
             rsp.set_uid(tag::AFFECTED_SOP_CLASS_UID, &pc.abstract_syntax);
         }

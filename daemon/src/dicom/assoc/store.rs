@@ -48,6 +48,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             );
             return Ok(());
         }
+        // Below the critical floor of free space: nothing of the data set is written (it is
+        // drained and dropped), and the modality gets Out of Resources with the amounts.
+        if let Err(full) = self.ctx.store.space().admit(crate::store::space::WriteClass::Images) {
+            warn!(peer = %self.peer, sop = %instance, error = %full, "C-STORE refused: disk full");
+            metrics::counter!("hms_dicom_refused_no_space_total").increment(1);
+            self.state = Message::discard(pc, cmd, status::OUT_OF_RESOURCES, &dimse_comment(&full));
+            return Ok(());
+        }
         let declared = Declared {
             sop_class_uid: class,
             sop_instance_uid: instance,
@@ -119,4 +127,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
     }
+}
+
+/// An Error Comment (LO: at most 64 characters) for a refusal for lack of space.
+fn dimse_comment(full: &crate::store::space::NoSpace) -> String {
+    use crate::config::space::human_bytes;
+    let mut c =
+        format!("disk full: {} free, {} reserved", human_bytes(full.free), human_bytes(full.floor));
+    c.truncate(64);
+    c
 }

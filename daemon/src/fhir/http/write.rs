@@ -15,6 +15,7 @@ use crate::fhir::auth::Interaction;
 use crate::fhir::storage::{self, Written};
 use crate::fhir::{FhirError, new_id, parse_resource, search, search_sql};
 use crate::http_caller::Caller;
+use crate::store::space::WriteClass;
 
 /// A request body must arrive within this (a slow-loris body holds a connection and a task).
 pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -116,6 +117,7 @@ pub(super) async fn create(
     // Authenticate and check the scope first: an unauthenticated caller never gets a body read
     // and parsed (JSON parsing multiplies memory).
     let who = caller.authorize(&rtype, Interaction::Create)?;
+    ctx.store.space().admit(WriteClass::Records)?;
     let bytes = read_body(&ctx, body).await?;
     let mut resource = parse_resource(&bytes, &rtype)?;
     let if_none_exist =
@@ -193,6 +195,7 @@ pub(super) async fn update(
     check_writable(&rtype)?;
     check_content_type(&headers)?;
     let who = caller.authorize(&rtype, Interaction::Update)?;
+    ctx.store.space().admit(WriteClass::Records)?;
     let bytes = read_body(&ctx, body).await?;
     let resource = parse_resource(&bytes, &rtype)?;
     match resource.get("id").and_then(Value::as_str) {
@@ -233,6 +236,7 @@ pub(super) async fn delete(
     check_id(&id)?;
     check_writable(&rtype)?;
     let who = caller.authorize(&rtype, Interaction::Delete)?;
+    ctx.store.space().admit(WriteClass::Records)?;
     let rt = rtype.clone();
     let w = ctx
         .store
@@ -268,6 +272,15 @@ pub(super) async fn system_bundle(
         ctx.bundles.acquire().await.map_err(|_| FhirError::Unavailable("shutting down".into()))?;
     let bytes = read_body(&ctx, body).await?;
     let bundle = parse_resource(&bytes, "Bundle")?;
+    // A Bundle that writes needs the records reserve; a batch of reads does not.
+    let writes = bundle.get("entry").and_then(Value::as_array).is_some_and(|entries| {
+        entries.iter().any(|e| {
+            e.pointer("/request/method").and_then(Value::as_str).is_some_and(|m| m != "GET")
+        })
+    });
+    if writes {
+        ctx.store.space().admit(WriteClass::Records)?;
+    }
     drop(bytes);
     let base = base_url(&headers);
     match bundle.get("type").and_then(Value::as_str) {
