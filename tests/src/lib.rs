@@ -418,3 +418,21 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// Runs `hms-edge audit check` on the (stopped) store in `state` and fails the test, with its
+/// output, unless every record matches the integrity ledger.
+pub fn assert_audit_check(state: &Path) {
+    let out = Command::new(bin("hms-edge"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HMS_EDGE_PATHS_STATE_DIR", state)
+        .args(["audit", "check"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "hms-edge audit check: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

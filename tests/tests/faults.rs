@@ -97,7 +97,7 @@ fn storm(d: &DaemonProc, files: &[(PathBuf, String)], patients: usize) -> Storm 
 
 /// Stops the daemon, then opens the store offline: the SOP Instance UIDs and Patient ids it
 /// holds, after `PRAGMA integrity_check` passed; and `hms-edge audit check` passes.
-fn recover_and_check(d: DaemonProc, work: &Path) -> (BTreeSet<String>, BTreeSet<String>) {
+fn recover_and_check(d: DaemonProc) -> (BTreeSet<String>, BTreeSet<String>) {
     let state = d.state_dir();
     let (status, _, log) = d.stop();
     if let Ok(path) = std::env::var("HMS_FAULT_LOG") {
@@ -155,20 +155,7 @@ fn recover_and_check(d: DaemonProc, work: &Path) -> (BTreeSet<String>, BTreeSet<
         .count();
     assert_eq!(missing, 0, "index rows whose blob is missing or broken");
     drop(store);
-    let out = Command::new(bin("hms-edge"))
-        .current_dir(work)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HMS_EDGE_PATHS_STATE_DIR", &state)
-        .args(["audit", "check"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "hms-edge audit check: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    hms_edge_tests::assert_audit_check(&state);
     (sops, patients)
 }
 
@@ -185,7 +172,7 @@ fn after_fault(
     assert_eq!(storescu(d.dicom.port(), &again).len(), n, "log:\n{}", d.log_text());
     let (code, body) = http_get(d.admin, "/readyz");
     assert_eq!(code, 200, "{body}");
-    let (sops, patients) = recover_and_check(d, work);
+    let (sops, patients) = recover_and_check(d);
     (sops, patients, more.into_iter().map(|(_, u)| u).collect())
 }
 
@@ -372,7 +359,7 @@ fn the_wall_clock_jumping_back_and_forward_breaks_nothing() {
     // The outbox sequence only grows, whatever the clock said.
     let state = d.state_dir();
     std::fs::write(&clock, "+0\n").unwrap();
-    let (sops, patients) = recover_and_check(d, work.path());
+    let (sops, patients) = recover_and_check(d);
     assert_eq!(sops, acked_sops);
     assert_eq!(patients, acked_patients);
     let key = load_key_file(&state.join("master.key")).unwrap();
@@ -475,7 +462,7 @@ fn sigkill_during_backups_checkpoints_and_storms_loses_nothing() {
         .filter(|n| n.contains(".partial-"))
         .collect();
     assert!(partials.is_empty(), "partial backups left behind: {partials:?}");
-    let (sops, _) = recover_and_check(d, work.path());
+    let (sops, _) = recover_and_check(d);
     assert!(acked.is_subset(&sops), "acknowledged instances lost after SIGKILL");
     // An instance whose response the kill cut off may be there (stored, not yet answered): that
     // is DICOM's at-least-once, and the modality's resend is a duplicate, not a loss.

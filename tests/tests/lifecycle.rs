@@ -230,19 +230,7 @@ fn integrity_and_audit_check(state: &Path) -> usize {
     }
     store.close();
     drop(store);
-    let out = Command::new(bin("hms-edge"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HMS_EDGE_PATHS_STATE_DIR", state)
-        .args(["audit", "check"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "hms-edge audit check: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    hms_edge_tests::assert_audit_check(state);
     held.len()
 }
 
